@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only; every computation lives in ``gdro_core``."""

@@ -1,0 +1,46 @@
+"""Stage `base`: pretrain the built-in model on rendered text, or record the real checkpoint to use."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.context import load_layout
+from gdro_core.flow_model import build_builtin_pipeline
+from gdro_core.layout import Layout
+from gdro_core.pretrain import pretrain
+from gdro_core.store import fingerprint, write_json
+from gdro_core.tracking import metric_logger, stage_run
+
+
+@task(cache_policy=NO_CACHE)
+def pretrain_builtin(lay: Layout) -> None:
+    p = lay.params
+    logger = get_run_logger()
+    pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, p.pretrain.seed)
+    fp = fingerprint([p.model.builtin.model_dump(), p.world.model_dump(), p.pretrain.model_dump(), p.prompts.templates])
+    pretrain(pipe, p.world, p.prompts.templates, p.pretrain, lay.checkpoints("base", fp), metric_logger(logger.info))
+    tmp = lay.base_dir.with_name(".base.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(lay.base_dir, ignore_errors=True)
+    tmp.rename(lay.base_dir)
+
+
+@flow(name="base")
+def base_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
+    lay = load_layout(params_path, overrides)
+    p = lay.params
+    with stage_run(p, lay.root, "base", ("model", "world", "pretrain")):
+        if p.model.source == "builtin":
+            pretrain_builtin(lay)
+            mlflow.log_artifacts(str(lay.base_dir), "base")
+        else:
+            lay.base_dir.mkdir(parents=True, exist_ok=True)
+            write_json(lay.base_dir / "source.json", {"source": p.model.source})
+        get_run_logger().info("base model ready at %s", lay.base_dir)
+        return str(lay.base_dir)

@@ -1,0 +1,70 @@
+"""Stage `evaluate`: held-out reward of base and trained model, sample grid, metrics, registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.context import load_layout
+from flows.score import reader_for
+from gdro_core.evaluation import generate, reader_ceiling, sample_grid, summarise
+from gdro_core.flow_model import load_flow_model
+from gdro_core.layout import Layout
+from gdro_core.lora import load_adapter
+from gdro_core.prompts import read_prompts
+from gdro_core.registry import log_adapter_model
+from gdro_core.scoring import score_images
+from gdro_core.store import atomic_write, write_json
+from gdro_core.tracking import stage_run
+
+
+@task(cache_policy=NO_CACHE)
+def score_models(lay: Layout) -> dict:
+    p = lay.params
+    logger = get_run_logger()
+    prompts = read_prompts(lay.prompts("test"))
+    targets = [q.target for q in prompts for _ in range(p.evaluate.images_per_prompt)]
+    reader = reader_for(lay)
+    model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
+    images, metrics, tables = {}, {}, []
+    for name in ("base", "trained"):
+        if name == "trained":
+            load_adapter(model.transformer, lay.adapter_dir)
+        images[name] = generate(
+            model, prompts, p.evaluate.images_per_prompt, p.evaluate.seed, p.sampler.steps, p.sampler.guidance,
+            p.sampler.batch_size,
+        )
+        scores = score_images(images[name], targets, reader, p.reward.substring_full_credit, p.reward.batch_size)
+        metrics[name] = summarise(scores)
+        tables.append(scores.assign(model=name, target=targets))
+        logger.info("%s: %s", name, metrics[name])
+    metrics["ceiling"] = reader_ceiling(
+        [q.target for q in prompts], reader, p.world.height, p.world.width, p.world.font_size,
+        p.reward.substring_full_credit, p.reward.batch_size,
+    )
+    metrics["delta"] = {"reward": metrics["trained"]["reward"] - metrics["base"]["reward"]}
+    n = min(p.evaluate.grid_prompts, len(prompts))
+    per = p.evaluate.images_per_prompt
+    grid = sample_grid({k: v[::per][:n] for k, v in images.items()}, [q.target for q in prompts[:n]])
+    return {"metrics": metrics, "grid": grid, "scores": pd.concat(tables, ignore_index=True)}
+
+
+@flow(name="evaluate")
+def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+    lay = load_layout(params_path, overrides)
+    p = lay.params
+    with stage_run(p, lay.root, "evaluate", ("model", "sampler", "reward", "train", "evaluate")):
+        out = score_models(lay)
+        metrics = out["metrics"]
+        write_json(lay.metrics, metrics)
+        atomic_write(lay.reports_dir / "samples.png", lambda f: out["grid"].save(f, format="PNG"))
+        atomic_write(lay.reports_dir / "eval_scores.csv", lambda f: out["scores"].to_csv(f, index=False))
+        mlflow.log_metrics({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items()})
+        mlflow.log_artifact(str(lay.reports_dir / "samples.png"))
+        log_adapter_model(p, lay.adapter_dir, lay.base_dir, p.tracking.registered_model)
+        get_run_logger().info("metrics: %s", metrics)
+        return metrics

@@ -1,0 +1,1 @@
+"""gdro core library: pure, typed building blocks of offline GDRO post-training."""

@@ -1,0 +1,32 @@
+"""Implicit reward of a rectified-flow model against its reference (method page §2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def flow_matching_error(v_target: Tensor, v_pred: Tensor) -> Tensor:
+    """Per-sample ||v − v_pred||², the mean over latent elements (the scale that β multiplies)."""
+    return (v_target.float() - v_pred.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def implicit_reward(err_policy: Tensor, err_reference: Tensor, beta: float) -> Tensor:
+    """s_θ = −β (||v − v_θ||² − ||v − v_ref||²)."""
+    return -beta * (err_policy - err_reference)
+
+
+def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """x_t = (1 − t) x_0 + t ε and its velocity target v = ε − x_0 (diffusers' FlowMatch convention)."""
+    t_ = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - t_) * x0 + t_ * noise, noise - x0
+
+
+def ranking_accuracy(s: Tensor, rewards: Tensor) -> Tensor:
+    """Share of strictly ordered member pairs whose implicit rewards agree with the explicit order."""
+    ds = s.unsqueeze(-1) - s.unsqueeze(-2)
+    dr = rewards.unsqueeze(-1) - rewards.unsqueeze(-2)
+    pairs = dr > 0
+    if not pairs.any():
+        return torch.tensor(float("nan"))
+    return (ds[pairs] > 0).float().mean()

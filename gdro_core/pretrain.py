@@ -1,0 +1,79 @@
+"""Rectified-flow pretraining of the built-in model on text the world renders itself."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from gdro_core.flow_model import BuiltinModelAdapter, TextRenderPipeline, velocity
+from gdro_core.implicit_reward import interpolate
+from gdro_core.params import Pretrain, World
+from gdro_core.prompts import random_strings
+from gdro_core.render import render_batch
+from gdro_core.timesteps import sample_timesteps
+
+Logger = Callable[[int, dict[str, float]], None]
+
+
+def corrupt(text: str, alphabet: str, rng: random.Random) -> str:
+    """Replace one character: a noisy caption, so the base is imperfect and reward training has room."""
+    i = rng.randrange(len(text))
+    choices = [c for c in alphabet if c != text[i]] or [text[i]]
+    return text[:i] + rng.choice(choices) + text[i + 1 :]
+
+
+def caption_batch(
+    world: World, templates: list[str], cfg: Pretrain, n: int, rng: random.Random
+) -> tuple[list[str], list[str]]:
+    """Random target strings (what is drawn) and their captions (what the model is told)."""
+    texts = [
+        "".join(rng.choice(world.alphabet) for _ in range(rng.randint(world.min_len, world.max_len))) for _ in range(n)
+    ]
+    captions = []
+    for t in texts:
+        if rng.random() < cfg.cond_dropout:
+            captions.append("")
+            continue
+        shown = corrupt(t, world.alphabet, rng) if rng.random() < cfg.caption_noise else t
+        captions.append(rng.choice(templates).format(text=shown))
+    return texts, captions
+
+
+def pretrain(
+    pipe: TextRenderPipeline, world: World, templates: list[str], cfg: Pretrain, ckpt_dir: Path, log: Logger
+) -> int:
+    """Train transformer and text encoder jointly; resume from the newest checkpoint in ``ckpt_dir``."""
+    model = BuiltinModelAdapter(pipe, (world.height, world.width))
+    modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
+    modules.train().requires_grad_(True)
+    opt = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen, py_rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    start = 0
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        weights, state = load_checkpoint(last)
+        modules.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], gen, py_rng)
+        start = state["step"]
+    for step in range(start + 1, cfg.steps + 1):
+        texts, captions = caption_batch(world, templates, cfg, cfg.batch_size, py_rng)
+        x0 = torch.from_numpy(render_batch(texts, world.height, world.width, world.font_size, world.jitter, py_rng))
+        noise = torch.randn(x0.shape, generator=gen)
+        t = sample_timesteps(len(texts), "logit_normal", 0.0, 1.0, gen)
+        x_t, v = interpolate(x0, noise, t)
+        loss = F.mse_loss(velocity(model, x_t, t, model.encode(captions)).float(), v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log(step, {"pretrain/loss": loss.item()})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt_dir, step, modules.state_dict(), {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng)})
+    modules.eval().requires_grad_(False)
+    return cfg.steps

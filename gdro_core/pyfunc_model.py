@@ -1,0 +1,7 @@
+"""MLflow models-from-code entry point: the registered pyfunc is rebuilt from this file, not unpickled."""
+
+import mlflow
+
+from gdro_core.registry import AdapterModel
+
+mlflow.models.set_model(AdapterModel())

@@ -1,0 +1,57 @@
+"""The MLflow model registry entry of a trained adapter: a pyfunc that renders images from prompts."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from gdro_core.params import Params, parse_params
+
+REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "pandas", "mlflow"]
+
+
+class AdapterModel(mlflow.pyfunc.PythonModel):
+    """Base model + GDRO adapter; ``predict(prompts)`` returns one uint8 image array per prompt."""
+
+    def load_context(self, context) -> None:
+        from gdro_core.flow_model import load_flow_model
+        from gdro_core.lora import load_adapter
+
+        self.params = parse_params(json.loads(Path(context.artifacts["params"]).read_text()), "registered params")
+        source = self.params.model.source
+        base = context.artifacts.get("base", "") if source == "builtin" else source
+        self.model = load_flow_model(source, base, self.params.world, self.params.model.device, self.params.model.dtype)
+        load_adapter(self.model.transformer, Path(context.artifacts["adapter"]))
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
+        from gdro_core.sampling import sample
+
+        prompts = list(model_input["prompt"] if isinstance(model_input, pd.DataFrame) else model_input)
+        seed = int((params or {}).get("seed", self.params.evaluate.seed))
+        cfg = self.params.sampler
+        cond, null = self.model.encode(prompts), self.model.encode([""])
+        latents = sample(self.model, cond, null, [seed + i for i in range(len(prompts))], cfg.steps, cfg.guidance)
+        return [np.asarray(im) for im in self.model.decode(latents)]
+
+
+def log_adapter_model(params: Params, adapter_dir: Path, base_dir: Path, registered_name: str | None):
+    """Log the adapter (and, for the built-in model, its base) as a pyfunc; register it when named."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file = Path(tmp) / "params.json"
+        params_file.write_text(json.dumps(params.model_dump(), indent=2))
+        artifacts = {"adapter": str(adapter_dir), "params": str(params_file)}
+        if params.model.source == "builtin":
+            artifacts["base"] = str(base_dir)
+        return mlflow.pyfunc.log_model(
+            name="adapter",
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts=artifacts,
+            pip_requirements=REQUIREMENTS,
+            registered_model_name=registered_name,
+            code_paths=[str(Path(__file__).parent)],
+        )

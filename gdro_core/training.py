@@ -1,0 +1,84 @@
+"""The offline post-training loop: LoRA on the transformer, groups from the reward table, resumable."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from gdro_core.flow_model import FlowModel
+from gdro_core.lora import add_lora, lora_state, set_lora_state
+from gdro_core.objectives import draw_groups, group_objective
+from gdro_core.params import Train
+from gdro_core.rollout import Rollouts
+
+Logger = Callable[[int, dict[str, float]], None]
+OnCheckpoint = Callable[[int], None]
+
+
+def ema_decay(step: int, rate: float, max_decay: float) -> float:
+    """The paper's EMA schedule: min(rate · step, max_decay)."""
+    return min(rate * step, max_decay)
+
+
+class LoraEma:
+    """Exponential moving average of the adapter weights (what is evaluated and saved)."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        self.shadow = {k: v.detach().clone() for k, v in params.items()}
+
+    def update(self, params: dict[str, torch.Tensor], decay: float) -> None:
+        for k, v in params.items():
+            self.shadow[k].lerp_(v.detach(), 1.0 - decay)
+
+
+def train(
+    model: FlowModel,
+    data: Rollouts,
+    rewards: torch.Tensor,
+    cfg: Train,
+    ckpt_dir: Path,
+    log: Logger,
+    on_checkpoint: OnCheckpoint | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run ``cfg.steps`` optimiser steps (resuming from ``ckpt_dir``); return the EMA adapter weights."""
+    if rewards.shape != data.latents.shape[:2]:
+        raise ValueError(f"rewards {tuple(rewards.shape)} do not match rollouts {tuple(data.latents.shape[:2])}")
+    params = add_lora(model.transformer, cfg.lora)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen, py_rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    ema = LoraEma(lora_state(model.transformer))
+    start = 0
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        weights, state = load_checkpoint(last)
+        set_lora_state(model.transformer, {k.removeprefix("lora."): v for k, v in weights.items() if k.startswith("lora.")})
+        ema.shadow = {k.removeprefix("ema."): v.clone() for k, v in weights.items() if k.startswith("ema.")}
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], gen, py_rng)
+        start = state["step"]
+    model.transformer.train()
+    for step in range(start + 1, cfg.steps + 1):
+        prompts, members = draw_groups(rewards, cfg.groups_per_step, cfg.group_size, cfg.member_sampling, gen)
+        x0 = data.latents[prompts.unsqueeze(1), members]
+        cond = {k: v[prompts] for k, v in data.cond.items()}
+        loss, parts = group_objective(model, x0, cond, rewards[prompts.unsqueeze(1), members], cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        opt.step()
+        ema.update(lora_state(model.transformer), ema_decay(step, cfg.ema_rate, cfg.ema_max_decay))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log(step, {f"train/{k}": v for k, v in parts.items()})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            weights = {f"lora.{k}": v for k, v in lora_state(model.transformer).items()}
+            weights |= {f"ema.{k}": v for k, v in ema.shadow.items()}
+            save_checkpoint(ckpt_dir, step, weights, {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng)})
+            if on_checkpoint:
+                on_checkpoint(step)
+    model.transformer.eval()
+    set_lora_state(model.transformer, ema.shadow)
+    return ema.shadow

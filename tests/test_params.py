@@ -1,0 +1,50 @@
+"""params.yaml validation: every bad key is named."""
+
+from pathlib import Path
+
+import pytest
+
+from gdro_core.params import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.train.objective == "gdro" and p.train.group_size <= p.rollout.images_per_prompt
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ParamsError, match=r"unknown key 'train.betta'"):
+        parse_params({"train": {"betta": 1.0}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ParamsError, match=r"'train.beta'"):
+        parse_params({"train": {"beta": "big"}})
+
+
+def test_bad_choice_is_named():
+    with pytest.raises(ParamsError, match=r"'reward.backend'"):
+        parse_params({"reward": {"backend": "tesseract"}})
+
+
+def test_group_larger_than_pool_is_rejected():
+    with pytest.raises(ParamsError, match="group_size"):
+        parse_params({"train": {"group_size": 8}, "rollout": {"images_per_prompt": 4}})
+
+
+def test_template_without_quoted_placeholder_is_rejected():
+    with pytest.raises(ParamsError, match="placeholder"):
+        parse_params({"prompts": {"templates": ["a sign saying {text}"]}})
+
+
+def test_overrides_use_dotted_keys(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  beta: 3.0\n")
+    assert load_params(f, {"train.beta": 6.0, "rollout.seed": 7}).train.beta == 6.0
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")

@@ -1,0 +1,105 @@
+"""Rollouts: determinism, hashed caching, resumption and rebuild of corrupt shards."""
+
+import pytest
+import torch
+
+from gdro_core.flow_model import BuiltinModelAdapter, build_builtin_pipeline
+from gdro_core.prompts import make_prompt_sets
+from gdro_core.rollout import RolloutError, generate_rollouts, is_complete, load_rollouts
+from gdro_core.sampling import sample
+
+
+@pytest.fixture()
+def model(tiny_params):
+    p = tiny_params
+    pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0)
+    return BuiltinModelAdapter(pipe, (p.world.height, p.world.width))
+
+
+@pytest.fixture()
+def prompts(tiny_params):
+    w = tiny_params.world
+    return make_prompt_sets(w.alphabet, w.min_len, w.max_len, tiny_params.prompts.templates, 3, 1, seed=0)["train"]
+
+
+def test_same_seed_same_latents_regardless_of_batching(model):
+    cond, null = model.encode(['a sign "123"'] * 3), model.encode([""])
+    full = sample(model, cond, null, [5, 6, 7], steps=3, guidance=3.0)
+    alone = sample(model, {k: v[1:2] for k, v in cond.items()}, null, [6], steps=3, guidance=3.0)
+    again = sample(model, cond, null, [5, 6, 7], steps=3, guidance=3.0)
+    assert torch.equal(full, again)
+    assert torch.allclose(full[1:2], alone, atol=1e-5)
+    assert not torch.allclose(full[0], full[2])
+
+
+def _generate(model, prompts, out, fp="fp-1", calls=None):
+    return generate_rollouts(
+        model, prompts, per_prompt=4, base_seed=100, steps=2, guidance=2.0, batch_prompts=2, out_dir=out,
+        fingerprint=fp, progress=(lambda i, n: calls.append(i)) if calls is not None else None,
+    )
+
+
+def test_rollouts_are_stored_and_reused(model, prompts, tmp_path, monkeypatch):
+    out = tmp_path / "rollouts"
+    manifest = _generate(model, prompts, out)
+    assert len(manifest["rows"]) == 12 and is_complete(out, "fp-1")
+    data = load_rollouts(out)
+    assert data.latents.shape == (3, 4, *model.latent_shape)
+    assert data.cond["encoder_hidden_states"].shape[0] == 3
+    assert len({r["seed"] for r in manifest["rows"]}) == 12
+
+    import gdro_core.rollout as rollout_mod
+
+    def fail(*a, **k):
+        raise AssertionError("a complete, verified cache must not be sampled again")
+
+    monkeypatch.setattr(rollout_mod, "sample", fail)
+    assert _generate(model, prompts, out) == manifest
+
+
+def test_changed_fingerprint_rebuilds(model, prompts, tmp_path):
+    out = tmp_path / "rollouts"
+    _generate(model, prompts, out, fp="fp-1")
+    assert not is_complete(out, "fp-2")
+    _generate(model, prompts, out, fp="fp-2")
+    assert is_complete(out, "fp-2")
+
+
+def test_corrupt_shard_is_regenerated_not_trusted(model, prompts, tmp_path):
+    out = tmp_path / "rollouts"
+    _generate(model, prompts, out)
+    before = load_rollouts(out).latents.clone()
+    shard = out / "shard-0001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"garbage!")
+    assert not is_complete(out, "fp-1")
+    with pytest.raises(RolloutError, match="hash"):
+        load_rollouts(out)
+    calls = []
+    _generate(model, prompts, out, calls=calls)
+    assert torch.equal(load_rollouts(out).latents, before)
+
+
+def test_interrupted_rollout_resumes_from_finished_shards(model, prompts, tmp_path, monkeypatch):
+    out = tmp_path / "rollouts"
+    import gdro_core.rollout as rollout_mod
+
+    real, count = rollout_mod.sample, {"n": 0}
+
+    def crash_second(*a, **k):
+        count["n"] += 1
+        if count["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rollout_mod, "sample", crash_second)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(model, prompts, out)
+    assert (out / "shard-0000.safetensors").is_file() and not (out / "manifest.json").exists()
+    count["n"] = 10  # later calls succeed; only the missing shard may be sampled
+    _generate(model, prompts, out)
+    assert count["n"] == 11 and is_complete(out, "fp-1")
+
+
+def test_missing_rollouts_name_the_fix(tmp_path):
+    with pytest.raises(RolloutError, match="gdro rollout"):
+        load_rollouts(tmp_path)
