@@ -11,13 +11,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from flows.score import reader_for
-from gdro_core.evaluation import generate, reader_ceiling, sample_grid, summarise
+from gdro_core.evaluation import assess, generate, reader_ceiling, sample_grid, summarise
+from gdro_core.judge import make_judge
 from gdro_core.flow_model import load_flow_model
 from gdro_core.layout import Layout
 from gdro_core.lora import load_adapter
 from gdro_core.prompts import read_prompts
 from gdro_core.registry import log_adapter_model
-from gdro_core.scoring import score_images
 from gdro_core.store import atomic_write, write_json
 from gdro_core.tracking import stage_run
 
@@ -29,6 +29,8 @@ def score_models(lay: Layout) -> dict:
     prompts = read_prompts(lay.prompts("test"))
     targets = [q.target for q in prompts for _ in range(p.evaluate.images_per_prompt)]
     reader = reader_for(lay)
+    judge = make_judge(p.world, p.judge)
+    texts = [q.prompt for q in prompts for _ in range(p.evaluate.images_per_prompt)]
     model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
     images, metrics, tables = {}, {}, []
     for name in ("base", "trained"):
@@ -38,7 +40,10 @@ def score_models(lay: Layout) -> dict:
             model, prompts, p.evaluate.images_per_prompt, p.evaluate.seed, p.sampler.steps, p.sampler.guidance,
             p.sampler.batch_size,
         )
-        scores = score_images(images[name], targets, reader, p.reward.substring_full_credit, p.reward.batch_size)
+        scores = assess(
+            images[name], texts, targets, reader, judge, p.judge.task, p.reward.substring_full_credit,
+            p.reward.batch_size,
+        )
         metrics[name] = summarise(scores)
         tables.append(scores.assign(model=name, target=targets))
         logger.info("%s: %s", name, metrics[name])
@@ -46,7 +51,7 @@ def score_models(lay: Layout) -> dict:
         [q.target for q in prompts], reader, p.world.height, p.world.width, p.world.font_size,
         p.reward.substring_full_credit, p.reward.batch_size,
     )
-    metrics["delta"] = {"reward": metrics["trained"]["reward"] - metrics["base"]["reward"]}
+    metrics["delta"] = {k: metrics["trained"][k] - metrics["base"][k] for k in ("reward", "corrected")}
     n = min(p.evaluate.grid_prompts, len(prompts))
     per = p.evaluate.images_per_prompt
     grid = sample_grid({k: v[::per][:n] for k, v in images.items()}, [q.target for q in prompts[:n]])

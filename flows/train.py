@@ -1,4 +1,8 @@
-"""Stage `train`: GDRO (or another offline objective) on the cached groups, LoRA through peft."""
+"""Stage `train`: GDRO (or another offline objective) on the cached groups, LoRA through peft.
+
+Checkpoints are evaluated on held-out prompts as training goes (reward, judge, corrected score);
+the adapter kept is the best corrected score unless ``evaluate.keep`` says ``last``.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,17 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
+from flows.score import reader_for
+from gdro_core.curves import hacking_trend, plot_curves
 from gdro_core.flow_model import load_flow_model
+from gdro_core.judge import make_judge
 from gdro_core.layout import Layout
-from gdro_core.lora import save_adapter
+from gdro_core.lora import save_adapter, set_lora_state
+from gdro_core.monitor import CheckpointMonitor
+from gdro_core.prompts import read_prompts
 from gdro_core.rollout import load_rollouts
 from gdro_core.scoring import reward_matrix
-from gdro_core.store import fingerprint, read_json, sha256_file
+from gdro_core.store import atomic_write, fingerprint, read_json, sha256_file, write_json
 from gdro_core.tracking import metric_logger, stage_run
 from gdro_core.training import train
 
@@ -26,6 +35,7 @@ def train_fingerprint(lay: Layout) -> str:
     return fingerprint(
         {
             "train": p.train.model_dump(),
+            "monitor": [p.evaluate.model_dump(), p.judge.model_dump(), p.sampler.model_dump()],
             "rollouts": read_json(lay.rollout_dir / "manifest.json")["fingerprint"],
             "rewards": sha256_file(lay.rewards),
         }
@@ -33,25 +43,49 @@ def train_fingerprint(lay: Layout) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def fit_adapter(lay: Layout) -> None:
+def fit_adapter(lay: Layout) -> dict:
     p = lay.params
     logger = get_run_logger()
+    log = metric_logger(logger.info)
     data = load_rollouts(lay.rollout_dir)
     rewards = reward_matrix(pd.read_parquet(lay.rewards), *data.latents.shape[:2])
     model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
-    train(model, data, rewards, p.train, lay.checkpoints("train", train_fingerprint(lay)), metric_logger(logger.info))
-    tmp = lay.adapter_dir.with_name(".adapter.tmp")
+    ckpt = lay.checkpoints("train", train_fingerprint(lay))
+    monitor = CheckpointMonitor(
+        model, read_prompts(lay.prompts("test"))[: p.evaluate.checkpoint_prompts], reader_for(lay),
+        make_judge(p.world, p.judge), task=p.judge.task, seed=p.evaluate.seed, steps=p.sampler.steps,
+        guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, substring=p.reward.substring_full_credit,
+        ocr_batch=p.reward.batch_size, keep=p.evaluate.keep, workdir=ckpt / "monitor", log=log,
+    )
+    monitor.evaluate_base()
+    every = p.evaluate.checkpoint_every or p.train.steps
+    train(model, data, rewards, p.train, ckpt, log, on_checkpoint=monitor, eval_every=every)
+    step, weights = monitor.kept()
+    set_lora_state(model.transformer, weights)
+    curve = monitor.curve.sort_values("step")
+    summary = {"kept_step": step, "hacking_trend": hacking_trend(curve, p.evaluate.hacking_window)}
+    atomic_write(lay.reports_dir / "train_curve.csv", lambda f: curve.to_csv(f, index=False))
+    plot_curves(curve, lay.reports_dir / "train_curves.png", f"{p.train.objective}, beta={p.train.beta}")
+    tmp = lay.adapter_dir.with_name(f".{lay.adapter_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model.transformer, tmp)
     shutil.rmtree(lay.adapter_dir, ignore_errors=True)
     tmp.rename(lay.adapter_dir)
+    write_json(lay.reports_dir / "train_summary.json", summary)
+    return summary
 
 
 @flow(name="train")
 def train_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
     lay = load_layout(params_path, overrides)
-    with stage_run(lay.params, lay.root, "train", ("train",)):
-        fit_adapter(lay)
+    with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge")):
+        summary = fit_adapter(lay)
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_artifacts(str(lay.adapter_dir), "adapter")
-        get_run_logger().info("adapter saved to %s", lay.adapter_dir)
+        for name in ("train_curves.png", "train_curve.csv"):
+            if (lay.reports_dir / name).is_file():
+                mlflow.log_artifact(str(lay.reports_dir / name))
+        if summary.get("hacking_trend"):
+            get_run_logger().warning("reward rises while the corrected score falls: possible reward hacking")
+        get_run_logger().info("adapter (step %s) saved to %s", summary["kept_step"], lay.adapter_dir)
         return str(lay.adapter_dir)

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from gdro_core.corrected_score import corrected_score, judge_mean
 from gdro_core.flow_model import FlowModel
+from gdro_core.judge import Judge
 from gdro_core.ocr import Reader
 from gdro_core.prompts import OcrPrompt
 from gdro_core.render import render_text
@@ -35,12 +37,25 @@ def generate(
     return images
 
 
+SUMMARY = ("reward", "exact", "similarity", "alignment", "coherence", "style", "u_hat", "corrected")
+
+
 def summarise(scores: pd.DataFrame) -> dict[str, float]:
-    return {
-        "reward": float(scores["reward"].mean()),
-        "exact": float(scores["exact"].mean()),
-        "similarity": float(scores["similarity"].mean()),
-    }
+    """Means of every score column present."""
+    return {k: float(scores[k].mean()) for k in SUMMARY if k in scores}
+
+
+def assess(
+    images: list[Image.Image], prompts: list[str], targets: list[str], reader: Reader, judge: Judge, task: str,
+    substring: bool, batch_size: int,
+) -> pd.DataFrame:
+    """Task reward, judge scores, û and the corrected score for every image."""
+    scores = score_images(images, targets, reader, substring, batch_size)
+    judged = pd.DataFrame([j.as_dict() for j in judge.score(images, prompts, targets)])
+    scores = pd.concat([scores, judged], axis=1)
+    scores["u_hat"] = [judge_mean(row, task) for row in judged.to_dict("records")]
+    scores["corrected"] = [corrected_score(r, u) for r, u in zip(scores["reward"], scores["u_hat"])]
+    return scores
 
 
 def reader_ceiling(

@@ -38,7 +38,7 @@ class Layout:
 
     @property
     def adapter_dir(self) -> Path:
-        return self._p(self.params.paths.models_dir, "adapter")
+        return self._p(self.params.paths.adapter_dir)
 
     @property
     def reports_dir(self) -> Path:

@@ -23,7 +23,8 @@ class Section(BaseModel):
 
 class Paths(Section):
     data_dir: str = Field("data", description="Prompt sets, rollouts and reward tables (DVC outputs).")
-    models_dir: str = Field("models", description="Base model and trained adapters (DVC outputs).")
+    models_dir: str = Field("models", description="Base model (DVC output).")
+    adapter_dir: str = Field("models/adapter", description="Trained adapter (DVC output); sweeps give each config its own.")
     reports_dir: str = Field("reports", description="Metrics, plots and sample grids.")
 
 
@@ -170,6 +171,27 @@ class Evaluate(Section):
     images_per_prompt: int = Field(1, ge=1)
     seed: int = 5000
     grid_prompts: int = Field(16, ge=1)
+    checkpoint_every: int = Field(
+        100, ge=0, description="Evaluate held-out reward, judge and corrected score every N train steps (0 = last step only)."
+    )
+    checkpoint_prompts: int = Field(32, ge=1, description="Held-out prompts used for those checkpoint evaluations.")
+    keep: Literal["best_corrected", "last"] = Field(
+        "best_corrected", description="Which adapter train keeps: the best corrected score, or the last step."
+    )
+    hacking_window: int = Field(3, ge=2, description="Checkpoints over which a hacking trend is flagged.")
+
+
+class JudgeParams(Section):
+    """The quality judge behind the corrected score."""
+
+    kind: Literal["pixel", "unified_reward"] = Field(
+        "pixel", description="'pixel': the built-in world's judge; 'unified_reward': a local VLM judge."
+    )
+    model_path: str = Field("", description="Local directory of the UnifiedReward-style VLM (kind unified_reward).")
+    task: Literal["ocr", "geneval"] = Field("ocr", description="Which judge dimensions make û (geneval drops alignment).")
+    reference_images: int = Field(256, ge=8, description="Clean renders the pixel judge's statistics come from.")
+    z_scale: float = Field(3.0, gt=0, description="Pixel judge: z-score at which a style feature loses half its score.")
+    max_new_tokens: int = Field(256, ge=8, description="VLM judge: generation length.")
 
 
 class Params(Section):
@@ -185,6 +207,7 @@ class Params(Section):
     reward: Reward = Reward()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
+    judge: JudgeParams = JudgeParams()
 
     @model_validator(mode="after")
     def _group_fits_pool(self) -> Params:

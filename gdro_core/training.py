@@ -16,7 +16,7 @@ from gdro_core.params import Train
 from gdro_core.rollout import Rollouts
 
 Logger = Callable[[int, dict[str, float]], None]
-OnCheckpoint = Callable[[int], None]
+OnCheckpoint = Callable[[int, dict[str, torch.Tensor]], None]
 
 
 def ema_decay(step: int, rate: float, max_decay: float) -> float:
@@ -43,8 +43,12 @@ def train(
     ckpt_dir: Path,
     log: Logger,
     on_checkpoint: OnCheckpoint | None = None,
+    eval_every: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Run ``cfg.steps`` optimiser steps (resuming from ``ckpt_dir``); return the EMA adapter weights."""
+    """Run ``cfg.steps`` optimiser steps (resuming from ``ckpt_dir``); return the EMA adapter weights.
+
+    ``on_checkpoint(step, ema_weights)`` runs every ``eval_every`` steps and at the last step.
+    """
     if rewards.shape != data.latents.shape[:2]:
         raise ValueError(f"rewards {tuple(rewards.shape)} do not match rollouts {tuple(data.latents.shape[:2])}")
     params = add_lora(model.transformer, cfg.lora)
@@ -73,12 +77,16 @@ def train(
         ema.update(lora_state(model.transformer), ema_decay(step, cfg.ema_rate, cfg.ema_max_decay))
         if step % cfg.log_every == 0 or step == cfg.steps:
             log(step, {f"train/{k}": v for k, v in parts.items()})
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        last_step = step == cfg.steps
+        if on_checkpoint is not None and eval_every and (step % eval_every == 0 or last_step):
+            on_checkpoint(step, ema.shadow)  # before saving: a crash here re-runs the evaluation on resume
+            save_now = True
+        else:
+            save_now = step % cfg.checkpoint_every == 0 or last_step
+        if save_now:
             weights = {f"lora.{k}": v for k, v in lora_state(model.transformer).items()}
             weights |= {f"ema.{k}": v for k, v in ema.shadow.items()}
             save_checkpoint(ckpt_dir, step, weights, {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng)})
-            if on_checkpoint:
-                on_checkpoint(step)
     model.transformer.eval()
     set_lora_state(model.transformer, ema.shadow)
     return ema.shadow

@@ -1,0 +1,81 @@
+"""Held-out evaluation of training checkpoints: reward, judge, corrected score, the adapter to keep."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from gdro_core.curves import best_step
+from gdro_core.evaluation import assess, generate, summarise
+from gdro_core.flow_model import FlowModel
+from gdro_core.judge import Judge
+from gdro_core.lora import lora_state, set_lora_state
+from gdro_core.ocr import Reader
+from gdro_core.prompts import OcrPrompt
+from gdro_core.store import atomic_write
+
+Logger = Callable[[int, dict[str, float]], None]
+
+
+class CheckpointMonitor:
+    """Called at each checkpoint with the EMA adapter; keeps the curve and the best weights on disk (resumable)."""
+
+    def __init__(
+        self, model: FlowModel, prompts: Sequence[OcrPrompt], reader: Reader, judge: Judge, *, task: str,
+        seed: int, steps: int, guidance: float, batch_size: int, substring: bool, ocr_batch: int, keep: str,
+        workdir: Path, log: Logger,
+    ):
+        self.model, self.prompts, self.reader, self.judge = model, list(prompts), reader, judge
+        self.kw = dict(per_prompt=1, base_seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+        self.task, self.substring, self.ocr_batch, self.keep = task, substring, ocr_batch, keep
+        self.workdir, self.log = Path(workdir), log
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "curve.csv"
+        self.curve = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+    def _measure(self) -> dict[str, float]:
+        images = generate(self.model, self.prompts, **self.kw)
+        scores = assess(
+            images, [p.prompt for p in self.prompts], [p.target for p in self.prompts], self.reader, self.judge,
+            self.task, self.substring, self.ocr_batch,
+        )
+        return summarise(scores)
+
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        row = pd.DataFrame([{"step": step, **metrics}])
+        self.curve = pd.concat([self.curve[self.curve.get("step", pd.Series(dtype=int)) != step], row], ignore_index=True)
+        atomic_write(self.workdir / "curve.csv", lambda p: self.curve.to_csv(p, index=False))
+        self.log(step, {f"checkpoint/{k}": v for k, v in metrics.items()})
+
+    def evaluate_base(self) -> None:
+        """Step 0: the model before any adapter is attached (skipped when already recorded)."""
+        if not self.curve.empty and (self.curve["step"] == 0).any():
+            return
+        with torch.no_grad():
+            self._record(0, self._measure())
+
+    def __call__(self, step: int, weights: dict[str, torch.Tensor]) -> None:
+        transformer = self.model.transformer
+        live = {k: v.detach().clone() for k, v in lora_state(transformer).items()}
+        set_lora_state(transformer, weights)
+        transformer.eval()
+        try:
+            with torch.no_grad():
+                self._record(step, self._measure())
+        finally:
+            set_lora_state(transformer, live)
+            transformer.train()
+        if best_step(self.curve, self.keep) == step:
+            atomic_write(self.workdir / "kept.safetensors", lambda p: save_file(
+                {k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(p), metadata={"step": str(step)}))
+
+    def kept(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """The step and adapter weights selected by ``keep``."""
+        path = self.workdir / "kept.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no kept checkpoint in {self.workdir}")
+        return best_step(self.curve, self.keep), load_file(path)
