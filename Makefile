@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test pipeline clean
+.PHONY: setup demo test pipeline clean ui
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ demo: setup  ## the whole pipeline on the built-in offline default, via DVC
 pipeline: setup  ## the same stages as one Prefect flow, without DVC
 	$(BIN)/gdro pipeline
 
+ui: setup  ## Prefect and MLflow UIs on 127.0.0.1 plus the pipeline/sweep deployments; Ctrl-C stops them
+	$(BIN)/gdro serve
+
 test: setup
 	$(BIN)/pytest -q tests
 
 clean:
 	rm -rf data models reports checkpoints mlflow.db mlartifacts .prefect
+
+.PHONY: bench
+BENCH_ARGS ?=
+bench: setup  ## every objective against wall-clock seconds on the default world (after `make demo`); e.g. BENCH_ARGS="--budget-seconds 120"
+	$(BIN)/python benchmarks/cpu_objectives.py $(BENCH_ARGS)

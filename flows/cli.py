@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -21,20 +22,101 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+EXTRA_COMMANDS = ("serve", "sweep", "compare", "deploy")
+
+
+def parse_grid(pairs: list[str]) -> dict[str, list[Any]]:
+    """``--grid train.beta=6,12`` pairs; each comma-separated value is read as YAML."""
+    out: dict[str, list[Any]] = {}
+    for pair in pairs:
+        key, sep, values = pair.partition("=")
+        if not sep or not key or not values:
+            raise SystemExit(f"--grid expects KEY=V1,V2,... (e.g. train.beta=6,12), got {pair!r}")
+        out[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return out
+
+
+def add_server_commands(sub, common: argparse.ArgumentParser) -> None:
+    serve = sub.add_parser("serve", parents=[common], help="start the Prefect and MLflow servers (Ctrl-C stops them)")
+    serve.add_argument("--prefect-port", type=int, help="Prefect port (default: serve.prefect_port)")
+    serve.add_argument("--mlflow-port", type=int, help="MLflow port (default: serve.mlflow_port)")
+    serve.add_argument("--no-deployments", dest="deployments", action="store_false", default=None,
+                       help="do not serve the pipeline and sweep deployments")
+    sweep = sub.add_parser("sweep", parents=[common], help="train + evaluate a grid of configs on the cached rollouts")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="sweep a param over values, e.g. --grid train.beta=6,12 (repeatable; replaces sweep.grid "
+                            "and sweep.configs)")
+    sweep.add_argument("--name", help="sweep name (default: sweep.name)")
+    sweep.add_argument("--max-workers", type=int, help="configs at once (default: sweep.max_workers)")
+    sweep.add_argument("--dvc", action="store_true",
+                       help="run the configs as DVC experiments (dvc exp run -S ...) in the workspace instead")
+    compare = sub.add_parser("compare", parents=[common], help="registered adapter versions side by side")
+    compare.add_argument("--out", help="plot path (default: <reports_dir>/registry_versions.png; CSV beside it)")
+    sub.add_parser("deploy", parents=[common],
+                   help="serve the pipeline and sweep deployments to a running Prefect server")
+
+
+def run_server_command(args: argparse.Namespace) -> int:
+    from flows.context import project_root
+    from gdro_core.params import ParamsError
+    from gdro_core.servers import ServeError
+    from gdro_core.sweep import SweepError
+
+    overrides = parse_overrides(args.overrides)
+    try:
+        if args.command == "serve":
+            from flows.serve import serve
+
+            return serve(args.params, overrides, args.prefect_port, args.mlflow_port, args.deployments)
+        if args.command == "deploy":
+            from flows.deployments import serve_deployments
+
+            serve_deployments(args.params, overrides)
+        elif args.command == "compare":
+            from gdro_core.compare import compare_report
+            from gdro_core.params import load_params
+
+            root = project_root()
+            params = load_params(root / args.params, overrides)
+            text, plot = compare_report(params, root, Path(args.out).resolve() if args.out else None)
+            print(text + (f"\nplot: {plot}\ntable: {plot.with_suffix('.csv')}" if plot else ""))
+        elif args.dvc:
+            from flows.sweep import run_dvc_experiments
+
+            return run_dvc_experiments(args.params, overrides, parse_grid(args.grid) or None, args.name)
+        else:
+            from flows.sweep import sweep_flow
+
+            sweep_flow(params_path=args.params, overrides=overrides, grid=parse_grid(args.grid) or None,
+                       name=args.name, max_workers=args.max_workers)
+    except (ParamsError, ServeError, SweepError, ValueError, FileNotFoundError) as err:
+        print(f"gdro {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if (argv if argv is not None else sys.argv[1:])[:1] != ["serve"]:
+        from gdro_core.servers import attach_to_running_server
+
+        attach_to_running_server(Path(os.environ.get("GDRO_ROOT", Path.cwd())).resolve())
     from flows.pipeline import STAGES, pipeline_flow
     from gdro_core.params import ParamsError
 
-    parser = argparse.ArgumentParser(prog="gdro", description="Offline GDRO post-training of text-to-image models.")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set train.beta=6 (repeatable)")
+    parser = argparse.ArgumentParser(prog="gdro", description="Offline GDRO post-training of text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in [*STAGES, "pipeline"]:
-        sub.add_parser(name, help=f"run the {name} flow")
+        sub.add_parser(name, parents=[common], help=f"run the {name} flow")
+    add_server_commands(sub, common)
     args = parser.parse_args(argv)
+    if args.command in EXTRA_COMMANDS:
+        return run_server_command(args)
     flow = pipeline_flow if args.command == "pipeline" else STAGES[args.command]
     try:
         flow(params_path=args.params, overrides=parse_overrides(args.overrides))

@@ -17,7 +17,9 @@ from gdro_core.flow_model import load_flow_model
 from gdro_core.layout import Layout
 from gdro_core.lora import load_adapter
 from gdro_core.prompts import read_prompts
-from gdro_core.registry import log_adapter_model
+from gdro_core.compare import set_champion
+from gdro_core.data_version import data_version
+from gdro_core.registry import register_adapter
 from gdro_core.store import atomic_write, write_json
 from gdro_core.tracking import stage_run
 
@@ -70,6 +72,10 @@ def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
         atomic_write(lay.reports_dir / "eval_scores.csv", lambda f: out["scores"].to_csv(f, index=False))
         mlflow.log_metrics({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items()})
         mlflow.log_artifact(str(lay.reports_dir / "samples.png"))
-        log_adapter_model(p, lay.adapter_dir, lay.base_dir, p.tracking.registered_model)
+        version = register_adapter(p, lay.adapter_dir, lay.base_dir, metrics, data_version(lay))
+        if version is not None:
+            best, metric = set_champion(mlflow.MlflowClient(), version.name, p.registry.rank_by, p.registry.alias)
+            get_run_logger().info("registered %s version %s; %s is version %s (by %s)",
+                                  version.name, version.version, p.registry.alias, best, metric)
         get_run_logger().info("metrics: %s", metrics)
         return metrics

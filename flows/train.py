@@ -1,4 +1,4 @@
-"""Stage `train`: GDRO (or another offline objective) on the cached groups, LoRA through peft.
+"""Stage `train`: GDRO (or a baseline objective) on the cached groups, LoRA through peft.
 
 Checkpoints are evaluated on held-out prompts as training goes (reward, judge, corrected score);
 the adapter kept is the best corrected score unless ``evaluate.keep`` says ``last``.
@@ -22,6 +22,7 @@ from gdro_core.judge import make_judge
 from gdro_core.layout import Layout
 from gdro_core.lora import save_adapter, set_lora_state
 from gdro_core.monitor import CheckpointMonitor
+from gdro_core.online_grpo import encode_prompts, reader_reward, train_online
 from gdro_core.prompts import read_prompts
 from gdro_core.rollout import load_rollouts
 from gdro_core.scoring import reward_matrix
@@ -59,7 +60,13 @@ def fit_adapter(lay: Layout) -> dict:
     )
     monitor.evaluate_base()
     every = p.evaluate.checkpoint_every or p.train.steps
-    train(model, data, rewards, p.train, ckpt, log, on_checkpoint=monitor, eval_every=every)
+    if p.train.objective == "flow_grpo":  # the online baseline: fresh rollouts every iteration
+        prompts = read_prompts(lay.prompts("train"))
+        reward = reader_reward(reader_for(lay), p.reward.substring_full_credit, p.reward.batch_size)
+        train_online(model, prompts, *encode_prompts(model, prompts, p.sampler.batch_size), reward, p.train, ckpt, log,
+                     on_checkpoint=monitor, eval_every=every, guidance=p.sampler.guidance)
+    else:
+        train(model, data, rewards, p.train, ckpt, log, on_checkpoint=monitor, eval_every=every)
     step, weights = monitor.kept()
     set_lora_state(model.transformer, weights)
     curve = monitor.curve.sort_values("step")

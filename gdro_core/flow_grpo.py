@@ -15,7 +15,7 @@ from torch import Tensor
 
 
 def _per_sample(value: Tensor | float, like: Tensor) -> Tensor:
-    """A scalar, (B,) or (B, 1, ..., 1) value as float32 shaped (B, 1, ..., 1) to broadcast against ``like`` (B, ...)."""
+    """A scalar, (B,) or (B, 1, ..., 1) value as float32 (B, 1, ..., 1), to broadcast against ``like`` (B, ...)."""
     value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
     if value.numel() == 1:
         value = value.reshape(1).expand(like.shape[0])

@@ -144,7 +144,9 @@ class Lora(Section):
 
 
 class Train(Section):
-    objective: Literal["gdro", "dpo", "sft_best"] = Field("gdro", description="Loss over the offline groups.")
+    objective: Literal["gdro", "dpo", "sft_best", "flow_grpo"] = Field(
+        "gdro", description="Loss over the offline groups, or 'flow_grpo', the online baseline (steps = iterations)."
+    )
     group_size: int = Field(6, ge=2, description="k members drawn from each prompt's pool per step.")
     groups_per_step: int = Field(4, ge=1)
     steps: int = Field(400, ge=1)
@@ -158,6 +160,21 @@ class Train(Section):
     logit_std: float = 1.0
     draws_per_group: int = Field(1, ge=1, description="(t, ε) draws per group per step, averaged.")
     member_sampling: Literal["random", "stratified"] = "random"
+    grpo_prompts_per_iteration: int = Field(4, ge=1, description="flow_grpo: training prompts sampled per iteration.")
+    grpo_group_size: int = Field(6, ge=2, description="flow_grpo: images per prompt per iteration (one group).")
+    grpo_sample_steps: int = Field(10, ge=1, description="flow_grpo: SDE sampler steps of each rollout.")
+    grpo_eta: float = Field(0.7, gt=0, description="flow_grpo: SDE noise level η, σ_t = η √(t / (1 − t)).")
+    grpo_timestep_fraction: float = Field(
+        0.99, gt=0, le=1, description="flow_grpo: train on the first ⌊sample_steps · fraction⌋ steps (at least one)."
+    )
+    grpo_clip_range: float = Field(1e-4, gt=0, description="flow_grpo: ratio clip ε (log-probs: means over elements).")
+    grpo_adv_clip_max: float = Field(5.0, gt=0, description="flow_grpo: advantages clamped to [-max, max].")
+    grpo_global_std: bool = Field(True, description="flow_grpo: advantage std over the whole iteration, not per group.")
+    grpo_kl_beta: float = Field(
+        0.04, ge=0, description="flow_grpo: β_KL on ‖μ_θ − μ_ref‖² / (2σ_t²), the reference code's KL scale."
+    )
+    grpo_inner_epochs: int = Field(1, ge=1, description="flow_grpo: passes over each iteration's samples.")
+    grpo_minibatches: int = Field(2, ge=1, description="flow_grpo: optimiser steps per pass (shuffled minibatches).")
     lora: Lora = Lora()
     ema_max_decay: float = Field(0.5, ge=0, lt=1, description="EMA decay is min(ema_rate * step, ema_max_decay).")
     ema_rate: float = Field(0.001, ge=0)
@@ -194,6 +211,80 @@ class JudgeParams(Section):
     max_new_tokens: int = Field(256, ge=8, description="VLM judge: generation length.")
 
 
+SWEEPABLE = ("train.", "evaluate.", "judge.")
+
+
+class Serve(Section):
+    """`gdro serve` / `make ui`: this project's Prefect server and MLflow tracking server, on loopback only."""
+
+    host: Literal["127.0.0.1"] = Field("127.0.0.1", description="Bind address; the servers listen on 127.0.0.1 only.")
+    prefect_port: int = Field(4200, ge=1024, le=65535, description="Port of the Prefect server (UI and API).")
+    mlflow_port: int = Field(5000, ge=1024, le=65535, description="Port of the MLflow tracking server over tracking.uri.")
+    startup_timeout: float = Field(180.0, gt=0, description="Seconds to wait for each server's health check.")
+    deployments: bool = Field(
+        True, description="Also serve the pipeline and sweep deployments, so the Prefect UI can start and schedule them."
+    )
+    concurrent_runs: int = Field(1, ge=1, description="Deployment runs executed at once by the served deployments.")
+    pipeline_cron: str = Field("", description="Cron schedule of the pipeline deployment ('' = started by hand only).")
+    sweep_cron: str = Field("", description="Cron schedule of the sweep deployment ('' = started by hand only).")
+    timezone: str = Field("UTC", description="Time zone of the cron schedules.")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Serve:
+        if self.prefect_port == self.mlflow_port:
+            raise ValueError(f"prefect_port and mlflow_port are both {self.prefect_port}: give them different ports")
+        return self
+
+
+class Sweep(Section):
+    """`gdro sweep`: train + evaluate per config, all on the cached rollouts and reward table."""
+
+    name: str = Field(
+        "sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Sweep name; config outputs go to <models_dir>/sweeps/<name>/ and <reports_dir>/sweeps/<name>/.",
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Dotted param -> values; every combination is one config (train.beta: [6, 12])."
+    )
+    configs: list[dict[str, Any]] = Field(
+        default_factory=list, description="Explicit configs (dotted param -> value), run after the grid's."
+    )
+    max_workers: int = Field(
+        1, ge=1, description="Configs trained at once by Prefect's thread-pool task runner (1 on CPU; more on a large GPU)."
+    )
+
+    @model_validator(mode="after")
+    def _sweepable(self) -> Sweep:
+        for key in [*self.grid, *(k for c in self.configs for k in c)]:
+            if not key.startswith(SWEEPABLE):
+                raise ValueError(
+                    f"sweep key '{key}' is not a train.*, evaluate.* or judge.* param: a sweep reuses the cached "
+                    "rollouts and reward table, so set other params in params.yaml and run `dvc repro score`"
+                )
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"sweep grid '{key}' has no values: list at least one")
+        return self
+
+
+class Registry(Section):
+    """Registered adapters: which version is the champion and what `gdro compare` shows."""
+
+    alias: str = Field("champion", description="Alias of the registered version with the best ranking metric.")
+    rank_by: list[str] = Field(
+        default_factory=lambda: ["trained.corrected", "trained.reward"], min_length=1,
+        description="Evaluate metrics that rank versions: the first one any version has decides (versions without it "
+        "never win).",
+    )
+    compare_params: list[str] = Field(
+        default_factory=lambda: [
+            "train.objective", "train.beta", "train.tau", "train.group_size", "train.gamma", "train.lr", "train.steps",
+            "train.seed",
+        ],
+        description="Params shown beside the metrics by `gdro compare`.",
+    )
+
+
 class Params(Section):
     seed: int = 0
     paths: Paths = Paths()
@@ -208,6 +299,9 @@ class Params(Section):
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     judge: JudgeParams = JudgeParams()
+    serve: Serve = Serve()
+    sweep: Sweep = Sweep()
+    registry: Registry = Registry()
 
     @model_validator(mode="after")
     def _group_fits_pool(self) -> Params:

@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from gdro_core.params import Params, parse_params
+from gdro_core.params import Params, parse_params, section_dict
 
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "pandas", "mlflow"]
 
@@ -55,3 +55,39 @@ def log_adapter_model(params: Params, adapter_dir: Path, base_dir: Path, registe
             registered_model_name=registered_name,
             code_paths=[str(Path(__file__).parent)],
         )
+
+
+def version_tags(params: Params, metrics: dict[str, dict[str, float]], data: dict[str, str]) -> dict[str, str]:
+    """Tags of a registered version: its params (``param.*``), evaluate metrics (``metric.*``) and data version."""
+    tags = {f"param.{k}": str(v) for k, v in section_dict(params, "train", "evaluate", "judge").items()}
+    tags["param.model.source"] = params.model.source
+    tags.update({f"metric.{k}.{m}": f"{float(v):.6g}" for k, d in metrics.items() for m, v in d.items()})
+    tags.update(data)
+    return tags
+
+
+def version_description(params: Params, metrics: dict[str, dict[str, float]]) -> str:
+    t, trained = params.train, metrics.get("trained", {})
+    scores = ", ".join(f"{k} {trained[k]:.4g}" for k in ("reward", "corrected") if k in trained)
+    return f"{t.objective} beta={t.beta:g} tau={t.tau:g} k={t.group_size} gamma={t.gamma:g} lr={t.lr:g} " \
+           f"steps={t.steps} seed={t.seed}: trained {scores}"
+
+
+def register_adapter(
+    params: Params, adapter_dir: Path, base_dir: Path, metrics: dict[str, dict[str, float]], data: dict[str, str]
+):
+    """Log and register the adapter in the active run; tag the new version with params, metrics and data version.
+
+    Returns the registered ``ModelVersion`` (``None`` when ``tracking.registered_model`` is empty).
+    """
+    name = params.tracking.registered_model
+    mlflow.set_tags(data)
+    info = log_adapter_model(params, adapter_dir, base_dir, name or None)
+    if not name:
+        return None
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in version_tags(params, metrics, data).items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=version_description(params, metrics))
+    return client.get_model_version(name, version)

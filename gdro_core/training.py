@@ -15,6 +15,7 @@ from gdro_core.objectives import draw_groups, group_objective
 from gdro_core.params import Train
 from gdro_core.rollout import Rollouts
 
+OFFLINE = ("gdro", "dpo", "sft_best")
 Logger = Callable[[int, dict[str, float]], None]
 OnCheckpoint = Callable[[int, dict[str, torch.Tensor]], None]
 
@@ -49,6 +50,8 @@ def train(
 
     ``on_checkpoint(step, ema_weights)`` runs every ``eval_every`` steps and at the last step.
     """
+    if cfg.objective not in OFFLINE:
+        raise ValueError(f"train.objective {cfg.objective!r} is online: use gdro_core.online_grpo.train_online")
     if rewards.shape != data.latents.shape[:2]:
         raise ValueError(f"rewards {tuple(rewards.shape)} do not match rollouts {tuple(data.latents.shape[:2])}")
     params = add_lora(model.transformer, cfg.lora)

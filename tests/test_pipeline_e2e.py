@@ -26,6 +26,18 @@ def test_pipeline_flow_runs_every_stage_and_registers_the_adapter(project):
     assert saved == metrics
     for name in ("base", "trained", "ceiling"):
         assert 0.0 <= saved[name]["reward"] <= 1.0
+    for name in ("base", "trained"):
+        for key in ("alignment", "coherence", "style", "u_hat"):
+            assert 1.0 <= saved[name][key] <= 5.0
+    per_image = pd.read_csv(project / "reports" / "eval_scores.csv")
+    assert per_image["corrected"].to_numpy() == pytest.approx(
+        (per_image["reward"] * (per_image["u_hat"] - 3) + 0.2).to_numpy())
+    trained = per_image[per_image["model"] == "trained"]
+    assert saved["trained"]["corrected"] == pytest.approx(trained["corrected"].mean())
+    curve = pd.read_csv(project / "reports" / "train_curve.csv")
+    assert list(curve["step"]) == [0, 2, 4]  # the base, then every evaluate.checkpoint_every steps
+    summary = json.loads((project / "reports" / "train_summary.json").read_text())
+    assert summary["kept_step"] in (2, 4) and summary["hacking_trend"] in (True, False)
     assert saved["ceiling"]["reward"] >= 0.95  # the reader reads the world's clean renders
 
     table = pd.read_parquet(project / "data" / "rewards.parquet")

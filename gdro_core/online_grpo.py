@@ -1,0 +1,253 @@
+"""The online Flow-GRPO baseline loop (Liu et al. 2025, arXiv 2505.05470), resumable like the offline loop.
+
+Each iteration draws ``grpo_prompts_per_iteration`` training prompts, samples ``grpo_group_size`` fresh images
+per prompt with the SDE sampler of :func:`gdro_core.flow_grpo.sde_step` (recording every step's state and
+log π_old), scores them with the task reward, normalises the rewards within each group and then, for
+``grpo_inner_epochs`` passes over those samples in ``grpo_minibatches`` minibatches, minimises the
+clipped-ratio loss plus β_KL · KL to the reference (the adapter switched off) on the first
+⌊grpo_sample_steps · grpo_timestep_fraction⌋ denoising steps. Everything but the data and the loss is
+shared with :mod:`gdro_core.training`: the LoRA, the optimiser, the EMA, checkpoints and the checkpoint
+callback. ``train.steps`` counts iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from torch import Tensor
+
+from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from gdro_core.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
+from gdro_core.flow_model import Condition, FlowModel, velocity
+from gdro_core.lora import add_lora, lora_state, reference, set_lora_state
+from gdro_core.ocr import Reader
+from gdro_core.params import Train
+from gdro_core.prompts import OcrPrompt
+from gdro_core.sampling import concat, expand
+from gdro_core.scoring import score_images
+from gdro_core.training import Logger, LoraEma, OnCheckpoint, ema_decay
+
+RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float] | Tensor]
+"""Task reward of each image against its target text."""
+
+ADV_EPS = 1e-4
+"""ε in A = (r − mean) / (std + ε), the reference's value."""
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """SDE rollouts: ``states[j]`` = x_j, ``next_states[j]`` = x_{j+1}, ``log_probs[j]`` = log π_old(x_{j+1} | x_j)."""
+
+    states: Tensor  # (S, B, C, H, W)
+    next_states: Tensor  # (S, B, C, H, W)
+    log_probs: Tensor  # (S, B)
+
+    @property
+    def final(self) -> Tensor:
+        """The clean latents x_S the reward sees."""
+        return self.next_states[-1]
+
+
+def sigma_schedule(model: FlowModel, steps: int) -> Tensor:
+    """σ_0 = 1 > … > σ_steps = 0: the model's FlowMatch Euler schedule (with its shift), as the ODE sampler uses."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.float().cpu()
+
+
+def train_timesteps(steps: int, fraction: float) -> int:
+    """⌊steps · fraction⌋ (the reference's num_train_timesteps), at least one."""
+    return max(1, int(steps * fraction))
+
+
+def guided_velocity(
+    model: FlowModel, x: Tensor, sigma: Tensor, cond: Condition, null: Condition, guidance: float
+) -> Tensor:
+    """Classifier-free guidance v = v_u + w (v_c − v_u) for w > 1, else v_c; float32."""
+    n = x.shape[0]
+    t = sigma.to(model.device, torch.float32).expand(n)
+    if guidance > 1.0:
+        v_c, v_u = velocity(model, torch.cat([x, x]), torch.cat([t, t]), concat(cond, expand(null, n))).float().chunk(2)
+        return v_u + guidance * (v_c - v_u)
+    return velocity(model, x, t, cond).float()
+
+
+@torch.no_grad()
+def sample_trajectories(
+    model: FlowModel, cond: Condition, null: Condition, sigmas: Tensor, eta: float, guidance: float,
+    gen: torch.Generator,
+) -> Trajectories:
+    """One SDE trajectory per conditioning row, from x_0 ~ N(0, I) (noise drawn from ``gen``)."""
+    n = cond["pooled_projections"].shape[0]
+    x = torch.randn((n, *model.latent_shape), generator=gen).to(model.device)
+    states, nexts, log_probs = [], [], []
+    for i in range(len(sigmas) - 1):
+        v = guided_velocity(model, x, sigmas[i], cond, null, guidance)
+        noise = torch.randn(x.shape, generator=gen).to(model.device)
+        x_next, mean, std = sde_step(x, v, sigmas[i], sigmas[i + 1], eta, noise=noise, sigma_max=sigmas[1])
+        states.append(x)
+        nexts.append(x_next)
+        log_probs.append(step_log_prob(x_next, mean, std))
+        x = x_next
+    return Trajectories(torch.stack(states), torch.stack(nexts), torch.stack(log_probs))
+
+
+def step_loss(
+    model: FlowModel, traj: Trajectories, j: int, idx: Tensor, cond: Condition, null: Condition,
+    advantages: Tensor, sigmas: Tensor, cfg: Train, guidance: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """Flow-GRPO loss at denoising step j on samples ``idx``: :func:`grpo_loss` of the replayed step.
+
+    log π_θ(x_{j+1} | x_j) from the policy's mean, the ratio against the recorded log π_old, plus
+    β_KL · ‖μ_θ − μ_ref‖² / (2 σ_t²) (the reference code's KL scale: the closed form times |Δt|).
+    Returns the loss and its parts: the KL, the share of clipped ratios and the mean |log ρ|.
+    """
+    x = traj.states[j, idx]
+    c = {k: v[idx] for k, v in cond.items()}
+    zeros = torch.zeros_like(x)
+    v = guided_velocity(model, x, sigmas[j], c, null, guidance)
+    _, mean, std = sde_step(x, v, sigmas[j], sigmas[j + 1], cfg.grpo_eta, noise=zeros, sigma_max=sigmas[1])
+    log_prob = step_log_prob(traj.next_states[j, idx], mean, std)
+    old = traj.log_probs[j, idx]
+    kl = None
+    if cfg.grpo_kl_beta > 0:
+        with torch.no_grad(), reference(model.transformer):
+            v_ref = guided_velocity(model, x, sigmas[j], c, null, guidance)
+        _, ref_mean, _ = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], cfg.grpo_eta, noise=zeros, sigma_max=sigmas[1])
+        kl = gaussian_kl(mean, ref_mean, std / math.sqrt(float(sigmas[j] - sigmas[j + 1])))
+    loss = grpo_loss(log_prob, old, advantages[idx], cfg.grpo_clip_range, kl, cfg.grpo_kl_beta, cfg.grpo_adv_clip_max)
+    log_ratio = (log_prob - old).detach()
+    parts = {
+        "kl": float(kl.detach().mean()) if kl is not None else 0.0,
+        "clip_fraction": float((log_ratio.exp().sub(1).abs() > cfg.grpo_clip_range).float().mean()),
+        "abs_log_ratio": float(log_ratio.abs().mean()),
+    }
+    return loss, parts
+
+
+def pick_prompts(n_prompts: int, count: int, gen: torch.Generator) -> Tensor:
+    """Distinct prompt indices when ``count`` ≤ the prompts available, else drawn with replacement."""
+    if count <= n_prompts:
+        return torch.randperm(n_prompts, generator=gen)[:count]
+    return torch.randint(0, n_prompts, (count,), generator=gen)
+
+
+@torch.no_grad()
+def encode_prompts(model: FlowModel, prompts: Sequence[OcrPrompt], batch_size: int) -> tuple[Condition, Condition]:
+    """Conditioning of every prompt (rows aligned with ``prompts``) and of the empty prompt, on the CPU."""
+    parts = [model.encode([p.prompt for p in prompts[i : i + batch_size]]) for i in range(0, len(prompts), batch_size)]
+    cond = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
+    return cond, {k: v.cpu() for k, v in model.encode([""]).items()}
+
+
+def reader_reward(reader: Reader, substring_full_credit: bool, batch_size: int) -> RewardFn:
+    """The OCR task reward through :func:`gdro_core.scoring.score_images`, as the score stage computes it."""
+
+    def reward(images: list[Image.Image], targets: list[str]) -> Tensor:
+        table = score_images(images, targets, reader, substring_full_credit, batch_size)
+        return torch.tensor(table["reward"].to_numpy(dtype="float32"))
+
+    return reward
+
+
+def train_online(
+    model: FlowModel,
+    prompts: Sequence[OcrPrompt],
+    cond: Condition,
+    null_cond: Condition,
+    reward_fn: RewardFn,
+    cfg: Train,
+    ckpt_dir: Path,
+    log: Logger,
+    on_checkpoint: OnCheckpoint | None = None,
+    eval_every: int = 0,
+    *,
+    guidance: float,
+) -> dict[str, Tensor]:
+    """Run ``cfg.steps`` Flow-GRPO iterations (resuming from ``ckpt_dir``); return the EMA adapter weights.
+
+    ``cond`` holds one row per prompt, ``null_cond`` the empty prompt; sampling and training use the CFG
+    scale ``guidance``. ``on_checkpoint(iteration, ema_weights)`` runs every ``eval_every`` iterations and at
+    the last. Logged per iteration: loss, reward, KL, clip fraction and the seconds spent generating, scoring
+    and training.
+    """
+    if cond["pooled_projections"].shape[0] != len(prompts):
+        raise ValueError(f"conditioning has {cond['pooled_projections'].shape[0]} rows for {len(prompts)} prompts")
+    params = add_lora(model.transformer, cfg.lora)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen, py_rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    ema = LoraEma(lora_state(model.transformer))
+    start = 0
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        weights, state = load_checkpoint(last)
+        lora = {k.removeprefix("lora."): v for k, v in weights.items() if k.startswith("lora.")}
+        set_lora_state(model.transformer, lora)
+        ema.shadow = {k.removeprefix("ema."): v.clone() for k, v in weights.items() if k.startswith("ema.")}
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], gen, py_rng)
+        start = state["step"]
+    sigmas = sigma_schedule(model, cfg.grpo_sample_steps)
+    n_train = train_timesteps(cfg.grpo_sample_steps, cfg.grpo_timestep_fraction)
+    k = cfg.grpo_group_size
+    null = {key: v.to(model.device) for key, v in null_cond.items()}
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        chosen = pick_prompts(len(prompts), cfg.grpo_prompts_per_iteration, gen)
+        rows = chosen.repeat_interleave(k)
+        batch = {key: v[rows].to(model.device) for key, v in cond.items()}
+        model.transformer.eval()
+        traj = sample_trajectories(model, batch, null, sigmas, cfg.grpo_eta, guidance, gen)
+        with torch.no_grad():
+            images = model.decode(traj.final)
+        t1 = time.perf_counter()
+        rewards = torch.as_tensor(reward_fn(images, [prompts[int(i)].target for i in rows]), dtype=torch.float32)
+        t2 = time.perf_counter()
+        advantages = group_advantages(rewards.view(-1, k), ADV_EPS, cfg.grpo_global_std).flatten().to(model.device)
+        model.transformer.train()
+        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "abs_log_ratio": 0.0, "grad_norm": 0.0}
+        updates = 0
+        for _ in range(cfg.grpo_inner_epochs):
+            order = torch.randperm(len(rows), generator=gen)
+            for idx in order.tensor_split(cfg.grpo_minibatches):
+                if not len(idx):
+                    continue
+                opt.zero_grad(set_to_none=True)
+                for j in range(n_train):
+                    loss, parts = step_loss(model, traj, j, idx.to(model.device), batch, null, advantages, sigmas, cfg,
+                                            guidance)
+                    (loss / n_train).backward()
+                    sums["loss"] += float(loss.detach()) / n_train
+                    for key, v in parts.items():
+                        sums[key] += v / n_train
+                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                opt.step()
+                updates += 1
+        ema.update(lora_state(model.transformer), ema_decay(step, cfg.ema_rate, cfg.ema_max_decay))
+        t3 = time.perf_counter()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics = {f"train/{key}": v / max(updates, 1) for key, v in sums.items()}
+            metrics |= {"train/reward": float(rewards.mean()), "train/reward_std": float(rewards.std(unbiased=False))}
+            metrics |= {"time/generation_s": t1 - t0, "time/scoring_s": t2 - t1, "time/training_s": t3 - t2}
+            log(step, metrics)
+        last_step = step == cfg.steps
+        if on_checkpoint is not None and eval_every and (step % eval_every == 0 or last_step):
+            on_checkpoint(step, ema.shadow)  # before saving: a crash here re-runs the evaluation on resume
+            save_now = True
+        else:
+            save_now = step % cfg.checkpoint_every == 0 or last_step
+        if save_now:
+            weights = {f"lora.{key}": v for key, v in lora_state(model.transformer).items()}
+            weights |= {f"ema.{key}": v for key, v in ema.shadow.items()}
+            save_checkpoint(ckpt_dir, step, weights, {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng)})
+    model.transformer.eval()
+    set_lora_state(model.transformer, ema.shadow)
+    return ema.shadow

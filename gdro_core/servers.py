@@ -1,0 +1,115 @@
+"""The project's local servers: command lines, URLs, health checks and the state file other commands read.
+
+`gdro serve` starts a Prefect server and an MLflow tracking server bound to 127.0.0.1, writes their URLs
+to ``.prefect/serve.json``; while it is up every other `gdro` command of the project (and `dvc repro`)
+reports its flow runs to that Prefect server. Nothing here imports Prefect (its settings are read at import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STATE_FILE = Path(".prefect") / "serve.json"
+
+
+class ServeError(RuntimeError):
+    """A server that cannot start; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    command: list[str]
+    health_url: str
+    ui_url: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def tool(name: str) -> list[str]:
+    """The console script of ``name`` next to this interpreter (the project's environment), else ``python -m``."""
+    script = Path(sys.executable).with_name(name)
+    return [str(script)] if script.is_file() else [sys.executable, "-m", name]
+
+
+def prefect_spec(host: str, port: int, prefect_home: Path) -> ServerSpec:
+    """``prefect server start`` on ``host:port`` with its settings and SQLite database under ``prefect_home``."""
+    base = f"http://{host}:{port}"
+    return ServerSpec(
+        name="prefect",
+        command=[*tool("prefect"), "server", "start", "--host", host, "--port", str(port), "--no-background"],
+        health_url=f"{base}/api/health",
+        ui_url=base,
+        env={"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+             "PREFECT_UI_API_URL": f"{base}/api", "PREFECT_API_URL": f"{base}/api"},
+    )
+
+
+def mlflow_spec(host: str, port: int, backend_store_uri: str, artifact_root: Path) -> ServerSpec:
+    """``mlflow server`` over the project's tracking store (one worker: the UI, not a production deployment)."""
+    base = f"http://{host}:{port}"
+    return ServerSpec(
+        name="mlflow",
+        command=[*tool("mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
+                 "--backend-store-uri", backend_store_uri, "--default-artifact-root", artifact_root.as_uri(),
+                 "--no-serve-artifacts"],
+        health_url=f"{base}/health",
+        ui_url=base,
+    )
+
+
+def local_store(uri: str) -> bool:
+    """True for a tracking URI this machine's MLflow server can open (SQLite or a local directory)."""
+    return uri.startswith(("sqlite:///", "file:")) or "://" not in uri
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    """One HTTP GET answered with 2xx within ``timeout`` seconds."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL built here
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def write_state(root: Path, prefect_api_url: str, prefect_ui_url: str, mlflow_url: str, pid: int) -> Path:
+    path = root / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"prefect_api_url": prefect_api_url, "prefect_ui_url": prefect_ui_url,
+                                "mlflow_url": mlflow_url, "pid": pid}, indent=2) + "\n")
+    return path
+
+
+def read_state(root: Path) -> dict | None:
+    try:
+        return json.loads((root / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def attach_to_running_server(root: Path, environ: dict | None = None) -> str | None:
+    """Point Prefect at this project's running `gdro serve` (``PREFECT_API_URL``) unless it is already set.
+
+    Returns the API URL used, or None (no server running: flows use Prefect's own temporary server).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("PREFECT_API_URL"):
+        return None
+    state = read_state(root)
+    url = (state or {}).get("prefect_api_url")
+    if not url or not healthy(f"{url}/health", timeout=1.0):
+        return None
+    environ["PREFECT_API_URL"] = url
+    return url
