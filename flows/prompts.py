@@ -18,7 +18,7 @@ def prompts_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | N
     with stage_run(p, lay.root, "prompts", ("world", "prompts")):
         sets = make_prompt_sets(
             p.world.alphabet, p.world.min_len, p.world.max_len, p.prompts.templates,
-            p.prompts.n_train, p.prompts.n_test, p.prompts.seed,
+            p.prompts.n_train, p.prompts.n_test, p.prompts.seed, p.prompts.n_val,
         )
         for split, items in sets.items():
             write_prompts(lay.prompts(split), items)

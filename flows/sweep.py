@@ -48,7 +48,10 @@ from gdro_core.tracking import stage_run
 
 def missing_inputs(lay: Layout) -> list[str]:
     """Cached inputs a sweep needs and does not make itself."""
-    needed = [lay.prompts("train"), lay.prompts("test"), lay.base_dir, lay.rollout_dir / MANIFEST, lay.rewards]
+    needed = [
+        lay.prompts("train"), lay.prompts("val"), lay.prompts("test"), lay.base_dir, lay.rollout_dir / MANIFEST,
+        lay.rewards,
+    ]
     return [str(p.relative_to(lay.root) if p.is_relative_to(lay.root) else p) for p in needed if not p.exists()]
 
 
@@ -224,6 +227,6 @@ def run_dvc_experiments(
         code = subprocess.run([*tool("dvc"), *cmd[1:]], cwd=root, env=env, check=False).returncode
         if code:
             return code
-    print(f"{len(todo)} DVC experiments done: `dvc exp show` lists them, `dvc exp apply {spec.name}-<config>` "
-          "brings one into the workspace", flush=True)
+    print(f"{len(todo)} DVC experiments done: `dvc exp show` lists them; the workspace holds the last one, "
+          f"`dvc exp apply {spec.name}-<config>` brings back another", flush=True)
     return 0

@@ -53,7 +53,7 @@ def fit_adapter(lay: Layout) -> dict:
     model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
     ckpt = lay.checkpoints("train", train_fingerprint(lay))
     monitor = CheckpointMonitor(
-        model, read_prompts(lay.prompts("test"))[: p.evaluate.checkpoint_prompts], reader_for(lay),
+        model, read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts], reader_for(lay),
         make_judge(p.world, p.judge), task=p.judge.task, seed=p.evaluate.seed, steps=p.sampler.steps,
         guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, substring=p.reward.substring_full_credit,
         ocr_batch=p.reward.batch_size, keep=p.evaluate.keep, workdir=ckpt / "monitor", log=log,

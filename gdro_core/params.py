@@ -58,6 +58,9 @@ class World(Section):
 class Prompts(Section):
     n_train: int = Field(64, ge=1, description="Training prompts (post-training set).")
     n_test: int = Field(64, ge=1, description="Held-out prompts; their targets never occur in train.")
+    n_val: int = Field(
+        32, ge=1, description="Validation prompts for checkpoint selection during train, disjoint from train and test."
+    )
     seed: int = 0
     templates: list[str] = Field(
         default_factory=lambda: [
@@ -100,7 +103,7 @@ class Model(Section):
 class Pretrain(Section):
     steps: int = Field(1500, ge=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by '' (enables CFG).")
     caption_noise: float = Field(
@@ -128,7 +131,7 @@ class Reward(Section):
     substring_full_credit: bool = Field(
         False, description="Flow-GRPO option: full reward when the target occurs inside the read text."
     )
-    upscale: int = Field(4, ge=1, description="Integer upscale before reading (small renders read better).")
+    upscale: int = Field(2, ge=1, description="Integer upscale before reading (small renders read better).")
     pad: int = Field(16, ge=0, description="Border in pixels added around the upscaled image.")
     restrict_to_alphabet: bool = Field(True, description="Limit the reader to the world's alphabet.")
     batch_size: int = Field(32, ge=1)
@@ -148,9 +151,9 @@ class Train(Section):
         "gdro", description="Loss over the offline groups, or 'flow_grpo', the online baseline (steps = iterations)."
     )
     group_size: int = Field(6, ge=2, description="k members drawn from each prompt's pool per step.")
-    groups_per_step: int = Field(4, ge=1)
-    steps: int = Field(400, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    groups_per_step: int = Field(8, ge=1)
+    steps: int = Field(450, ge=1)
+    lr: float = Field(5e-4, gt=0)
     beta: float = Field(12.0, gt=0, description="Implicit-reward scale; errors are means over latent elements.")
     tau: float = Field(0.05, ge=0, description="Soft-target temperature; 0 gives pure ranking.")
     gamma: float = Field(0.5, ge=0, description="Weight of the top-1 anchor.")
@@ -189,9 +192,9 @@ class Evaluate(Section):
     seed: int = 5000
     grid_prompts: int = Field(16, ge=1)
     checkpoint_every: int = Field(
-        100, ge=0, description="Evaluate held-out reward, judge and corrected score every N train steps (0 = last step only)."
+        150, ge=0, description="Evaluate reward, judge and corrected score on validation prompts every N train steps (0 = last step only)."
     )
-    checkpoint_prompts: int = Field(32, ge=1, description="Held-out prompts used for those checkpoint evaluations.")
+    checkpoint_prompts: int = Field(32, ge=1, description="Validation prompts used for those checkpoint evaluations.")
     keep: Literal["best_corrected", "last"] = Field(
         "best_corrected", description="Which adapter train keeps: the best corrected score, or the last step."
     )

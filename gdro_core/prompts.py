@@ -50,12 +50,15 @@ def random_strings(alphabet: str, min_len: int, max_len: int, n: int, rng: rando
 
 
 def make_prompt_sets(
-    alphabet: str, min_len: int, max_len: int, templates: list[str], n_train: int, n_test: int, seed: int
+    alphabet: str, min_len: int, max_len: int, templates: list[str], n_train: int, n_test: int, seed: int,
+    n_val: int = 0,
 ) -> dict[str, list[OcrPrompt]]:
-    """Train and held-out prompt sets whose target strings do not overlap."""
+    """Train, held-out test and (when ``n_val``) validation prompt sets whose target strings do not overlap."""
     rng = random.Random(seed)
-    targets = random_strings(alphabet, min_len, max_len, n_train + n_test, rng)
-    sets = {"train": targets[:n_train], "test": targets[n_train:]}
+    targets = random_strings(alphabet, min_len, max_len, n_train + n_test + n_val, rng)
+    sets = {"train": targets[:n_train], "test": targets[n_train : n_train + n_test]}
+    if n_val:
+        sets["val"] = targets[n_train + n_test :]
     return {
         name: [OcrPrompt(templates[i % len(templates)].format(text=t), t) for i, t in enumerate(ts)]
         for name, ts in sets.items()

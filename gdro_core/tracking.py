@@ -38,6 +38,7 @@ def configure(params: Params, root: Path) -> str:
 def stage_run(params: Params, root: Path, stage: str, sections: tuple[str, ...], nested: bool = False) -> Iterator:
     """An MLflow run for one stage; an exception is logged as ``error.txt`` and the run ends FAILED."""
     experiment_id = configure(params, root)
+    nested = nested or mlflow.active_run() is not None  # inside a sweep's config run: nest live
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=nested, tags={"gdro.stage": stage}) as run:
         mlflow.log_params(section_dict(params, *sections))
         try:

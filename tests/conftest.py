@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "world": {"height": 24, "width": 48},
-    "prompts": {"n_train": 4, "n_test": 4},
+    "prompts": {"n_train": 4, "n_test": 4, "n_val": 2},
     "model": {"device": "cpu", "builtin": {"layers": 2, "heads": 2, "head_dim": 16, "text_dim": 32, "text_layers": 1}},
     "pretrain": {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "log_every": 2},
     "sampler": {"steps": 3, "batch_size": 16},

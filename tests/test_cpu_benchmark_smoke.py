@@ -51,7 +51,7 @@ def make_project(root: Path) -> Layout:
     p = parse_params(PARAMS)
     lay = Layout(root=root, params=p)
     sets = make_prompt_sets(p.world.alphabet, p.world.min_len, p.world.max_len, p.prompts.templates,
-                            p.prompts.n_train, p.prompts.n_test, p.prompts.seed)
+                            p.prompts.n_train, p.prompts.n_test, p.prompts.seed, p.prompts.n_val)
     for split, items in sets.items():
         write_prompts(lay.prompts(split), items)
     build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0).save_pretrained(lay.base_dir)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY
+from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
 
@@ -26,7 +27,8 @@ def dvc_project(tmp_path, prefect_server):
 
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
     shutil.copytree(ROOT / "gdro_core", tmp_path / "gdro_core", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    # dvc reads params.yaml itself: write every key (the defaults too), not just the tiny overrides
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(parse_params(TINY).model_dump()))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "PREFECT_API_URL": PREFECT_API_URL.value(), "GDRO_ROOT": str(tmp_path)}
     run(["git", "init", "-q"], tmp_path, env)

@@ -14,12 +14,14 @@ def test_prompt_without_quotes_is_a_clear_error():
         extract_target("a sign that says open")
 
 
-def test_train_and_test_targets_are_disjoint_and_deterministic():
-    sets = make_prompt_sets("0123456789", 3, 3, ['a sign "{text}"'], 30, 20, seed=1)
+def test_train_val_and_test_targets_are_disjoint_and_deterministic():
+    sets = make_prompt_sets("0123456789", 3, 3, ['a sign "{text}"'], 30, 20, seed=1, n_val=10)
     train = {p.target for p in sets["train"]}
     test = {p.target for p in sets["test"]}
-    assert len(train) == 30 and len(test) == 20 and not train & test
-    again = make_prompt_sets("0123456789", 3, 3, ['a sign "{text}"'], 30, 20, seed=1)
+    val = {p.target for p in sets["val"]}
+    assert len(train) == 30 and len(test) == 20 and len(val) == 10
+    assert not train & test and not train & val and not val & test
+    again = make_prompt_sets("0123456789", 3, 3, ['a sign "{text}"'], 30, 20, seed=1, n_val=10)
     assert again == sets
     assert all(extract_target(p.prompt) == p.target for p in sets["train"])
 
