@@ -24,7 +24,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import Tensor
 
-from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng
 from gdro_core.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
 from gdro_core.flow_model import Condition, FlowModel, velocity
 from gdro_core.lora import add_lora, lora_state, reference, set_lora_state
@@ -33,7 +33,7 @@ from gdro_core.params import Train
 from gdro_core.prompts import OcrPrompt
 from gdro_core.sampling import concat, expand
 from gdro_core.scoring import score_images
-from gdro_core.training import Logger, LoraEma, OnCheckpoint, ema_decay
+from gdro_core.training import Logger, LoraEma, OnCheckpoint, ema_decay, end_of_step
 
 RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float] | Tensor]
 """Task reward of each image against its target text."""
@@ -238,16 +238,7 @@ def train_online(
             metrics |= {"train/reward": float(rewards.mean()), "train/reward_std": float(rewards.std(unbiased=False))}
             metrics |= {"time/generation_s": t1 - t0, "time/scoring_s": t2 - t1, "time/training_s": t3 - t2}
             log(step, metrics)
-        last_step = step == cfg.steps
-        if on_checkpoint is not None and eval_every and (step % eval_every == 0 or last_step):
-            on_checkpoint(step, ema.shadow)  # before saving: a crash here re-runs the evaluation on resume
-            save_now = True
-        else:
-            save_now = step % cfg.checkpoint_every == 0 or last_step
-        if save_now:
-            weights = {f"lora.{key}": v for key, v in lora_state(model.transformer).items()}
-            weights |= {f"ema.{key}": v for key, v in ema.shadow.items()}
-            save_checkpoint(ckpt_dir, step, weights, {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng)})
+        end_of_step(step, cfg, model, ema, opt, gen, py_rng, ckpt_dir, on_checkpoint, eval_every)
     model.transformer.eval()
     set_lora_state(model.transformer, ema.shadow)
     return ema.shadow

@@ -13,7 +13,6 @@ from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng
 from gdro_core.flow_model import BuiltinModelAdapter, TextRenderPipeline, velocity
 from gdro_core.implicit_reward import interpolate
 from gdro_core.params import Pretrain, World
-from gdro_core.prompts import random_strings
 from gdro_core.render import render_batch
 from gdro_core.timesteps import sample_timesteps
 

@@ -36,6 +36,23 @@ class LoraEma:
             self.shadow[k].lerp_(v.detach(), 1.0 - decay)
 
 
+def end_of_step(
+    step: int, cfg: Train, model: FlowModel, ema: LoraEma, opt: torch.optim.Optimizer, gen: torch.Generator,
+    py_rng: random.Random, ckpt_dir: Path, on_checkpoint: OnCheckpoint | None, eval_every: int,
+) -> None:
+    """Evaluate (every ``eval_every`` steps and at the last) and checkpoint the whole training state."""
+    last_step = step == cfg.steps
+    if on_checkpoint is not None and eval_every and (step % eval_every == 0 or last_step):
+        on_checkpoint(step, ema.shadow)  # before saving: a crash here re-runs the evaluation on resume
+        save_now = True
+    else:
+        save_now = step % cfg.checkpoint_every == 0 or last_step
+    if save_now:
+        weights = {f"lora.{k}": v for k, v in lora_state(model.transformer).items()}
+        weights |= {f"ema.{k}": v for k, v in ema.shadow.items()}
+        save_checkpoint(ckpt_dir, step, weights, {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng)})
+
+
 def train(
     model: FlowModel,
     data: Rollouts,
@@ -80,16 +97,7 @@ def train(
         ema.update(lora_state(model.transformer), ema_decay(step, cfg.ema_rate, cfg.ema_max_decay))
         if step % cfg.log_every == 0 or step == cfg.steps:
             log(step, {f"train/{k}": v for k, v in parts.items()})
-        last_step = step == cfg.steps
-        if on_checkpoint is not None and eval_every and (step % eval_every == 0 or last_step):
-            on_checkpoint(step, ema.shadow)  # before saving: a crash here re-runs the evaluation on resume
-            save_now = True
-        else:
-            save_now = step % cfg.checkpoint_every == 0 or last_step
-        if save_now:
-            weights = {f"lora.{k}": v for k, v in lora_state(model.transformer).items()}
-            weights |= {f"ema.{k}": v for k, v in ema.shadow.items()}
-            save_checkpoint(ckpt_dir, step, weights, {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng)})
+        end_of_step(step, cfg, model, ema, opt, gen, py_rng, ckpt_dir, on_checkpoint, eval_every)
     model.transformer.eval()
     set_lora_state(model.transformer, ema.shadow)
     return ema.shadow

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gdro_core.flow_model import BuiltinModelAdapter, build_builtin_pipeline, velocity
-from gdro_core.lora import add_lora, lora_state, reference
+from gdro_core.lora import add_lora, reference
 from gdro_core.objectives import draw_groups, group_objective
 from gdro_core.rollout import Rollouts
 from gdro_core.training import ema_decay, train
