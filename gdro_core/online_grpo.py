@@ -13,7 +13,6 @@ callback. ``train.steps`` counts iterations.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,16 +23,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import Tensor
 
-from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng
 from gdro_core.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
 from gdro_core.flow_model import Condition, FlowModel, velocity
-from gdro_core.lora import add_lora, lora_state, reference, set_lora_state
+from gdro_core.lora import lora_state, reference, set_lora_state
 from gdro_core.ocr import Reader
 from gdro_core.params import Train
 from gdro_core.prompts import OcrPrompt
 from gdro_core.sampling import concat, expand
 from gdro_core.scoring import score_images
-from gdro_core.training import Logger, LoraEma, OnCheckpoint, ema_decay, end_of_step
+from gdro_core.training import Logger, OnCheckpoint, ema_decay, end_of_step, start_training
 
 RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float] | Tensor]
 """Task reward of each image against its target text."""
@@ -181,20 +179,7 @@ def train_online(
     """
     if cond["pooled_projections"].shape[0] != len(prompts):
         raise ValueError(f"conditioning has {cond['pooled_projections'].shape[0]} rows for {len(prompts)} prompts")
-    params = add_lora(model.transformer, cfg.lora)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    gen, py_rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
-    ema = LoraEma(lora_state(model.transformer))
-    start = 0
-    last = latest_checkpoint(ckpt_dir)
-    if last is not None:
-        weights, state = load_checkpoint(last)
-        lora = {k.removeprefix("lora."): v for k, v in weights.items() if k.startswith("lora.")}
-        set_lora_state(model.transformer, lora)
-        ema.shadow = {k.removeprefix("ema."): v.clone() for k, v in weights.items() if k.startswith("ema.")}
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], gen, py_rng)
-        start = state["step"]
+    params, opt, gen, py_rng, ema, start = start_training(model, cfg, ckpt_dir)
     sigmas = sigma_schedule(model, cfg.grpo_sample_steps)
     n_train = train_timesteps(cfg.grpo_sample_steps, cfg.grpo_timestep_fraction)
     k = cfg.grpo_group_size

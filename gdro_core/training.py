@@ -36,6 +36,27 @@ class LoraEma:
             self.shadow[k].lerp_(v.detach(), 1.0 - decay)
 
 
+def start_training(model: FlowModel, cfg: Train, ckpt_dir: Path):
+    """Fresh adapter, optimiser, RNGs and EMA, restored from the newest checkpoint in ``ckpt_dir`` if any.
+
+    Returns (params, optimiser, generator, python rng, ema, last finished step).
+    """
+    params = add_lora(model.transformer, cfg.lora)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen, py_rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    ema = LoraEma(lora_state(model.transformer))
+    start = 0
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        weights, state = load_checkpoint(last)
+        set_lora_state(model.transformer, {k.removeprefix("lora."): v for k, v in weights.items() if k.startswith("lora.")})
+        ema.shadow = {k.removeprefix("ema."): v.clone() for k, v in weights.items() if k.startswith("ema.")}
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], gen, py_rng)
+        start = state["step"]
+    return params, opt, gen, py_rng, ema, start
+
+
 def end_of_step(
     step: int, cfg: Train, model: FlowModel, ema: LoraEma, opt: torch.optim.Optimizer, gen: torch.Generator,
     py_rng: random.Random, ckpt_dir: Path, on_checkpoint: OnCheckpoint | None, eval_every: int,
@@ -71,19 +92,7 @@ def train(
         raise ValueError(f"train.objective {cfg.objective!r} is online: use gdro_core.online_grpo.train_online")
     if rewards.shape != data.latents.shape[:2]:
         raise ValueError(f"rewards {tuple(rewards.shape)} do not match rollouts {tuple(data.latents.shape[:2])}")
-    params = add_lora(model.transformer, cfg.lora)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    gen, py_rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
-    ema = LoraEma(lora_state(model.transformer))
-    start = 0
-    last = latest_checkpoint(ckpt_dir)
-    if last is not None:
-        weights, state = load_checkpoint(last)
-        set_lora_state(model.transformer, {k.removeprefix("lora."): v for k, v in weights.items() if k.startswith("lora.")})
-        ema.shadow = {k.removeprefix("ema."): v.clone() for k, v in weights.items() if k.startswith("ema.")}
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"], gen, py_rng)
-        start = state["step"]
+    params, opt, gen, py_rng, ema, start = start_training(model, cfg, ckpt_dir)
     model.transformer.train()
     for step in range(start + 1, cfg.steps + 1):
         prompts, members = draw_groups(rewards, cfg.groups_per_step, cfg.group_size, cfg.member_sampling, gen)
