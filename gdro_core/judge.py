@@ -149,4 +149,4 @@ def make_judge(world, judge) -> Judge:
         return PixelJudge(pixel_judge_config(world, judge))
     from gdro_core.vlm_judge import UnifiedRewardJudge
 
-    return UnifiedRewardJudge.from_pretrained(judge.model_path, max_new_tokens=judge.max_new_tokens)
+    return UnifiedRewardJudge.from_pretrained(judge.model_path, max_new_tokens=judge.max_new_tokens, device=judge.device)

@@ -104,11 +104,20 @@ class Pretrain(Section):
     steps: int = Field(1500, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
+        "constant", description="diffusers learning-rate schedule; cosine anneals to 0 by the last step."
+    )
+    warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by '' (enables CFG).")
     caption_noise: float = Field(
-        0.0, ge=0, le=1, description="Share of captions whose target has one wrong character (imperfect base)."
+        0.0, ge=0, le=1, description="Share of mislabelled captions (another random string): the base sometimes ignores its prompt."
     )
+    low_quality_share: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of training images degraded by blur, as web data holds low-quality images (imperfect base).",
+    )
+    low_quality_blur: float = Field(2.0, ge=0, description="Gaussian blur sigma, in pixels, of the low-quality images.")
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
     seed: int = 0
@@ -212,6 +221,7 @@ class JudgeParams(Section):
     reference_images: int = Field(256, ge=8, description="Clean renders the pixel judge's statistics come from.")
     z_scale: float = Field(3.0, gt=0, description="Pixel judge: z-score at which a style feature loses half its score.")
     max_new_tokens: int = Field(256, ge=8, description="VLM judge: generation length.")
+    device: str = Field("auto", description="VLM judge device: 'auto' picks CUDA when present, else CPU.")
 
 
 SWEEPABLE = ("train.", "evaluate.", "judge.")

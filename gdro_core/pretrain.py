@@ -6,8 +6,11 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from scipy import ndimage
 
 from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from gdro_core.flow_model import BuiltinModelAdapter, TextRenderPipeline, velocity
@@ -19,28 +22,47 @@ from gdro_core.timesteps import sample_timesteps
 Logger = Callable[[int, dict[str, float]], None]
 
 
-def corrupt(text: str, alphabet: str, rng: random.Random) -> str:
-    """Replace one character: a noisy caption, so the base is imperfect and reward training has room."""
-    i = rng.randrange(len(text))
-    choices = [c for c in alphabet if c != text[i]] or [text[i]]
-    return text[:i] + rng.choice(choices) + text[i + 1 :]
+def random_text(world: World, rng: random.Random) -> str:
+    return "".join(rng.choice(world.alphabet) for _ in range(rng.randint(world.min_len, world.max_len)))
+
+
+def mislabel(text: str, world: World, rng: random.Random) -> str:
+    """Another random string: a mislabelled image, as web captions often are, so the base sometimes ignores its prompt."""
+    for _ in range(100):
+        other = random_text(world, rng)
+        if other != text:
+            return other
+    return text
 
 
 def caption_batch(
     world: World, templates: list[str], cfg: Pretrain, n: int, rng: random.Random
 ) -> tuple[list[str], list[str]]:
     """Random target strings (what is drawn) and their captions (what the model is told)."""
-    texts = [
-        "".join(rng.choice(world.alphabet) for _ in range(rng.randint(world.min_len, world.max_len))) for _ in range(n)
-    ]
+    texts = [random_text(world, rng) for _ in range(n)]
     captions = []
     for t in texts:
         if rng.random() < cfg.cond_dropout:
             captions.append("")
             continue
-        shown = corrupt(t, world.alphabet, rng) if rng.random() < cfg.caption_noise else t
+        shown = mislabel(t, world, rng) if rng.random() < cfg.caption_noise else t
         captions.append(rng.choice(templates).format(text=shown))
     return texts, captions
+
+
+def degrade(images: np.ndarray, share: float, sigma: float, rng: random.Random) -> np.ndarray:
+    """Blur a random ``share`` of the images (in place): the low-quality part of the training data.
+
+    A base that sometimes draws illegible text for any prompt has a failure mode that reward
+    training can remove everywhere, the way real web-trained models learn to avoid blurry text.
+    """
+    if share <= 0:
+        return images
+    background = images.min()
+    for img in images:
+        if rng.random() < share:
+            img[0] = ndimage.gaussian_filter(img[0], sigma, mode="constant", cval=float(background))
+    return images
 
 
 def pretrain(
@@ -51,6 +73,7 @@ def pretrain(
     modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
     modules.train().requires_grad_(True)
     opt = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     gen, py_rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
     start = 0
     last = latest_checkpoint(ckpt_dir)
@@ -58,11 +81,13 @@ def pretrain(
         weights, state = load_checkpoint(last)
         modules.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
         restore_rng(state["rng"], gen, py_rng)
         start = state["step"]
     for step in range(start + 1, cfg.steps + 1):
         texts, captions = caption_batch(world, templates, cfg, cfg.batch_size, py_rng)
-        x0 = torch.from_numpy(render_batch(texts, world.height, world.width, world.font_size, world.jitter, py_rng))
+        clean = render_batch(texts, world.height, world.width, world.font_size, world.jitter, py_rng)
+        x0 = torch.from_numpy(degrade(clean, cfg.low_quality_share, cfg.low_quality_blur, py_rng))
         noise = torch.randn(x0.shape, generator=gen)
         t = sample_timesteps(len(texts), "logit_normal", 0.0, 1.0, gen)
         x_t, v = interpolate(x0, noise, t)
@@ -70,9 +95,10 @@ def pretrain(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log(step, {"pretrain/loss": loss.item()})
+            log(step, {"pretrain/loss": loss.item(), "pretrain/lr": schedule.get_last_lr()[0]})
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt_dir, step, modules.state_dict(), {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng)})
+            save_checkpoint(ckpt_dir, step, modules.state_dict(), {"optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "rng": rng_state(gen, py_rng)})
     modules.eval().requires_grad_(False)
     return cfg.steps

@@ -41,7 +41,7 @@ class UnifiedRewardJudge:
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
 
     @classmethod
-    def from_pretrained(cls, path: str, max_new_tokens: int) -> UnifiedRewardJudge:
+    def from_pretrained(cls, path: str, max_new_tokens: int, device: str = "auto") -> UnifiedRewardJudge:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if not path or not Path(path).is_dir():
@@ -49,7 +49,9 @@ class UnifiedRewardJudge:
                 f"judge.model_path {path!r} is not a local directory: download a UnifiedReward checkpoint "
                 "(e.g. UnifiedReward-qwen-7b) and point judge.model_path at it, or use judge.kind: pixel"
             )
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").eval()
+        from gdro_core.flow_model import pick_device
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").to(pick_device(device)).eval()
         return cls(model, AutoProcessor.from_pretrained(path), max_new_tokens)
 
     def answer(self, image: Image.Image, prompt: str) -> str:
