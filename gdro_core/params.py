@@ -64,10 +64,10 @@ class Prompts(Section):
     seed: int = 0
     templates: list[str] = Field(
         default_factory=lambda: [
-            'a sign that says "{text}"',
-            'the word "{text}" on a wall',
-            'a poster reading "{text}"',
-            'a label: "{text}"',
+            '"{text}" on a sign',
+            '"{text}" written on a wall',
+            '"{text}" on a poster',
+            '"{text}" as a label',
         ],
         description="Prompt templates; each must contain a quoted {text} placeholder.",
     )
@@ -101,7 +101,7 @@ class Model(Section):
 
 
 class Pretrain(Section):
-    steps: int = Field(1500, ge=0)
+    steps: int = Field(2000, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
@@ -114,7 +114,7 @@ class Pretrain(Section):
         0.0, ge=0, le=1, description="Share of mislabelled captions (another random string): the base sometimes ignores its prompt."
     )
     low_quality_share: float = Field(
-        0.0, ge=0, le=1,
+        0.3, ge=0, le=1,
         description="Share of training images degraded by blur, as web data holds low-quality images (imperfect base).",
     )
     low_quality_blur: float = Field(2.0, ge=0, description="Gaussian blur sigma, in pixels, of the low-quality images.")
@@ -125,7 +125,7 @@ class Pretrain(Section):
 
 class Sampler(Section):
     steps: int = Field(20, ge=1, description="Euler ODE steps (FlowMatchEulerDiscreteScheduler).")
-    guidance: float = Field(3.0, ge=0, description="Classifier-free guidance scale; <= 1 disables CFG.")
+    guidance: float = Field(1.0, ge=0, description="Classifier-free guidance scale; <= 1 disables CFG.")
     shift: float = Field(1.0, gt=0, description="Scheduler timestep shift.")
     batch_size: int = Field(64, ge=1)
 
