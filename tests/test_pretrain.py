@@ -1,0 +1,38 @@
+"""Pretraining data: the low-quality (blurred) share and mislabelled captions that make the base imperfect."""
+
+import random
+
+import numpy as np
+
+from gdro_core.params import World
+from gdro_core.pretrain import degrade, mislabel
+from gdro_core.render import render_batch
+
+
+def _renders(n: int) -> np.ndarray:
+    return render_batch(["123"] * n, 24, 48, 17, 0, random.Random(0))
+
+
+def test_no_low_quality_share_leaves_renders_untouched():
+    clean = _renders(8)
+    assert np.array_equal(degrade(clean.copy(), 0.0, 2.0, random.Random(0)), clean)
+
+
+def test_blurred_share_is_about_the_requested_share_and_blur_softens_the_glyphs():
+    clean = _renders(400)
+    out = degrade(clean.copy(), 0.3, 2.0, random.Random(0))
+    changed = np.array([not np.array_equal(a, b) for a, b in zip(out, clean)])
+    assert 0.22 < changed.mean() < 0.38
+    # blurred images lose their full-intensity ink and gain mid-grey; the background stays background
+    assert out[changed].max(axis=(1, 2, 3)).max() < 0.5
+    assert np.array_equal(out[~changed], clean[~changed])
+    assert np.isclose(out[changed][:, 0, 0, 0], -1.0, atol=1e-3).all()
+
+
+def test_mislabelled_caption_is_another_string_of_the_world():
+    world = World()
+    rng = random.Random(0)
+    for _ in range(200):
+        other = mislabel("123", world, rng)
+        assert other != "123"
+        assert world.min_len <= len(other) <= world.max_len and set(other) <= set(world.alphabet)
