@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from gdro_core.prompts import random_string
 from gdro_core.render import render_batch, render_text
 
 SCORE_MIN, SCORE_MAX = 1.0, 5.0
@@ -97,10 +98,7 @@ class PixelJudge:
     def __init__(self, cfg: JudgeConfig):
         self.cfg = cfg
         rng = random.Random(cfg.seed)
-        texts = [
-            "".join(rng.choice(cfg.alphabet) for _ in range(rng.randint(cfg.min_len, cfg.max_len)))
-            for _ in range(cfg.reference_images)
-        ]
+        texts = [random_string(cfg.alphabet, cfg.min_len, cfg.max_len, rng) for _ in range(cfg.reference_images)]
         refs = (render_batch(texts, cfg.height, cfg.width, cfg.font_size, cfg.jitter, rng)[:, 0] + 1) / 2
         feats = np.stack([style_features(r, cfg) for r in refs])
         self.style_mean, self.style_std = feats.mean(0), feats.std(0) + 1e-6

@@ -16,6 +16,7 @@ from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng
 from gdro_core.flow_model import BuiltinModelAdapter, TextRenderPipeline, velocity
 from gdro_core.implicit_reward import interpolate
 from gdro_core.params import Pretrain, World
+from gdro_core.prompts import random_string
 from gdro_core.render import render_batch
 from gdro_core.timesteps import sample_timesteps
 
@@ -23,7 +24,7 @@ Logger = Callable[[int, dict[str, float]], None]
 
 
 def random_text(world: World, rng: random.Random) -> str:
-    return "".join(rng.choice(world.alphabet) for _ in range(rng.randint(world.min_len, world.max_len)))
+    return random_string(world.alphabet, world.min_len, world.max_len, rng)
 
 
 def mislabel(text: str, world: World, rng: random.Random) -> str:
@@ -99,6 +100,7 @@ def pretrain(
         if step % cfg.log_every == 0 or step == cfg.steps:
             log(step, {"pretrain/loss": loss.item(), "pretrain/lr": schedule.get_last_lr()[0]})
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt_dir, step, modules.state_dict(), {"optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "rng": rng_state(gen, py_rng)})
+            extra = {"optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "rng": rng_state(gen, py_rng)}
+            save_checkpoint(ckpt_dir, step, modules.state_dict(), extra)
     modules.eval().requires_grad_(False)
     return cfg.steps

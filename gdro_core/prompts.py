@@ -34,6 +34,11 @@ def extract_target(prompt: str) -> str:
     return match.group(1)
 
 
+def random_string(alphabet: str, min_len: int, max_len: int, rng: random.Random) -> str:
+    """One random string over ``alphabet`` with a length drawn from [min_len, max_len]."""
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(min_len, max_len)))
+
+
 def random_strings(alphabet: str, min_len: int, max_len: int, n: int, rng: random.Random) -> list[str]:
     """n distinct random strings over ``alphabet``."""
     capacity = sum(len(alphabet) ** L for L in range(min_len, max_len + 1))
@@ -42,7 +47,7 @@ def random_strings(alphabet: str, min_len: int, max_len: int, n: int, rng: rando
     seen: set[str] = set()
     out: list[str] = []
     while len(out) < n:
-        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(min_len, max_len)))
+        s = random_string(alphabet, min_len, max_len, rng)
         if s not in seen:
             seen.add(s)
             out.append(s)
