@@ -101,7 +101,9 @@ class Model(Section):
 
 
 class Pretrain(Section):
-    steps: int = Field(2000, ge=0)
+    steps: int = Field(
+        1100, ge=0, description="Short on purpose: the base has not finished learning which glyph each character gets."
+    )
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
@@ -114,7 +116,7 @@ class Pretrain(Section):
         0.0, ge=0, le=1, description="Share of mislabelled captions (another random string): the base sometimes ignores its prompt."
     )
     low_quality_share: float = Field(
-        0.3, ge=0, le=1,
+        0.0, ge=0, le=1,
         description="Share of training images degraded by blur, as web data holds low-quality images (imperfect base).",
     )
     low_quality_blur: float = Field(2.0, ge=0, description="Gaussian blur sigma, in pixels, of the low-quality images.")
@@ -161,8 +163,8 @@ class Train(Section):
     )
     group_size: int = Field(6, ge=2, description="k members drawn from each prompt's pool per step.")
     groups_per_step: int = Field(8, ge=1)
-    steps: int = Field(450, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    steps: int = Field(600, ge=1)
+    lr: float = Field(3e-4, gt=0)
     beta: float = Field(12.0, gt=0, description="Implicit-reward scale; errors are means over latent elements.")
     tau: float = Field(0.05, ge=0, description="Soft-target temperature; 0 gives pure ranking.")
     gamma: float = Field(0.5, ge=0, description="Weight of the top-1 anchor.")
