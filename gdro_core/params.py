@@ -56,7 +56,9 @@ class World(Section):
 
 
 class Prompts(Section):
-    n_train: int = Field(64, ge=1, description="Training prompts (post-training set).")
+    n_train: int = Field(
+        128, ge=1, description="Training prompts; more strings with fewer images each generalise better to unseen ones."
+    )
     n_test: int = Field(64, ge=1, description="Held-out prompts; their targets never occur in train.")
     n_val: int = Field(
         32, ge=1, description="Validation prompts for checkpoint selection during train, disjoint from train and test."
@@ -133,7 +135,7 @@ class Sampler(Section):
 
 
 class Rollout(Section):
-    images_per_prompt: int = Field(16, ge=2, description="Pool size N per training prompt.")
+    images_per_prompt: int = Field(8, ge=2, description="Pool size N per training prompt (paper: 16).")
     seed: int = 1000
 
 
@@ -163,7 +165,7 @@ class Train(Section):
     )
     group_size: int = Field(6, ge=2, description="k members drawn from each prompt's pool per step.")
     groups_per_step: int = Field(8, ge=1)
-    steps: int = Field(600, ge=1)
+    steps: int = Field(450, ge=1)
     lr: float = Field(3e-4, gt=0)
     beta: float = Field(12.0, gt=0, description="Implicit-reward scale; errors are means over latent elements.")
     tau: float = Field(0.05, ge=0, description="Soft-target temperature; 0 gives pure ranking.")
@@ -199,7 +201,7 @@ class Train(Section):
 
 
 class Evaluate(Section):
-    images_per_prompt: int = Field(1, ge=1)
+    images_per_prompt: int = Field(2, ge=1, description="Held-out images per test prompt, same seeds for base and trained.")
     seed: int = 5000
     grid_prompts: int = Field(16, ge=1)
     checkpoint_every: int = Field(
