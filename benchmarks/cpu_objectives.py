@@ -300,7 +300,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--budget-seconds", type=float, default=360.0,
                     help="each method's clock budget; an offline method's clock starts at the rollout + scoring cost "
-                         "(about 190 s here), so it must exceed that (the default keeps all six methods under 30 min on 2 CPU cores)")
+                         "(about 220 s here), so it must exceed that "
+                         "(the default keeps all six methods under 30 min on 2 CPU cores)")
     ap.add_argument("--budget-steps", type=int, default=0, help="also stop after this many steps (0 = no step budget)")
     ap.add_argument("--eval-every", type=float, default=60.0, help="seconds of a method's clock between evaluations")
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per evaluation")
