@@ -1,16 +1,13 @@
 """benchmarks/cpu_objectives.py run in-process on a tiny project (random-weight base, tiny rollouts) with a tiny
 budget: every method is trained, timed and evaluated, and the report, the plot and the ratio line appear."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from conftest import TINY
+from conftest import TINY, load_benchmark
 from gdro_core.flow_model import build_builtin_pipeline, load_flow_model
 from gdro_core.layout import Layout
 from gdro_core.ocr import make_reader
@@ -19,30 +16,15 @@ from gdro_core.prompts import make_prompt_sets, read_prompts, write_prompts
 from gdro_core.rollout import generate_rollouts
 from gdro_core.scoring import score_rollouts, write_table
 
-ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {**TINY, "train": {**TINY["train"], "grpo_prompts_per_iteration": 2, "grpo_group_size": 3,
                             "grpo_sample_steps": 3}}
 
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("cpu_objectives", ROOT / "benchmarks" / "cpu_objectives.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_benchmark("cpu_objectives")
 
 
 def make_project(root: Path) -> Layout:

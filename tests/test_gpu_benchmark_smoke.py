@@ -1,41 +1,23 @@
 """benchmarks/gpu_train_step.py run in-process on its toy configs (CPU, float32), plus its full-size configs
 checked on the meta device (shapes and parameter counts, no memory, no compute)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_benchmark
 from gdro_core.params import Lora, Train
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("sd3.5-medium", "flux.1-dev")
 FAST = ["--sample-steps", "5", "--repeats", "1", "--warmup", "0"]  # keeps the file well under 20 s on a shared CPU
 
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("gpu_train_step", ROOT / "benchmarks" / "gpu_train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the toy models are tiny: more threads only contend on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_benchmark("gpu_train_step")
 
 
 @pytest.fixture(scope="module")
