@@ -195,7 +195,7 @@ class Train(Section):
     ema_max_decay: float = Field(0.5, ge=0, lt=1, description="EMA decay is min(ema_rate * step, ema_max_decay).")
     ema_rate: float = Field(0.001, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0
 

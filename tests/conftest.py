@@ -5,11 +5,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import torch  # noqa: E402
 
 from gdro_core.params import Params, load_params, parse_params  # noqa: E402
 

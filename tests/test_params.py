@@ -14,6 +14,14 @@ def test_repository_params_are_valid():
     assert p.train.objective == "gdro" and p.train.group_size <= p.rollout.images_per_prompt
 
 
+def test_code_defaults_are_the_repository_params():
+    # a key left out of a params file means what params.yaml documents; only the sweep section is an example
+    shipped = load_params(ROOT / "params.yaml").model_dump()
+    defaults = parse_params({}).model_dump()
+    assert shipped.pop("sweep")["grid"] and not defaults.pop("sweep")["grid"]
+    assert defaults == shipped
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ParamsError, match=r"unknown key 'train.betta'"):
         parse_params({"train": {"betta": 1.0}})
