@@ -41,19 +41,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from gdro_core.flow_model import FlowModel, load_flow_model
-from gdro_core.judge import Judge, make_judge
+from gdro_core.models import load_flow_model
+
+from gdro_core.models.base import FlowModel
+from gdro_core.evaluation.judge import Judge, make_judge
 from gdro_core.layout import Layout
-from gdro_core.lora import lora_state
-from gdro_core.monitor import CheckpointMonitor
-from gdro_core.ocr import Reader, make_reader
-from gdro_core.online_grpo import RewardFn, encode_prompts, reader_reward, train_online
+from gdro_core.models.lora import lora_state
+from gdro_core.evaluation.monitor import CheckpointMonitor
+from gdro_core.tasks.ocr import Reader, make_reader
+from gdro_core.training.online_grpo import RewardFn, encode_prompts, reader_reward, train_online
 from gdro_core.params import Params, Train, load_params
-from gdro_core.prompts import OcrPrompt, read_prompts
-from gdro_core.rollout import MANIFEST, Rollouts, generate_rollouts, load_rollouts
-from gdro_core.scoring import reward_matrix, score_rollouts
-from gdro_core.store import write_json
-from gdro_core.training import LoraEma, ema_decay, train
+from gdro_core.data.prompts import OcrPrompt, read_prompts
+from gdro_core.data.rollout import MANIFEST, Rollouts, generate_rollouts, load_rollouts
+from gdro_core.data.scoring import reward_matrix, score_rollouts
+from gdro_core.data.store import write_json
+from gdro_core.training.loop import LoraEma, ema_decay, train
 
 METHODS: dict[str, dict] = {
     "gdro": {},

@@ -36,12 +36,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, S
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from gdro_core.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
-from gdro_core.group_loss import plackett_luce_loss
-from gdro_core.implicit_reward import flow_matching_error, implicit_reward, interpolate
-from gdro_core.lora import add_lora, reference
+from gdro_core.objectives.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
+from gdro_core.objectives.group_loss import plackett_luce_loss
+from gdro_core.objectives.implicit_reward import flow_matching_error, implicit_reward, interpolate
+from gdro_core.models.lora import add_lora, reference
 from gdro_core.params import Lora, Train
-from gdro_core.timesteps import sample_timesteps
+from gdro_core.objectives.timesteps import sample_timesteps
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (SD3Transformer2DModel, MMDiT-X)
 SD3_5_MEDIUM = {

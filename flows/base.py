@@ -10,11 +10,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from gdro_core.flow_model import build_builtin_pipeline
+from gdro_core.models.builtin import build_builtin_pipeline
 from gdro_core.layout import Layout
-from gdro_core.pretrain import pretrain
-from gdro_core.store import fingerprint, write_json
-from gdro_core.tracking import metric_logger, stage_run
+from gdro_core.training.pretrain import pretrain
+from gdro_core.data.store import fingerprint, write_json
+from gdro_core.tracking.runs import metric_logger, stage_run
 
 
 @task(cache_policy=NO_CACHE)

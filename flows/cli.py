@@ -73,7 +73,7 @@ def run_server_command(args: argparse.Namespace) -> int:
 
             serve_deployments(args.params, overrides)
         elif args.command == "compare":
-            from gdro_core.compare import compare_report
+            from gdro_core.tracking.compare import compare_report
             from gdro_core.params import load_params
 
             root = project_root()

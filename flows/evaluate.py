@@ -10,18 +10,18 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from flows.score import reader_for
-from gdro_core.evaluation import assess, generate, reader_ceiling, sample_grid, summarise
-from gdro_core.judge import make_judge
-from gdro_core.flow_model import load_flow_model
+from gdro_core.evaluation.heldout import assess, generate, reader_ceiling, sample_grid, summarise
+from gdro_core.evaluation.judge import make_judge
+from gdro_core.models import load_flow_model
 from gdro_core.layout import Layout
-from gdro_core.lora import load_adapter
-from gdro_core.prompts import read_prompts
-from gdro_core.compare import set_champion
-from gdro_core.data_version import data_version
-from gdro_core.registry import register_adapter
-from gdro_core.store import atomic_write, write_json
-from gdro_core.tracking import stage_run
+from gdro_core.tasks.ocr import reader_from_params
+from gdro_core.models.lora import load_adapter
+from gdro_core.data.prompts import read_prompts
+from gdro_core.tracking.compare import set_champion
+from gdro_core.tracking.data_version import data_version
+from gdro_core.tracking.registry import register_adapter
+from gdro_core.data.store import atomic_write, write_json
+from gdro_core.tracking.runs import stage_run
 
 
 @task(cache_policy=NO_CACHE)
@@ -30,7 +30,7 @@ def score_models(lay: Layout) -> dict:
     logger = get_run_logger()
     prompts = read_prompts(lay.prompts("test"))
     targets = [q.target for q in prompts for _ in range(p.evaluate.images_per_prompt)]
-    reader = reader_for(lay)
+    reader = reader_from_params(lay.params)
     judge = make_judge(p.world, p.judge)
     texts = [q.prompt for q in prompts for _ in range(p.evaluate.images_per_prompt)]
     model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)

@@ -7,8 +7,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.context import load_layout
-from gdro_core.prompts import make_prompt_sets, write_prompts
-from gdro_core.tracking import stage_run
+from gdro_core.data.prompts import make_prompt_sets, write_prompts
+from gdro_core.tracking.runs import stage_run
 
 
 @flow(name="prompts")

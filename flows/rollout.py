@@ -9,12 +9,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from gdro_core.flow_model import load_flow_model
+from gdro_core.models import load_flow_model
 from gdro_core.layout import Layout
-from gdro_core.prompts import read_prompts
-from gdro_core.rollout import generate_rollouts
-from gdro_core.store import dir_hash, fingerprint, sha256_file
-from gdro_core.tracking import stage_run
+from gdro_core.data.prompts import read_prompts
+from gdro_core.data.rollout import generate_rollouts
+from gdro_core.data.store import dir_hash, fingerprint, sha256_file
+from gdro_core.tracking.runs import stage_run
 
 
 def rollout_fingerprint(lay: Layout) -> str:

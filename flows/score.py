@@ -10,17 +10,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.layout import Layout
-from gdro_core.ocr import make_reader
-from gdro_core.rollout import MANIFEST, RolloutError
-from gdro_core.scoring import score_rollouts, write_table
-from gdro_core.store import read_json
-from gdro_core.tracking import stage_run
-
-
-def reader_for(lay: Layout):
-    r = lay.params.reward
-    allow = lay.params.world.alphabet if r.restrict_to_alphabet else None
-    return make_reader(r.backend, r.upscale, r.pad, allow)
+from gdro_core.tasks.ocr import reader_from_params
+from gdro_core.data.rollout import MANIFEST, RolloutError
+from gdro_core.data.scoring import score_rollouts, write_table
+from gdro_core.data.store import read_json
+from gdro_core.tracking.runs import stage_run
 
 
 @task(cache_policy=NO_CACHE)
@@ -31,7 +25,7 @@ def score_table(lay: Layout):
     rows = read_json(lay.rollout_dir / MANIFEST)["rows"]
     r = lay.params.reward
     table = score_rollouts(
-        rows, lay.rollout_dir, reader_for(lay), r.substring_full_credit, r.batch_size,
+        rows, lay.rollout_dir, reader_from_params(lay.params), r.substring_full_credit, r.batch_size,
         progress=lambda i, n: logger.info("scored %d/%d images", i, n),
     )
     write_table(table, lay.rewards)

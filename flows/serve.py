@@ -22,7 +22,7 @@ from gdro_core.params import Params, load_params
 from gdro_core.servers import (
     STATE_FILE, ServeError, ServerSpec, healthy, local_store, mlflow_spec, port_in_use, prefect_spec, write_state,
 )
-from gdro_core.tracking import tracking_uri
+from gdro_core.tracking.runs import tracking_uri
 
 STOP_GRACE_S = (15.0, 5.0, 5.0)  # seconds after SIGINT, SIGTERM, SIGKILL
 

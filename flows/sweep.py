@@ -32,18 +32,18 @@ from flows.evaluate import evaluate_flow
 from flows.rollout import rollout_fingerprint, rollout_flow
 from flows.score import score_flow
 from flows.train import train_flow
-from gdro_core.compare import set_champion
-from gdro_core.data_version import data_version
+from gdro_core.tracking.compare import set_champion
+from gdro_core.tracking.data_version import data_version
 from gdro_core.layout import Layout
 from gdro_core.params import load_params
-from gdro_core.rollout import MANIFEST, is_complete
+from gdro_core.data.rollout import MANIFEST, is_complete
 from gdro_core.servers import tool
-from gdro_core.store import atomic_write, read_json, write_json
+from gdro_core.data.store import atomic_write, read_json, write_json
 from gdro_core.sweep import (
     SweepConfig, SweepError, check_configs, config_overrides, dotted_defaults, dotted_keys, dvc_exp_commands,
     resolve_sweep, results_frame, sweep_configs,
 )
-from gdro_core.tracking import stage_run
+from gdro_core.tracking.runs import stage_run
 
 
 def missing_inputs(lay: Layout) -> list[str]:

@@ -6,7 +6,6 @@ the adapter kept is the best corrected score unless ``evaluate.keep`` says ``las
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import mlflow
@@ -15,20 +14,19 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from flows.score import reader_for
-from gdro_core.curves import hacking_trend, plot_curves
-from gdro_core.flow_model import load_flow_model
-from gdro_core.judge import make_judge
+from gdro_core.models import load_flow_model
+from gdro_core.evaluation.judge import make_judge
 from gdro_core.layout import Layout
-from gdro_core.lora import save_adapter, set_lora_state
-from gdro_core.monitor import CheckpointMonitor
-from gdro_core.online_grpo import encode_prompts, reader_reward, train_online
-from gdro_core.prompts import read_prompts
-from gdro_core.rollout import load_rollouts
-from gdro_core.scoring import reward_matrix
-from gdro_core.store import atomic_write, fingerprint, read_json, sha256_file, write_json
-from gdro_core.tracking import metric_logger, stage_run
-from gdro_core.training import train
+from gdro_core.tasks.ocr import reader_from_params
+from gdro_core.evaluation.monitor import CheckpointMonitor
+from gdro_core.training.online_grpo import encode_prompts, reader_reward, train_online
+from gdro_core.data.prompts import read_prompts
+from gdro_core.data.rollout import load_rollouts
+from gdro_core.data.scoring import reward_matrix
+from gdro_core.data.store import fingerprint, read_json, sha256_file
+from gdro_core.tracking.runs import metric_logger, stage_run
+from gdro_core.training.kept_adapter import keep_adapter
+from gdro_core.training.loop import train
 
 
 def train_fingerprint(lay: Layout) -> str:
@@ -53,7 +51,7 @@ def fit_adapter(lay: Layout) -> dict:
     model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
     ckpt = lay.checkpoints("train", train_fingerprint(lay))
     monitor = CheckpointMonitor(
-        model, read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts], reader_for(lay),
+        model, read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts], reader_from_params(lay.params),
         make_judge(p.world, p.judge), task=p.judge.task, seed=p.evaluate.seed, steps=p.sampler.steps,
         guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, substring=p.reward.substring_full_credit,
         ocr_batch=p.reward.batch_size, keep=p.evaluate.keep, workdir=ckpt / "monitor", log=log,
@@ -62,24 +60,15 @@ def fit_adapter(lay: Layout) -> dict:
     every = p.evaluate.checkpoint_every or p.train.steps
     if p.train.objective == "flow_grpo":  # the online baseline: fresh rollouts every iteration
         prompts = read_prompts(lay.prompts("train"))
-        reward = reader_reward(reader_for(lay), p.reward.substring_full_credit, p.reward.batch_size)
+        reward = reader_reward(reader_from_params(lay.params), p.reward.substring_full_credit, p.reward.batch_size)
         train_online(model, prompts, *encode_prompts(model, prompts, p.sampler.batch_size), reward, p.train, ckpt, log,
                      on_checkpoint=monitor, eval_every=every, guidance=p.sampler.guidance)
     else:
         train(model, data, rewards, p.train, ckpt, log, on_checkpoint=monitor, eval_every=every)
-    step, weights = monitor.kept()
-    set_lora_state(model.transformer, weights)
-    curve = monitor.curve.sort_values("step")
-    summary = {"kept_step": step, "hacking_trend": hacking_trend(curve, p.evaluate.hacking_window)}
-    atomic_write(lay.reports_dir / "train_curve.csv", lambda f: curve.to_csv(f, index=False))
-    plot_curves(curve, lay.reports_dir / "train_curves.png", f"{p.train.objective}, beta={p.train.beta}")
-    tmp = lay.adapter_dir.with_name(f".{lay.adapter_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model.transformer, tmp)
-    shutil.rmtree(lay.adapter_dir, ignore_errors=True)
-    tmp.rename(lay.adapter_dir)
-    write_json(lay.reports_dir / "train_summary.json", summary)
-    return summary
+    return keep_adapter(
+        model, monitor, lay.adapter_dir, lay.reports_dir, p.evaluate.hacking_window,
+        f"{p.train.objective}, beta={p.train.beta}",
+    )
 
 
 @flow(name="train")

@@ -8,13 +8,14 @@ import pytest
 import yaml
 
 from conftest import TINY, load_benchmark
-from gdro_core.flow_model import build_builtin_pipeline, load_flow_model
+from gdro_core.models import load_flow_model
+from gdro_core.models.builtin import build_builtin_pipeline
 from gdro_core.layout import Layout
-from gdro_core.ocr import make_reader
+from gdro_core.tasks.ocr import make_reader
 from gdro_core.params import parse_params
-from gdro_core.prompts import make_prompt_sets, read_prompts, write_prompts
-from gdro_core.rollout import generate_rollouts
-from gdro_core.scoring import score_rollouts, write_table
+from gdro_core.data.prompts import make_prompt_sets, read_prompts, write_prompts
+from gdro_core.data.rollout import generate_rollouts
+from gdro_core.data.scoring import score_rollouts, write_table
 
 PARAMS = {**TINY, "train": {**TINY["train"], "grpo_prompts_per_iteration": 2, "grpo_group_size": 3,
                             "grpo_sample_steps": 3}}

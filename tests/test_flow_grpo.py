@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gdro_core.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
+from gdro_core.objectives.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
 
 
 def test_step_log_prob_is_the_gaussian_density_averaged_over_elements():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gdro_core.group_loss import dpo_loss, plackett_luce_loss, plackett_luce_targets, sort_groups
+from gdro_core.objectives.group_loss import dpo_loss, plackett_luce_loss, plackett_luce_targets, sort_groups
 
 S = torch.tensor([[0.5, -0.2, 0.1]])
 R = torch.tensor([[1.0, 0.5, 0.0]])

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from gdro_core.ocr import EasyOcrReader, normalise, ocr_reward
-from gdro_core.prompts import random_strings
-from gdro_core.render import render_text
+from gdro_core.tasks.ocr import EasyOcrReader, normalise, ocr_reward
+from gdro_core.data.prompts import random_strings
+from gdro_core.tasks.text_render import render_text
 
 
 def test_normalise_lowercases_and_strips_spaces():

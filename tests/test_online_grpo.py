@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from gdro_core.flow_grpo import group_advantages, sde_step
-from gdro_core.flow_model import BuiltinModelAdapter, build_builtin_pipeline
-from gdro_core.lora import add_lora, lora_state, reference
-from gdro_core.online_grpo import (
+from gdro_core.objectives.flow_grpo import group_advantages, sde_step
+from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
+from gdro_core.models.lora import add_lora, lora_state, reference
+from gdro_core.training.online_grpo import (
     ADV_EPS,
     encode_prompts,
     guided_velocity,
@@ -17,7 +17,7 @@ from gdro_core.online_grpo import (
     train_online,
     train_timesteps,
 )
-from gdro_core.prompts import OcrPrompt
+from gdro_core.data.prompts import OcrPrompt
 
 PROMPTS = [OcrPrompt(f'a sign that says "{t}"', t) for t in ("123", "456", "789")]
 GUIDANCE = 3.0

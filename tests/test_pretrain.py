@@ -5,8 +5,8 @@ import random
 import numpy as np
 
 from gdro_core.params import World
-from gdro_core.pretrain import degrade, mislabel
-from gdro_core.render import render_batch
+from gdro_core.training.pretrain import degrade, mislabel
+from gdro_core.tasks.text_render import render_batch
 
 
 def _renders(n: int) -> np.ndarray:
@@ -44,9 +44,9 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_schedule(tiny_p
 
     import torch
 
-    from gdro_core.checkpoint import latest_checkpoint, load_checkpoint
-    from gdro_core.flow_model import build_builtin_pipeline
-    from gdro_core.pretrain import pretrain
+    from gdro_core.training.checkpoint import latest_checkpoint, load_checkpoint
+    from gdro_core.models.builtin import build_builtin_pipeline
+    from gdro_core.training.pretrain import pretrain
 
     p = tiny_params
     cfg = p.pretrain.model_copy(update={"steps": 4, "checkpoint_every": 2, "lr_schedule": "cosine", "warmup_steps": 1})

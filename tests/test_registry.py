@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from conftest import TINY
-from gdro_core.compare import collect_versions, compare_report, pick_champion, set_champion
-from gdro_core.data_version import dvc_md5
+from gdro_core.tracking.compare import collect_versions, compare_report, pick_champion, set_champion
+from gdro_core.tracking.data_version import dvc_md5
 from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from gdro_core.flow_model import BuiltinModelAdapter, build_builtin_pipeline
-from gdro_core.prompts import make_prompt_sets
-from gdro_core.rollout import RolloutError, generate_rollouts, is_complete, load_rollouts
-from gdro_core.sampling import sample
+from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
+from gdro_core.data.prompts import make_prompt_sets
+from gdro_core.data.rollout import RolloutError, generate_rollouts, is_complete, load_rollouts
+from gdro_core.models.sampling import sample
 
 
 @pytest.fixture()
@@ -48,7 +48,7 @@ def test_rollouts_are_stored_and_reused(model, prompts, tmp_path, monkeypatch):
     assert data.cond["encoder_hidden_states"].shape[0] == 3
     assert len({r["seed"] for r in manifest["rows"]}) == 12
 
-    import gdro_core.rollout as rollout_mod
+    import gdro_core.data.rollout as rollout_mod
 
     def fail(*a, **k):
         raise AssertionError("a complete, verified cache must not be sampled again")
@@ -81,7 +81,7 @@ def test_corrupt_shard_is_regenerated_not_trusted(model, prompts, tmp_path):
 
 def test_interrupted_rollout_resumes_from_finished_shards(model, prompts, tmp_path, monkeypatch):
     out = tmp_path / "rollouts"
-    import gdro_core.rollout as rollout_mod
+    import gdro_core.data.rollout as rollout_mod
 
     real, count = rollout_mod.sample, {"n": 0}
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from conftest import TINY
-from gdro_core.data_version import dvc_md5
+from gdro_core.tracking.data_version import dvc_md5
 from gdro_core.params import ParamsError, Sweep, parse_params
-from gdro_core.store import sha256_file
+from gdro_core.data.store import sha256_file
 from gdro_core.sweep import (
     SweepConfig, SweepError, check_configs, config_label, config_overrides, dotted_keys, dvc_exp_commands,
     expand_grid, resolve_sweep, sweep_configs,

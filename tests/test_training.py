@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
-from gdro_core.flow_model import BuiltinModelAdapter, build_builtin_pipeline, velocity
-from gdro_core.lora import add_lora, reference
-from gdro_core.objectives import draw_groups, group_objective
-from gdro_core.rollout import Rollouts
-from gdro_core.training import ema_decay, train
+from gdro_core.models.base import velocity
+
+from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
+from gdro_core.models.lora import add_lora, reference
+from gdro_core.objectives.offline import draw_groups, group_objective
+from gdro_core.data.rollout import Rollouts
+from gdro_core.training.loop import ema_decay, train
 
 
 def _model(p):

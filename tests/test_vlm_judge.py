@@ -2,7 +2,7 @@
 
 import pytest
 
-from gdro_core.vlm_judge import JudgeOutputError, UnifiedRewardJudge, parse_scores
+from gdro_core.evaluation.vlm_judge import JudgeOutputError, UnifiedRewardJudge, parse_scores
 
 RECORDED = [
     ("Alignment Score (1-5): 4.5\nCoherence Score (1-5): 3\nStyle Score (1-5): 3.75", (4.5, 3.0, 3.75)),
@@ -62,7 +62,7 @@ def tiny_judge_dir(tmp_path_factory):
         Qwen2VLVideoProcessor,
     )
 
-    from gdro_core.vlm_judge import PROMPT
+    from gdro_core.evaluation.vlm_judge import PROMPT
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -111,7 +111,7 @@ def test_tiny_qwen2_5_vl_judge_answers_from_image_and_prompt(tiny_judge_dir, mon
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from gdro_core.vlm_judge import PROMPT
+    from gdro_core.evaluation.vlm_judge import PROMPT
 
     judge = UnifiedRewardJudge.from_pretrained(str(tiny_judge_dir), max_new_tokens=MAX_NEW_TOKENS)
     assert isinstance(judge.model, Qwen2_5_VLForConditionalGeneration)

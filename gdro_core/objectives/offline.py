@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gdro_core.flow_model import Condition, FlowModel, velocity
-from gdro_core.group_loss import dpo_loss, plackett_luce_loss, sort_groups
-from gdro_core.implicit_reward import flow_matching_error, implicit_reward, interpolate, ranking_accuracy
-from gdro_core.lora import reference
+from gdro_core.models.base import Condition, FlowModel, velocity
+from gdro_core.objectives.group_loss import dpo_loss, plackett_luce_loss, sort_groups
+from gdro_core.objectives.implicit_reward import flow_matching_error, implicit_reward, interpolate, ranking_accuracy
+from gdro_core.models.lora import reference
 from gdro_core.params import Train
-from gdro_core.timesteps import sample_timesteps
+from gdro_core.objectives.timesteps import sample_timesteps
 
 
 def draw_groups(rewards: Tensor, groups: int, k: int, mode: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from gdro_core.corrected_score import corrected_score, judge_mean
-from gdro_core.flow_model import FlowModel
-from gdro_core.judge import Judge
-from gdro_core.ocr import Reader
-from gdro_core.prompts import OcrPrompt
-from gdro_core.render import render_text
-from gdro_core.sampling import sample
-from gdro_core.scoring import score_images
+from gdro_core.evaluation.corrected_score import corrected_score, judge_mean
+from gdro_core.models.base import FlowModel
+from gdro_core.evaluation.judge import Judge
+from gdro_core.tasks.ocr import Reader
+from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.text_render import render_text
+from gdro_core.models.sampling import sample
+from gdro_core.data.scoring import score_images
 
 
 def eval_seeds(base_seed: int, n_prompts: int, per_prompt: int) -> list[int]:

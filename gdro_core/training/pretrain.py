@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from scipy import ndimage
 
-from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from gdro_core.flow_model import BuiltinModelAdapter, TextRenderPipeline, velocity
-from gdro_core.implicit_reward import interpolate
+from gdro_core.training.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from gdro_core.models.base import velocity
+from gdro_core.models.builtin import BuiltinModelAdapter, TextRenderPipeline
+from gdro_core.objectives.implicit_reward import interpolate
 from gdro_core.params import Pretrain, World
-from gdro_core.prompts import random_string
-from gdro_core.render import render_batch
-from gdro_core.timesteps import sample_timesteps
+from gdro_core.data.prompts import random_string
+from gdro_core.tasks.text_render import render_batch
+from gdro_core.objectives.timesteps import sample_timesteps
 
 Logger = Callable[[int, dict[str, float]], None]
 

@@ -9,14 +9,14 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from gdro_core.curves import best_step
-from gdro_core.evaluation import assess, generate, summarise
-from gdro_core.flow_model import FlowModel
-from gdro_core.judge import Judge
-from gdro_core.lora import lora_state, set_lora_state
-from gdro_core.ocr import Reader
-from gdro_core.prompts import OcrPrompt
-from gdro_core.store import atomic_write
+from gdro_core.evaluation.curves import best_step
+from gdro_core.evaluation.heldout import assess, generate, summarise
+from gdro_core.models.base import FlowModel
+from gdro_core.evaluation.judge import Judge
+from gdro_core.models.lora import lora_state, set_lora_state
+from gdro_core.tasks.ocr import Reader
+from gdro_core.data.prompts import OcrPrompt
+from gdro_core.data.store import atomic_write
 
 Logger = Callable[[int, dict[str, float]], None]
 

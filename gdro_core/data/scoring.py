@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from gdro_core.ocr import Reader, ocr_reward
-from gdro_core.store import atomic_write
+from gdro_core.tasks.ocr import Reader, ocr_reward
+from gdro_core.data.store import atomic_write
 
 Progress = Callable[[int, int], None]
 

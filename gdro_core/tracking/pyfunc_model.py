@@ -2,6 +2,6 @@
 
 import mlflow
 
-from gdro_core.registry import AdapterModel
+from gdro_core.tracking.registry import AdapterModel
 
 mlflow.models.set_model(AdapterModel())

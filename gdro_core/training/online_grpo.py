@@ -23,15 +23,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import Tensor
 
-from gdro_core.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
-from gdro_core.flow_model import Condition, FlowModel, velocity
-from gdro_core.lora import lora_state, reference, set_lora_state
-from gdro_core.ocr import Reader
+from gdro_core.objectives.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
+from gdro_core.models.base import Condition, FlowModel, velocity
+from gdro_core.models.lora import lora_state, reference, set_lora_state
+from gdro_core.tasks.ocr import Reader
 from gdro_core.params import Train
-from gdro_core.prompts import OcrPrompt
-from gdro_core.sampling import concat, expand
-from gdro_core.scoring import score_images
-from gdro_core.training import Logger, OnCheckpoint, ema_decay, end_of_step, start_training
+from gdro_core.data.prompts import OcrPrompt
+from gdro_core.models.sampling import concat, expand
+from gdro_core.data.scoring import score_images
+from gdro_core.training.loop import Logger, OnCheckpoint, ema_decay, end_of_step, start_training
 
 RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float] | Tensor]
 """Task reward of each image against its target text."""

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gdro_core.flow_model import Condition, FlowModel
-from gdro_core.prompts import OcrPrompt
-from gdro_core.sampling import sample
-from gdro_core.store import atomic_write, read_json, sha256_file, write_json
+from gdro_core.models.base import Condition, FlowModel
+from gdro_core.data.prompts import OcrPrompt
+from gdro_core.models.sampling import sample
+from gdro_core.data.store import atomic_write, read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 Progress = Callable[[int, int], None]

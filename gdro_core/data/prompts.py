@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.store import atomic_write
+from gdro_core.data.store import atomic_write
 
 _QUOTED = re.compile(r'"([^"]+)"')
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from gdro_core.params import Params
-from gdro_core.tracking import tracking_uri
+from gdro_core.tracking.runs import tracking_uri
 
 METRICS = ("trained.reward", "trained.corrected", "base.reward", "base.corrected")
 

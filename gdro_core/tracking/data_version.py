@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gdro_core.layout import Layout
-from gdro_core.store import read_json
+from gdro_core.data.store import read_json
 
 
 def dvc_md5(path: Path) -> str:

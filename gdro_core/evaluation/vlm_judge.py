@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from gdro_core.judge import SCORE_MAX, SCORE_MIN, JudgeScores
+from gdro_core.evaluation.judge_scores import SCORE_MAX, SCORE_MIN, JudgeScores
 
 PROMPT = (
     "You are given a text caption and a generated image based on that caption. Evaluate the image on three "
@@ -49,7 +49,7 @@ class UnifiedRewardJudge:
                 f"judge.model_path {path!r} is not a local directory: download a UnifiedReward checkpoint "
                 "(e.g. UnifiedReward-qwen-7b) and point judge.model_path at it, or use judge.kind: pixel"
             )
-        from gdro_core.flow_model import pick_device
+        from gdro_core.models.base import pick_device
 
         model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").to(pick_device(device)).eval()
         return cls(model, AutoProcessor.from_pretrained(path), max_new_tokens)

@@ -101,3 +101,10 @@ def make_reader(backend: str, upscale: int, pad: int, allowlist: str | None) -> 
     if backend == "rapidocr":
         return RapidOcrReader(upscale, pad)
     raise ValueError(f"unknown reward.backend {backend!r}; choose 'easyocr' or 'rapidocr'")
+
+
+def reader_from_params(params) -> Reader:
+    """The reader that ``params.reward`` (and, when restricted, the world's alphabet) describe."""
+    r = params.reward
+    allow = params.world.alphabet if r.restrict_to_alphabet else None
+    return make_reader(r.backend, r.upscale, r.pad, allow)

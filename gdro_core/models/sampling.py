@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
-from gdro_core.flow_model import Condition, FlowModel, velocity
+from gdro_core.models.base import Condition, FlowModel, velocity
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:

@@ -19,8 +19,8 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
     """Base model + GDRO adapter; ``predict(prompts)`` returns one uint8 image array per prompt."""
 
     def load_context(self, context) -> None:
-        from gdro_core.flow_model import load_flow_model
-        from gdro_core.lora import load_adapter
+        from gdro_core.models import load_flow_model
+        from gdro_core.models.lora import load_adapter
 
         self.params = parse_params(json.loads(Path(context.artifacts["params"]).read_text()), "registered params")
         source = self.params.model.source
@@ -29,7 +29,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         load_adapter(self.model.transformer, Path(context.artifacts["adapter"]))
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
-        from gdro_core.sampling import sample
+        from gdro_core.models.sampling import sample
 
         prompts = list(model_input["prompt"] if isinstance(model_input, pd.DataFrame) else model_input)
         seed = int((params or {}).get("seed", self.params.evaluate.seed))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from gdro_core.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from gdro_core.flow_model import FlowModel
-from gdro_core.lora import add_lora, lora_state, set_lora_state
-from gdro_core.objectives import draw_groups, group_objective
+from gdro_core.training.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from gdro_core.models.base import FlowModel
+from gdro_core.models.lora import add_lora, lora_state, set_lora_state
+from gdro_core.objectives.offline import draw_groups, group_objective
 from gdro_core.params import Train
-from gdro_core.rollout import Rollouts
+from gdro_core.data.rollout import Rollouts
 
 OFFLINE = ("gdro", "dpo", "sft_best")
 Logger = Callable[[int, dict[str, float]], None]
@@ -89,7 +89,7 @@ def train(
     ``on_checkpoint(step, ema_weights)`` runs every ``eval_every`` steps and at the last step.
     """
     if cfg.objective not in OFFLINE:
-        raise ValueError(f"train.objective {cfg.objective!r} is online: use gdro_core.online_grpo.train_online")
+        raise ValueError(f"train.objective {cfg.objective!r} is online: use gdro_core.training.online_grpo.train_online")
     if rewards.shape != data.latents.shape[:2]:
         raise ValueError(f"rewards {tuple(rewards.shape)} do not match rollouts {tuple(data.latents.shape[:2])}")
     params, opt, gen, py_rng, ema, start = start_training(model, cfg, ckpt_dir)

@@ -19,31 +19,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from gdro_core.prompts import random_string
-from gdro_core.render import render_batch, render_text
-
-SCORE_MIN, SCORE_MAX = 1.0, 5.0
-
-
-@dataclass(frozen=True)
-class JudgeScores:
-    alignment: float
-    coherence: float
-    style: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {"alignment": self.alignment, "coherence": self.coherence, "style": self.style}
-
-
-class Judge(Protocol):
-    def score(self, images: list[Image.Image], prompts: list[str], targets: list[str]) -> list[JudgeScores]: ...
-
+from gdro_core.data.prompts import random_string
+from gdro_core.evaluation.judge_scores import SCORE_MAX, SCORE_MIN, Judge, JudgeScores
+from gdro_core.tasks.text_render import render_batch, render_text
 
 @dataclass(frozen=True)
 class JudgeConfig:
@@ -145,6 +128,6 @@ def pixel_judge_config(world, judge) -> JudgeConfig:
 def make_judge(world, judge) -> Judge:
     if judge.kind == "pixel":
         return PixelJudge(pixel_judge_config(world, judge))
-    from gdro_core.vlm_judge import UnifiedRewardJudge
+    from gdro_core.evaluation.vlm_judge import UnifiedRewardJudge
 
     return UnifiedRewardJudge.from_pretrained(judge.model_path, max_new_tokens=judge.max_new_tokens, device=judge.device)

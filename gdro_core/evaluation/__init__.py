@@ -1,0 +1,1 @@
+"""Evaluation: held-out scoring, judges, corrected score, checkpoint monitoring and curves."""

@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, the model registry, version comparison and data versions."""

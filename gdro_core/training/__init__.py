@@ -1,0 +1,1 @@
+"""Training loops: offline GDRO and baselines, the online Flow-GRPO baseline, base pretraining, checkpoints."""
