@@ -197,7 +197,28 @@ class Train(Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the LoRA initialisation and every draw of the loop (explicit generators).")
+    num_processes: int = Field(
+        1, ge=1, description="Data-parallel processes (one per GPU); > 1 makes `gdro train` start itself under torchrun."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimiser step; groups_per_step is split over processes x micro-batches."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward (less memory).")
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = Field(
+        "adamw", description="torch AdamW, its fused kernel, or bitsandbytes' 8-bit AdamW (needs bitsandbytes)."
+    )
+    allow_tf32: bool = Field(False, description="TF32 matmuls and convolutions on Ampere+ GPUs (faster, ~10-bit mantissa).")
+
+    @model_validator(mode="after")
+    def _global_batch_splits(self) -> Train:
+        share = self.num_processes * self.gradient_accumulation_steps
+        if self.objective != "flow_grpo" and self.groups_per_step % share:
+            raise ValueError(
+                f"groups_per_step ({self.groups_per_step}) must divide evenly over num_processes ({self.num_processes}) "
+                f"x gradient_accumulation_steps ({self.gradient_accumulation_steps}): change one of them"
+            )
+        return self
 
 
 class Evaluate(Section):

@@ -34,6 +34,20 @@ class Rollouts:
     cond: Condition  # per prompt, batch-first (P, ...)
     rows: list[dict]  # one per image: prompt_index, member, prompt, target, seed, image
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(prompts, images per prompt)."""
+        return tuple(self.latents.shape[:2])
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one latent."""
+        return tuple(self.latents.shape[2:])
+
+    def take(self, prompts: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, Condition]:
+        """Latents (G, k, C, H, W) of ``members`` (G, k) of ``prompts`` (G,), and the prompts' conditioning."""
+        return self.latents[prompts.unsqueeze(1), members], {k: v[prompts] for k, v in self.cond.items()}
+
 
 def image_seed(base_seed: int, prompt_index: int, member: int, per_prompt: int) -> int:
     return base_seed + prompt_index * per_prompt + member

@@ -10,12 +10,9 @@ from torch import Tensor
 def sample_timesteps(
     n: int, scheme: str, logit_mean: float, logit_std: float, generator: torch.Generator
 ) -> Tensor:
-    """t in (0, 1): 'uniform' or 'logit_normal' (SD3 paper §3.1, t = sigmoid(N(m, s)))."""
+    """t in (0, 1): 'uniform' or 'logit_normal' (SD3 paper §3.1, t = sigmoid(N(m, s))), drawn from ``generator`` only."""
     if scheme == "uniform":
         return torch.rand(n, generator=generator)
-    # diffusers draws from the global RNG; fork it so the draw follows ``generator`` only.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        return compute_density_for_timestep_sampling(
-            weighting_scheme=scheme, batch_size=n, logit_mean=logit_mean, logit_std=logit_std
-        )
+    return compute_density_for_timestep_sampling(
+        weighting_scheme=scheme, batch_size=n, logit_mean=logit_mean, logit_std=logit_std, generator=generator
+    )

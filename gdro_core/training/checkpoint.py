@@ -3,26 +3,50 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
+UNREADABLE = (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError)
+"""What a truncated or half-written checkpoint raises on load."""
+
+DeviceMap = torch.device | str | Mapping[str, torch.device] | Callable[[str], torch.device]
 
 
 def rng_state(generator: torch.Generator, py_rng: random.Random) -> dict[str, Any]:
-    return {"torch_global": torch.get_rng_state(), "generator": generator.get_state(), "python": py_rng.getstate()}
+    """The training loop's own generators; the global RNG is never used, so it is not saved."""
+    return {"generator": generator.get_state(), "python": py_rng.getstate()}
 
 
 def restore_rng(state: dict[str, Any], generator: torch.Generator, py_rng: random.Random) -> None:
-    torch.set_rng_state(state["torch_global"])
     generator.set_state(state["generator"])
     version, internal, gauss = state["python"]
     py_rng.setstate((version, tuple(internal), gauss))
+
+
+def to_devices(tensors: Mapping[str, torch.Tensor], devices: DeviceMap) -> dict[str, torch.Tensor]:
+    """Each tensor moved to its device: one device for all, a key -> device mapping, or a function of the key.
+
+    Restored state must sit where the module it belongs to lives (an EMA shadow on the CPU beside
+    LoRA weights on the GPU fails at the first update).
+    """
+    if isinstance(devices, (torch.device, str)):
+        return {k: v.to(devices) for k, v in tensors.items()}
+    if isinstance(devices, Mapping):
+        missing = [k for k in tensors if k not in devices]
+        if missing:
+            raise KeyError(f"no device given for checkpoint tensors {missing[:3]}")
+        return {k: v.to(devices[k]) for k, v in tensors.items()}
+    return {k: v.to(devices(k)) for k, v in tensors.items()}
 
 
 def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
@@ -41,11 +65,32 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
     return final
 
 
+def checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    return sorted(p for p in root.glob(f"{PREFIX}*") if (p / "state.pt").is_file()) if root.is_dir() else []
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    found = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "state.pt").is_file()) if root.is_dir() else []
+    found = checkpoints(root)
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and state of a checkpoint; ``weights_only`` refuses anything but tensors and primitives."""
-    return load_file(path / "weights.safetensors"), torch.load(path / "state.pt", weights_only=True)
+def load_checkpoint(path: Path, map_location: DeviceMap = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and state of a checkpoint; ``weights_only`` refuses anything but tensors and primitives.
+
+    ``map_location`` places the weights (see :func:`to_devices`); the state is read onto the CPU, since the
+    optimiser moves its own state to its parameters' devices on ``load_state_dict``.
+    """
+    weights = to_devices(load_file(path / "weights.safetensors"), map_location)
+    return weights, torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_latest(root: Path, map_location: DeviceMap = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that reads back whole; a truncated one is skipped with a warning (None: none)."""
+    for path in reversed(checkpoints(root)):
+        try:
+            return load_checkpoint(path, map_location)
+        except UNREADABLE as err:
+            warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); falling back to the previous one",
+                          stacklevel=2)
+    return None
