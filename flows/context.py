@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gdro_core.layout import Layout
 from gdro_core.params import load_params
 
@@ -20,6 +18,5 @@ def project_root() -> Path:
 def load_layout(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> Layout:
     root = project_root()
     path = Path(params_path)
-    params = load_params(path if path.is_absolute() else root / path, overrides)
-    torch.manual_seed(params.seed)
-    return Layout(root=root, params=params)
+    # no global seeding: every draw takes an explicit generator, so parallel sweep threads do not interleave
+    return Layout(root=root, params=load_params(path if path.is_absolute() else root / path, overrides))
