@@ -95,6 +95,28 @@ def run_server_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """`gdro train` on several processes: start itself under torchrun when ``train.num_processes`` > 1; inside a
+    launch (torchrun or ``accelerate launch``) a non-main rank trains its share without Prefect or MLflow.
+    None: run the flow here (one process, or the main rank)."""
+    import subprocess
+
+    from flows.context import project_root
+    from gdro_core.params import load_params
+    from gdro_core.training.launch import is_main_rank, launched, torchrun_command
+
+    overrides = parse_overrides(args.overrides)
+    if launched():
+        if is_main_rank():
+            return None
+        from flows.train import train_worker
+
+        train_worker(args.params, overrides)
+        return 0
+    n = load_params(project_root() / args.params, overrides).train.num_processes
+    return subprocess.call(torchrun_command(n, "flows.cli", argv)) if n > 1 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_server_command(args)
     flow = pipeline_flow if args.command == "pipeline" else STAGES[args.command]
     try:
+        if args.command == "train":
+            code = run_data_parallel(args, argv if argv is not None else sys.argv[1:])
+            if code is not None:
+                return code
         flow(params_path=args.params, overrides=parse_overrides(args.overrides))
     except (ParamsError, ValueError, FileNotFoundError) as err:
         print(f"gdro {args.command}: {err}", file=sys.stderr)

@@ -21,7 +21,9 @@ from gdro_core.tasks.ocr import reader_from_params
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.training.online_grpo import encode_prompts, reader_reward, train_online
 from gdro_core.data.prompts import read_prompts
-from gdro_core.data.rollout import load_rollouts
+from gdro_core.data.pool import open_rollouts
+from gdro_core.models.offload import PreEncoded, offload_unused
+from gdro_core.training.launch import launched
 from gdro_core.data.scoring import reward_matrix
 from gdro_core.data.store import fingerprint, read_json, sha256_file
 from gdro_core.tracking.runs import metric_logger, stage_run
@@ -33,7 +35,8 @@ def train_fingerprint(lay: Layout) -> str:
     p = lay.params
     return fingerprint(
         {
-            "train": p.train.model_dump(),
+            # how the batch is computed (processes, micro-batches, recomputation) does not change the run
+            "train": p.train.model_dump(exclude={"num_processes", "gradient_accumulation_steps", "gradient_checkpointing"}),
             "monitor": [p.evaluate.model_dump(), p.judge.model_dump(), p.sampler.model_dump()],
             "rollouts": read_json(lay.rollout_dir / "manifest.json")["fingerprint"],
             "rewards": sha256_file(lay.rewards),
@@ -41,34 +44,61 @@ def train_fingerprint(lay: Layout) -> str:
     )
 
 
+def _offline_inputs(lay: Layout):
+    """The lazily read rollout pool, its reward table and the base model (shared by every process)."""
+    p = lay.params
+    data = open_rollouts(lay.rollout_dir)
+    rewards = reward_matrix(pd.read_parquet(lay.rewards), *data.shape)
+    model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
+    return data, rewards, model
+
+
 @task(cache_policy=NO_CACHE)
 def fit_adapter(lay: Layout) -> dict:
     p = lay.params
+    if p.train.num_processes > 1 and not launched():
+        raise ValueError(
+            f"train.num_processes is {p.train.num_processes}: run `gdro train` (it starts torchrun) or "
+            "`accelerate launch --num_processes N -m flows.cli train`; the pipeline and sweep flows train in one process"
+        )
     logger = get_run_logger()
     log = metric_logger(logger.info)
-    data = load_rollouts(lay.rollout_dir)
-    rewards = reward_matrix(pd.read_parquet(lay.rewards), *data.latents.shape[:2])
-    model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
+    data, rewards, model = _offline_inputs(lay)
     ckpt = lay.checkpoints("train", train_fingerprint(lay))
+    val = read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts]
+    online = p.train.objective == "flow_grpo"
+    # offline: the monitor's prompts are encoded now, so the encoders and VAE can leave the device
+    monitored = model if online else PreEncoded(model, [q.prompt for q in val], p.sampler.batch_size)
     monitor = CheckpointMonitor(
-        model, read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts], reader_from_params(lay.params),
+        monitored, val, reader_from_params(lay.params),
         make_judge(p.world, p.judge), task=p.judge.task, seed=p.evaluate.seed, steps=p.sampler.steps,
         guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, substring=p.reward.substring_full_credit,
         ocr_batch=p.reward.batch_size, keep=p.evaluate.keep, workdir=ckpt / "monitor", log=log,
     )
     monitor.evaluate_base()
     every = p.evaluate.checkpoint_every or p.train.steps
-    if p.train.objective == "flow_grpo":  # the online baseline: fresh rollouts every iteration
+    if online:  # the online baseline: fresh rollouts every iteration
         prompts = read_prompts(lay.prompts("train"))
         reward = reader_reward(reader_from_params(lay.params), p.reward.substring_full_credit, p.reward.batch_size)
         train_online(model, prompts, *encode_prompts(model, prompts, p.sampler.batch_size), reward, p.train, ckpt, log,
                      on_checkpoint=monitor, eval_every=every, guidance=p.sampler.guidance)
     else:
+        offload_unused(model)
         train(model, data, rewards, p.train, ckpt, log, on_checkpoint=monitor, eval_every=every)
     return keep_adapter(
         model, monitor, lay.adapter_dir, lay.reports_dir, p.evaluate.hacking_window,
         f"{p.train.objective}, beta={p.train.beta}",
     )
+
+
+def train_worker(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> None:
+    """A non-main process of a data-parallel `gdro train`: trains its share, and writes, evaluates and reports nothing."""
+    lay = load_layout(params_path, overrides)
+    p = lay.params
+    data, rewards, model = _offline_inputs(lay)
+    offload_unused(model)
+    train(model, data, rewards, p.train, lay.checkpoints("train", train_fingerprint(lay)), lambda step, metrics: None,
+          eval_every=p.evaluate.checkpoint_every or p.train.steps)
 
 
 @flow(name="train")

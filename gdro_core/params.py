@@ -212,6 +212,8 @@ class Train(Section):
 
     @model_validator(mode="after")
     def _global_batch_splits(self) -> Train:
+        if self.objective == "flow_grpo" and self.num_processes > 1:
+            raise ValueError("objective 'flow_grpo' (online) trains in one process: set num_processes to 1")
         share = self.num_processes * self.gradient_accumulation_steps
         if self.objective != "flow_grpo" and self.groups_per_step % share:
             raise ValueError(

@@ -69,3 +69,20 @@ def test_gradient_accumulation_follows_the_one_batch_loss_curve(tmp_path, one_th
 def test_a_global_batch_that_does_not_split_is_refused(tiny_params):
     with pytest.raises(ValueError, match=r"groups_per_step \(2\) must divide evenly.*gradient_accumulation_steps \(4\)"):
         parse_params({**TINY, "train": {**TINY["train"], "gradient_accumulation_steps": 4}})
+
+
+def test_launch_helpers_recognise_ranks_and_build_the_torchrun_command():
+    from gdro_core.training.launch import is_main_rank, launched, torchrun_command
+
+    assert not launched({}) and is_main_rank({})
+    assert launched({"WORLD_SIZE": "2", "RANK": "1"}) and not is_main_rank({"WORLD_SIZE": "2", "RANK": "1"})
+    cmd = torchrun_command(2, "flows.cli", ["train", "--set", "train.beta=6"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flows.cli",
+                       "train", "--set", "train.beta=6"]
+    with pytest.raises(ValueError, match="at least 2 processes"):
+        torchrun_command(1, "flows.cli", [])
+
+
+def test_the_online_baseline_refuses_several_processes():
+    with pytest.raises(ValueError, match="flow_grpo.*one process"):
+        parse_params({**TINY, "train": {**TINY["train"], "objective": "flow_grpo", "num_processes": 2}})

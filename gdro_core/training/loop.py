@@ -127,11 +127,12 @@ def end_of_step(
     Only the main process does either; returns whether this step did (other processes then wait for it).
     """
     last_step = step == cfg.steps
-    evaluate = on_checkpoint is not None and eval_every > 0 and (step % eval_every == 0 or last_step)
+    # decided from the schedule alone, so every process agrees on it (only the main one has ``on_checkpoint``)
+    evaluate = eval_every > 0 and (step % eval_every == 0 or last_step)
     save_now = evaluate or step % cfg.checkpoint_every == 0 or last_step
     if not main_process:
         return save_now
-    if evaluate:
+    if evaluate and on_checkpoint is not None:
         on_checkpoint(step, ema.shadow)  # before saving: a crash here re-runs the evaluation on resume
     if save_now:
         weights = {f"lora.{k}": v for k, v in lora_state(model.transformer).items()}
