@@ -122,7 +122,7 @@ def group_objective(
             hits, pairs = ranking_counts(s.detach().cpu(), rewards)
             parts["ranking_hits"] += hits
             parts["ranking_pairs"] += pairs
-            parts["margin"] += float((s[:, 0] - s[:, -1]).mean()) / n_draws
+            parts["margin"] += float((s[:, 0] - s[:, -1]).detach().mean()) / n_draws
         loss = main + (1.0 if cfg.objective == "sft_best" else cfg.gamma) * anchor
         total = total + loss / n_draws
         parts["loss_main"] += float(main) / n_draws

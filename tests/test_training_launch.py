@@ -1,0 +1,36 @@
+"""`gdro train` with train.num_processes = 2 starts itself under torchrun; only rank 0 writes and reports."""
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import torch
+
+from test_cpu_benchmark_smoke import make_project
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gdro_train_on_two_processes_trains_once_and_reports_once(tmp_path, one_thread):
+    make_project(tmp_path)
+    env = {**os.environ, "GDRO_ROOT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--set", "train.num_processes=2"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "models" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    states = sorted(glob.glob(str(tmp_path / "checkpoints" / "train" / "*" / "step-*" / "state.pt")))
+    assert states, "no checkpoint written"
+    assert {torch.load(s, weights_only=True)["num_processes"] for s in states} == {2}  # really two ranks
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(experiment_names=["gdro"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert list(runs["tags.gdro.stage"]) == ["train"]  # one MLflow run: rank 1 reported nothing
+    assert done.stderr.count("Beginning flow run") + done.stdout.count("Beginning flow run") == 1
