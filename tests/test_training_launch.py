@@ -34,3 +34,16 @@ def test_gdro_train_on_two_processes_trains_once_and_reports_once(tmp_path, one_
         mlflow.set_tracking_uri(previous)
     assert list(runs["tags.gdro.stage"]) == ["train"]  # one MLflow run: rank 1 reported nothing
     assert done.stderr.count("Beginning flow run") + done.stdout.count("Beginning flow run") == 1
+
+
+def test_how_the_batch_is_computed_does_not_change_the_checkpoint_directory(tmp_path):
+    from flows.train import train_fingerprint
+    from gdro_core.layout import Layout
+
+    lay = make_project(tmp_path)
+    same = [{}, {"num_processes": 2, "gradient_accumulation_steps": 1, "gradient_checkpointing": True}]
+    prints = {train_fingerprint(Layout(root=lay.root, params=lay.params.model_copy(
+        update={"train": lay.params.train.model_copy(update=u)}))) for u in same}
+    assert len(prints) == 1
+    other = lay.params.model_copy(update={"train": lay.params.train.model_copy(update={"beta": 3.0})})
+    assert train_fingerprint(Layout(root=lay.root, params=other)) not in prints

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from gdro_core.data.pool import RolloutPool
 from gdro_core.data.rollout import Rollouts
 from gdro_core.models.base import FlowModel
 from gdro_core.models.lora import add_lora, lora_state, set_lora_state
@@ -179,7 +180,7 @@ def _reduce(accelerator: Accelerator, sums: dict[str, float], groups: int) -> di
 
 def train(
     model: FlowModel,
-    data: Rollouts,
+    data: Rollouts | RolloutPool,
     rewards: torch.Tensor,
     cfg: Train,
     ckpt_dir: Path,
@@ -205,6 +206,11 @@ def train(
         raise ValueError(
             f"train.groups_per_step ({cfg.groups_per_step}) does not split over {n_proc} processes x "
             f"{n_acc} accumulation steps: make it a multiple of {n_proc * n_acc}"
+        )
+    if n_proc > 1 and acc.device.type == "cuda" and model.device != acc.device:
+        raise ValueError(
+            f"process {rank} holds the model on {model.device} but its device is {acc.device}: "
+            "set model.device to 'auto' so that each process loads the model onto its own GPU"
         )
     micro = cfg.groups_per_step // (n_proc * n_acc)
     if cfg.allow_tf32:
