@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gdro_core.models.lora import lora_state
-from gdro_core.objectives.offline import group_objective, ranking_counts
+from gdro_core.objectives.implicit_reward import ranking_counts
+from gdro_core.objectives.offline import group_objective
 from gdro_core.training.checkpoint import checkpoints, load_checkpoint, to_devices
 from gdro_core.training.loop import make_optimizer, start_training, train
 from training_fixtures import tiny_data, tiny_model

@@ -22,11 +22,9 @@ def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return (1 - t_) * x0 + t_ * noise, noise - x0
 
 
-def ranking_accuracy(s: Tensor, rewards: Tensor) -> Tensor:
-    """Share of strictly ordered member pairs whose implicit rewards agree with the explicit order."""
+def ranking_counts(s: Tensor, rewards: Tensor) -> tuple[float, float]:
+    """(pairs whose implicit rewards agree with the explicit order, strictly ordered pairs); ranking accuracy is
+    their ratio. Groups whose rewards are all equal hold no ordered pair and add nothing."""
     ds = s.unsqueeze(-1) - s.unsqueeze(-2)
-    dr = rewards.unsqueeze(-1) - rewards.unsqueeze(-2)
-    pairs = dr > 0
-    if not pairs.any():
-        return torch.tensor(float("nan"))
-    return (ds[pairs] > 0).float().mean()
+    pairs = (rewards.unsqueeze(-1) - rewards.unsqueeze(-2)) > 0
+    return float((ds[pairs] > 0).sum()), float(pairs.sum())

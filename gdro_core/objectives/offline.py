@@ -9,7 +9,7 @@ from torch import Tensor
 
 from gdro_core.models.base import Condition, FlowModel, velocity
 from gdro_core.objectives.group_loss import dpo_loss, plackett_luce_loss, sort_groups
-from gdro_core.objectives.implicit_reward import flow_matching_error, implicit_reward, interpolate
+from gdro_core.objectives.implicit_reward import flow_matching_error, implicit_reward, interpolate, ranking_counts
 from gdro_core.models.lora import reference
 from gdro_core.params import Train
 from gdro_core.objectives.timesteps import sample_timesteps
@@ -59,13 +59,6 @@ def draw_randomness(rewards: Tensor, item_shape: tuple[int, ...], cfg: Train, ge
         ts.append(sample_timesteps(groups, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, gen))
         noises.append(torch.randn((groups, *item_shape), generator=gen))
     return Draws(order, torch.stack(ts), torch.stack(noises))
-
-
-def ranking_counts(s: Tensor, rewards: Tensor) -> tuple[float, float]:
-    """(agreeing pairs, strictly ordered pairs): groups whose rewards are all equal contribute nothing."""
-    ds = s.unsqueeze(-1) - s.unsqueeze(-2)
-    pairs = (rewards.unsqueeze(-1) - rewards.unsqueeze(-2)) > 0
-    return float((ds[pairs] > 0).sum()), float(pairs.sum())
 
 
 def group_objective(
