@@ -118,9 +118,9 @@ def group_objective(
             parts["margin"] += float((s[:, 0] - s[:, -1]).detach().mean()) / n_draws
         loss = main + (1.0 if cfg.objective == "sft_best" else cfg.gamma) * anchor
         total = total + loss / n_draws
-        parts["loss_main"] += float(main) / n_draws
-        parts["loss_anchor"] += float(anchor) / n_draws
-    parts["loss"] = float(total)
+        parts["loss_main"] += float(main.detach()) / n_draws
+        parts["loss_anchor"] += float(anchor.detach()) / n_draws
+    parts["loss"] = float(total.detach())
     if parts["ranking_pairs"] > 0:
         parts["ranking_accuracy"] = parts["ranking_hits"] / parts["ranking_pairs"]
     return total, parts
