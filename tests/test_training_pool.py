@@ -12,13 +12,13 @@ from gdro_core.training.loop import train
 from training_fixtures import tiny_data, tiny_model
 
 
-def _write(out, data, shard_prompts):
+def _write(out, data, shard_prompts, dtype=torch.float32):
     """``data`` as a rollout directory of shards of ``shard_prompts`` prompts (the layout `gdro rollout` writes)."""
     out.mkdir()
     shards = {}
     for s, start in enumerate(range(0, data.shape[0], shard_prompts)):
         name = f"shard-{s:04d}.safetensors"
-        part = {"latents": data.latents[start : start + shard_prompts].contiguous()}
+        part = {"latents": data.latents[start : start + shard_prompts].to(dtype).contiguous()}
         part |= {f"cond.{k}": v[start : start + shard_prompts].contiguous() for k, v in data.cond.items()}
         save_file(part, str(out / name))
         shards[name] = sha256_file(out / name)
@@ -32,15 +32,18 @@ def pool_dir(tiny_params, tmp_path):
     return _write(tmp_path / "rollouts", data, shard_prompts=2), data, rewards  # shards of 2, 2 and 1 prompts
 
 
-def test_the_pool_answers_every_draw_as_the_loaded_rollouts(pool_dir):
-    out, data, _ = pool_dir
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: what a bf16 model's rollout stores
+def test_the_pool_answers_every_draw_as_the_loaded_rollouts(tiny_params, tmp_path, dtype):
+    data, _ = tiny_data(tiny_params, n_prompts=5)
+    out = _write(tmp_path / "rollouts", data, shard_prompts=2, dtype=dtype)
     pool, eager = open_rollouts(out), load_rollouts(out)
+    assert eager.latents.dtype == dtype
     assert pool.shape == eager.shape == (5, 4) and pool.item_shape == eager.item_shape
     prompts = torch.tensor([4, 0, 3, 1, 2, 3])
     members = torch.tensor([[3, 0], [1, 2], [0, 1], [2, 3], [1, 1], [3, 2]])
     x0, cond = pool.take(prompts, members)
     ex0, econd = eager.take(prompts, members)
-    assert torch.equal(x0, ex0) and torch.equal(x0[0, 0], data.latents[4, 3])
+    assert x0.dtype == dtype and torch.equal(x0, ex0) and torch.equal(x0[0, 0], data.latents[4, 3].to(dtype))
     assert cond.keys() == econd.keys() and all(torch.equal(cond[k], econd[k]) for k in cond)
     with pytest.raises(IndexError, match="pool of 5 prompts"):
         pool.take(torch.tensor([5]), torch.tensor([[0, 1]]))
