@@ -71,11 +71,12 @@ def test_resumed_state_sits_on_the_device_of_its_parameters(tiny_params, tmp_pat
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_params, tmp_path, one_thread):
+@pytest.mark.parametrize("part", ["weights.safetensors", "state.pt"])
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny_params, tmp_path, one_thread, part):
     p = tiny_params  # steps 4, checkpoint_every 2: step-2 and step-4 are kept
     _, full = _run(p, tmp_path / "full")
     _run(p, tmp_path / "cut", steps=3)  # step-2 and step-3 on disk
-    newest = checkpoints(tmp_path / "cut")[-1] / "weights.safetensors"
+    newest = checkpoints(tmp_path / "cut")[-1] / part
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with pytest.warns(UserWarning, match=r"step-0000003.*unreadable.*falling back"):
         logs, resumed = _run(p, tmp_path / "cut")
@@ -191,3 +192,28 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_params, t
         out.append((loss.item(), [q.grad.clone() for q in params]))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out[0][1], out[1][1]))
+
+
+def test_bf16_weights_train_fp32_adapters(tiny_params, tmp_path):
+    p = tiny_params
+    model = tiny_model(p)
+    model.transformer.to(torch.bfloat16)
+    model.dtype = torch.bfloat16
+    data, rewards = tiny_data(p)
+    logs = {}
+    ema = train(model, data, rewards, _cfg(p, steps=2), tmp_path, lambda s, m: logs.__setitem__(s, m))
+    dtypes = {n: q.dtype for n, q in model.transformer.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {v.dtype for v in ema.values()} == {torch.float32}
+    assert all(torch.isfinite(torch.tensor(v)) for m in logs.values() for v in m.values())
+
+
+def test_allow_tf32_turns_tf32_matmuls_on(tiny_params, tmp_path):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        _run(tiny_params, tmp_path, steps=1, allow_tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
