@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdro_core.code_version import code_hash
 from gdro_core.params import Params
 
 
@@ -49,5 +51,7 @@ class Layout:
         return self.reports_dir / "metrics.json"
 
     def checkpoints(self, stage: str, fingerprint: str) -> Path:
-        """Per-configuration checkpoints: a changed config never resumes another's state."""
-        return self.root / "checkpoints" / stage / fingerprint[:16]
+        """Per-configuration and per-code checkpoints: a changed config or changed stage code never resumes
+        another's state."""
+        key = hashlib.sha256(f"{fingerprint}:{code_hash(stage)}".encode()).hexdigest()
+        return self.root / "checkpoints" / stage / key[:16]

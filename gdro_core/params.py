@@ -64,6 +64,10 @@ class Prompts(Section):
         32, ge=1, description="Validation prompts for checkpoint selection during train, disjoint from train and test."
     )
     seed: int = 0
+    source: str = Field(
+        "", description="'' generates the sets from the world; else a directory under prompt_files/ holding "
+        "train.txt and test.txt (and val.txt) in Flow-GRPO's format: one prompt per line, target in double quotes.",
+    )
     templates: list[str] = Field(
         default_factory=lambda: [
             '"{text}" on a sign',
@@ -377,7 +381,18 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path} (run from the project root or pass --params)")
-    data = yaml.safe_load(path.read_text()) or {}
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        lines = text.splitlines()
+        tab = mark is not None and mark.line < len(lines) and "\t" in lines[mark.line]
+        hint = "YAML does not allow tabs for indentation: indent with spaces" if tab else "fix the YAML syntax there"
+        raise ParamsError(f"{path}{where} is not valid YAML ({getattr(err, 'problem', err)}): {hint}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections (train:, sampler:, ...), not {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -26,11 +26,13 @@ def dvc_project(tmp_path, prefect_server):
     from prefect.settings import PREFECT_API_URL
 
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    shutil.copytree(ROOT / "gdro_core", tmp_path / "gdro_core", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("gdro_core", "flows"):  # the stages run this copy (PYTHONPATH), so a test may edit it
+        shutil.copytree(ROOT / code, tmp_path / code, ignore=shutil.ignore_patterns("__pycache__"))
     # dvc reads params.yaml itself: write every key (the defaults too), not just the tiny overrides
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(parse_params(TINY).model_dump()))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "GDRO_ROOT": str(tmp_path)}
+           "PREFECT_API_URL": PREFECT_API_URL.value(), "GDRO_ROOT": str(tmp_path),
+           "PYTHONPATH": str(tmp_path)}
     run(["git", "init", "-q"], tmp_path, env)
     run([BIN / "dvc", "init", "-q"], tmp_path, env)
     return tmp_path, env
@@ -39,7 +41,7 @@ def dvc_project(tmp_path, prefect_server):
 def test_repro_is_incremental(dvc_project):
     path, env = dvc_project
     first = run([BIN / "dvc", "repro"], path, env)
-    for stage in ("prompts", "base", "rollout", "score", "train", "evaluate"):
+    for stage in ("check", "prompts", "base", "rollout", "score", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first
     metrics = yaml.safe_load((path / "reports" / "metrics.json").read_text())
     assert {"base", "trained", "ceiling"} <= set(metrics)
@@ -51,5 +53,32 @@ def test_repro_is_incremental(dvc_project):
     params["train"]["beta"] = 6.0
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     third = run([BIN / "dvc", "repro"], path, env)
-    ran = {line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate"}
+    assert ran_stages(third) == {"check", "train", "evaluate"}  # check validates every params change first
+
+    # a code change reruns the stages that run that code, and training starts over: a checkpoint made by
+    # other code is never resumed (before, train resumed at its last step and kept the old adapter)
+    objective = path / "gdro_core" / "objectives" / "group_loss.py"
+    objective.write_text(objective.read_text() + "\n# edited\n")
+    fourth = run([BIN / "dvc", "repro"], path, env)
+    assert ran_stages(fourth) == {"train", "evaluate"}
+    assert "step 1:" in fourth, "train resumed a checkpoint made by the old code instead of training anew"
+    assert len(list((path / "checkpoints" / "train").iterdir())) == 3  # beta 12, beta 6, beta 6 + new code
+
+
+def ran_stages(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+
+
+def test_invalid_params_stop_repro_before_any_output_is_deleted(dvc_project):
+    path, env = dvc_project
+    run([BIN / "dvc", "repro"], path, env)
+    kept = {name: (path / "reports" / name).read_bytes() for name in ("train_summary.json", "train_curve.csv")}
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["train"]["beta"] = -1.0
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run([BIN / "dvc", "repro"], cwd=path, env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "train.beta" in out.stdout + out.stderr
+    assert "Running stage 'train'" not in out.stdout
+    for name, content in kept.items():  # uncached reports survive: DVC never reached the train stage
+        assert (path / "reports" / name).read_bytes() == content

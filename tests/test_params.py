@@ -56,3 +56,10 @@ def test_overrides_use_dotted_keys(tmp_path):
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_a_tab_in_params_yaml_names_the_file_the_line_and_the_fix(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  beta: 6\n\tgamma: 0.5\n")
+    with pytest.raises(ParamsError, match=r"params.yaml line 3, column 1 .*indent with spaces"):
+        load_params(bad)

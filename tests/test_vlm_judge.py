@@ -153,8 +153,36 @@ def test_tiny_qwen2_5_vl_judge_answers_from_image_and_prompt(tiny_judge_dir, mon
     assert not torch.allclose(logits[0], logits[1])
 
 
-def test_tiny_random_judge_scores_are_a_clear_error(tiny_judge_dir):
-    """A model that does not answer in the score format fails loudly instead of yielding made-up scores."""
+def test_tiny_random_judge_answers_are_missing_not_made_up(tiny_judge_dir, caplog):
+    """A model that does not answer in the score format yields missing scores (and a warning), never made-up ones."""
     judge = UnifiedRewardJudge.from_pretrained(str(tiny_judge_dir), max_new_tokens=MAX_NEW_TOKENS)
-    with pytest.raises(JudgeOutputError, match=r"lacks \['alignment', 'coherence', 'style'\] scores"):
-        judge.score([_image(0)], ["a red sign that says OPEN"], ["OPEN"])
+    (scores,) = judge.score([_image(0)], ["a red sign that says OPEN"], ["OPEN"])
+    assert all(v != v for v in scores.as_dict().values())  # NaN
+    assert "lacks ['alignment', 'coherence', 'style'] scores" in caplog.text
+
+
+def test_an_unparseable_answer_is_recorded_missing_and_counted(caplog):
+    import math
+
+    from PIL import Image
+
+    from gdro_core.evaluation.heldout import summarise
+    from gdro_core.evaluation.vlm_judge import UnifiedRewardJudge
+
+    answers = iter(["Alignment Score (1-5): 4\nCoherence Score (1-5): 5\nStyle Score (1-5): 3", "I cannot judge this."])
+
+    class Scripted(UnifiedRewardJudge):
+        def answer(self, image, prompt):
+            return next(answers)
+
+    images = [Image.new("L", (8, 8))] * 2
+    scores = Scripted(None, None, 8).score(images, ['"1" on a sign', '"2" on a sign'], ["1", "2"])
+    assert scores[0].as_dict() == {"alignment": 4.0, "coherence": 5.0, "style": 3.0}
+    assert all(math.isnan(v) for v in scores[1].as_dict().values())
+    assert "recorded as missing" in caplog.text
+    import pandas as pd
+
+    table = pd.DataFrame([{"reward": 1.0, "u_hat": 4.0, "corrected": 1.2}, {"reward": 0.5, "u_hat": math.nan,
+                                                                             "corrected": math.nan}])
+    summary = summarise(table)
+    assert summary["judge_missing"] == 1.0 and summary["u_hat"] == 4.0 and summary["reward"] == 0.75

@@ -76,8 +76,14 @@ def write_prompts(path: Path, prompts: list[OcrPrompt]) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
+HELD_OUT = ("test", "val")
+
+
 def read_prompts(path: Path) -> list[OcrPrompt]:
-    """Read a prompt file; each prompt's target is re-derived from its quotes and must agree."""
+    """Read a prompt file; each prompt's target is re-derived from its quotes and must agree.
+
+    A training file is checked against the held-out files beside it: a held-out target in train is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path}: run `gdro prompts` first")
@@ -85,11 +91,108 @@ def read_prompts(path: Path) -> list[OcrPrompt]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        target = extract_target(row["prompt"])
+        try:
+            row = json.loads(line)
+            target = extract_target(row["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError, PromptError) as err:
+            raise PromptError(f"{path}:{n}: not a prompt record ({err}); rerun `gdro prompts`") from None
         if row.get("target", target) != target:
             raise PromptError(f"{path}:{n}: target {row['target']!r} differs from the quoted text {target!r}")
         out.append(OcrPrompt(row["prompt"], target))
     if not out:
         raise PromptError(f"prompt file {path} is empty")
+    check_unique(out, str(path))
+    if path.stem == "train":
+        held = {s: read_prompts(path.with_name(f"{s}.jsonl")) for s in HELD_OUT if path.with_name(f"{s}.jsonl").is_file()}
+        check_disjoint({"train": out, **held}, str(path.parent))
     return out
+
+
+def read_prompt_file(path: Path) -> list[OcrPrompt]:
+    """Flow-GRPO's OCR prompt format: one prompt per line, the target text between double quotes."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt file not found: {path} (prompts.source names a directory with train.txt and test.txt)")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _QUOTED.search(line)
+        if match is None or not match.group(1).strip():
+            raise PromptError(f'{path}:{n}: no target text between double quotes in {line.strip()!r}: write it as '
+                              'a sign that says "OPEN"')
+        out.append(OcrPrompt(line.strip(), match.group(1)))
+    if not out:
+        raise PromptError(f"prompt file {path} holds no prompts")
+    return out
+
+
+def load_prompt_source(source: Path, n_val: int) -> dict[str, list[OcrPrompt]]:
+    """User prompt sets from ``train.txt`` and ``test.txt`` (and ``val.txt``, else the last ``n_val`` train prompts)."""
+    sets = {split: read_prompt_file(Path(source) / f"{split}.txt") for split in ("train", "test")}
+    if (Path(source) / "val.txt").is_file():
+        sets["val"] = read_prompt_file(Path(source) / "val.txt")
+    elif n_val:
+        if n_val >= len(sets["train"]):
+            raise PromptError(f"{source}/train.txt has {len(sets['train'])} prompts, too few to hold out "
+                              f"prompts.n_val={n_val} for validation: add val.txt or lower prompts.n_val")
+        sets["train"], sets["val"] = sets["train"][:-n_val], sets["train"][-n_val:]
+    return sets
+
+
+def check_unique(prompts: list[OcrPrompt], where: str) -> None:
+    seen: set[str] = set()
+    dup = sorted({p.prompt for p in prompts if p.prompt in seen or seen.add(p.prompt)})
+    if dup:
+        raise PromptError(f"{where}: {len(dup)} duplicate prompt(s), e.g. {dup[0]!r}: each prompt must occur once")
+
+
+def check_disjoint(sets: dict[str, list[OcrPrompt]], where: str) -> None:
+    """No held-out target (normalised as the reward reads it) may occur among the training prompts."""
+    train = {"".join(p.target.lower().split()) for p in sets.get("train", [])}
+    for split in HELD_OUT:
+        leaked = sorted({p.target for p in sets.get(split, []) if "".join(p.target.lower().split()) in train})
+        if leaked:
+            raise PromptError(
+                f"{where}: {len(leaked)} {split} target(s) also occur in train, e.g. {leaked[0]!r}: held-out "
+                "targets must never be trained on; remove them from train"
+            )
+
+
+def check_encodable(prompts: list[OcrPrompt], vocab: set[str], max_tokens: int, count_tokens, where: str) -> None:
+    """Every character must be in the tokenizer's vocabulary and every prompt within its length, or the
+    target would silently become end-of-text tokens or be cut off."""
+    for p in prompts:
+        bad = sorted({c for c in p.prompt if not c.isspace() and c.lower() not in vocab})
+        if bad:
+            raise PromptError(f"{where}: prompt {p.prompt!r} has characters the text encoder cannot read: "
+                              f"{''.join(bad)!r}; use only {''.join(sorted(vocab))!r}")
+        n = count_tokens(p.prompt)
+        if n > max_tokens:
+            raise PromptError(f"{where}: prompt {p.prompt!r} is {n} tokens, over the text encoder's limit of "
+                              f"{max_tokens} (model.builtin.max_tokens): shorten it or raise the limit")
+
+
+def check_targets_in_alphabet(prompts: list[OcrPrompt], alphabet: str, where: str) -> None:
+    for p in prompts:
+        bad = sorted(set(p.target) - set(alphabet) - {" "})
+        if bad:
+            raise PromptError(f"{where}: target {p.target!r} has characters outside world.alphabet: "
+                              f"{''.join(bad)!r}; the reader cannot score them (widen world.alphabet or set "
+                              "reward.restrict_to_alphabet: false)")
+
+
+def validate_prompt_sets(sets: dict[str, list[OcrPrompt]], params, where: str) -> None:
+    """Everything a prompt set must satisfy before anything is generated from it."""
+    for split, prompts in sets.items():
+        check_unique(prompts, f"{where} ({split})")
+    check_disjoint(sets, where)
+    every = [p for prompts in sets.values() for p in prompts]
+    if params.reward.restrict_to_alphabet:
+        check_targets_in_alphabet(every, params.world.alphabet, where)
+    if params.model.source == "builtin":
+        from gdro_core.models.builtin import build_tokenizer
+
+        tok = build_tokenizer()
+        vocab = {t.removesuffix("</w>") for t in tok.get_vocab()}
+        check_encodable(every, vocab, params.model.builtin.max_tokens, lambda s: len(tok(s).input_ids), where)

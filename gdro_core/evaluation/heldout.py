@@ -41,8 +41,12 @@ SUMMARY = ("reward", "exact", "similarity", "alignment", "coherence", "style", "
 
 
 def summarise(scores: pd.DataFrame) -> dict[str, float]:
-    """Means of every score column present."""
-    return {k: float(scores[k].mean()) for k in SUMMARY if k in scores}
+    """Means of every score column present; images the judge gave no answer for are left out of the judge
+    means and counted as ``judge_missing``."""
+    out = {k: float(scores[k].mean()) for k in SUMMARY if k in scores}
+    if "u_hat" in scores:
+        out["judge_missing"] = float(scores["u_hat"].isna().sum())
+    return out
 
 
 def assess(

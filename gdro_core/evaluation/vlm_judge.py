@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from pathlib import Path
 
@@ -18,6 +20,10 @@ PROMPT = (
     "Your task is provided as follows:\nText Caption: [{prompt}]"
 )
 _SCORE = re.compile(r"(Alignment|Coherence|Style)\s*Score\s*(?:\(1-5\))?\s*:\s*([0-9]*\.?[0-9]+)", re.IGNORECASE)
+
+
+log = logging.getLogger("gdro")
+MISSING = JudgeScores(math.nan, math.nan, math.nan)
 
 
 class JudgeOutputError(ValueError):
@@ -66,4 +72,12 @@ class UnifiedRewardJudge:
         return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
     def score(self, images: list[Image.Image], prompts: list[str], targets: list[str]) -> list[JudgeScores]:
-        return [parse_scores(self.answer(im, p)) for im, p in zip(images, prompts)]
+        """One answer per image; an answer without the three scores is recorded as missing (NaN), never fatal."""
+        out = []
+        for im, p in zip(images, prompts):
+            try:
+                out.append(parse_scores(self.answer(im, p)))
+            except JudgeOutputError as err:
+                log.warning("judge answer unusable for prompt %r, recorded as missing: %s", p, err)
+                out.append(MISSING)
+        return out

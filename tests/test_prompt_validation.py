@@ -1,0 +1,74 @@
+"""Prompt sets that would silently train or evaluate on the wrong thing are refused with the reason."""
+
+import json
+
+import pytest
+
+from gdro_core.data.prompts import (
+    OcrPrompt, PromptError, load_prompt_source, read_prompt_file, read_prompts, validate_prompt_sets, write_prompts,
+)
+
+
+def sets(train, test, val=()):
+    mk = lambda ts: [OcrPrompt(f'"{t}" on a sign', t) for t in ts]  # noqa: E731
+    out = {"train": mk(train), "test": mk(test)}
+    if val:
+        out["val"] = mk(val)
+    return out
+
+
+def test_valid_sets_pass(tiny_params):
+    validate_prompt_sets(sets(["123", "456"], ["789"], ["012"]), tiny_params, "here")
+
+
+def test_long_prompt_is_refused_naming_it(tiny_params):
+    long = "a" * 90 + ' "123"'
+    with pytest.raises(PromptError, match="over the text encoder's limit of 32"):
+        validate_prompt_sets({"train": [OcrPrompt(long, "123")], "test": []}, tiny_params, "here")
+
+
+def test_characters_outside_the_vocabulary_are_named(tiny_params):
+    bad = tiny_params.model_copy(update={"reward": tiny_params.reward.model_copy(update={"restrict_to_alphabet": False})})
+    with pytest.raises(PromptError, match="cannot read: '.*é"):
+        validate_prompt_sets(sets(["4😀é"], ["789"]), bad, "here")
+
+
+def test_targets_outside_the_alphabet_are_named(tiny_params):
+    with pytest.raises(PromptError, match="outside world.alphabet: 'ab'"):
+        validate_prompt_sets(sets(["12ab"], ["789"]), tiny_params, "here")
+
+
+def test_duplicates_and_held_out_leakage_are_refused(tiny_params):
+    with pytest.raises(PromptError, match="duplicate"):
+        validate_prompt_sets(sets(["123", "123"], ["789"]), tiny_params, "here")
+    with pytest.raises(PromptError, match="test target.*also occur in train.*'789'"):
+        validate_prompt_sets(sets(["123", "789"], ["789"]), tiny_params, "here")
+
+
+def test_a_held_out_target_placed_in_train_jsonl_is_refused_when_read(tmp_path):
+    for split, items in sets(["123", "456"], ["789"], ["012"]).items():
+        write_prompts(tmp_path / f"{split}.jsonl", items)
+    read_prompts(tmp_path / "train.jsonl")
+    with open(tmp_path / "train.jsonl", "a") as f:  # a careless hand edit
+        f.write(json.dumps({"prompt": '"012" as a label', "target": "012"}) + "\n")
+    with pytest.raises(PromptError, match="val target.*'012'"):
+        read_prompts(tmp_path / "train.jsonl")
+
+
+def test_flow_grpo_prompt_files_load_and_malformed_lines_are_located(tmp_path):
+    src = tmp_path / "ocr"
+    src.mkdir()
+    (src / "train.txt").write_text(
+        'A bustling street market where a wooden sign reads "Fresh Bread Daily" in chalk\n'
+        '\n'
+        'An old lighthouse with the words "Keep The Light" painted on its side at dusk\n'
+        'A neon sign that says "Open 24 Hours" above a diner door\n'
+    )
+    (src / "test.txt").write_text('A chalkboard menu with "Soup of the Day" written at the top\n')
+    got = load_prompt_source(src, n_val=1)
+    assert [p.target for p in got["train"]] == ["Fresh Bread Daily", "Keep The Light"]
+    assert [p.target for p in got["val"]] == ["Open 24 Hours"]
+    assert got["test"][0].target == "Soup of the Day"
+    (src / "test.txt").write_text('fine "ok"\nno quotes on this line\n')
+    with pytest.raises(PromptError, match=r"test.txt:2: no target text between double quotes"):
+        read_prompt_file(src / "test.txt")
