@@ -104,7 +104,11 @@ def train_worker(params_path: str = "params.yaml", overrides: dict[str, Any] | N
 @flow(name="train")
 def train_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
     lay = load_layout(params_path, overrides)
-    with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge")):
+    try:  # an interrupted training continues its own MLflow run, keyed like its checkpoints
+        key = lay.checkpoints("train", train_fingerprint(lay)).name
+    except FileNotFoundError:
+        key = ""  # no rollouts or rewards yet: fit_adapter says what to run first
+    with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge"), resume_key=key):
         summary = fit_adapter(lay)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_artifacts(str(lay.adapter_dir), "adapter")

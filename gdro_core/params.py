@@ -33,6 +33,15 @@ class Tracking(Section):
     artifact_location: str = Field("mlartifacts", description="Artifact root for a new experiment.")
     experiment: str = Field("gdro", description="MLflow experiment name.")
     registered_model: str = Field("gdro-ocr-lora", description="Registry name of trained adapters.")
+    connect_timeout: float = Field(
+        10.0, gt=0, description="Seconds a remote tracking server has to answer its health check at stage start."
+    )
+    request_timeout: float = Field(
+        20.0, gt=0, description="Seconds one MLflow request may take before it is given up (remote servers)."
+    )
+    request_retries: int = Field(
+        1, ge=0, description="Retries of a failed MLflow request; a failed metric log is counted, never fatal."
+    )
 
 
 class World(Section):

@@ -1,18 +1,34 @@
-"""MLflow tracking: one run per stage, params and per-step metrics, failures marked failed with their error."""
+"""MLflow tracking: one run per stage, params and per-step metrics, failures marked failed with their error.
+
+Runs survive faults: a run left RUNNING by a killed process is marked KILLED by the next stage run, a
+stage given a ``resume_key`` (training: its checkpoint directory) continues the unfinished run of that key,
+an unreachable tracking server is reported at start instead of after minutes of retries, and a metric that
+cannot be logged mid-training is counted and skipped rather than stalling or killing the run.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import traceback
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import RunStatus
 
 from gdro_core.params import Params, section_dict
+from gdro_core.tracking.locks import stage_lock
 
 log = logging.getLogger("gdro")
+PID_TAG, HOST_TAG, RESUME_TAG = "gdro.pid", "gdro.host", "gdro.resume_key"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; the message says how to fix it."""
 
 
 def tracking_uri(uri: str, root: Path) -> str:
@@ -23,37 +39,118 @@ def tracking_uri(uri: str, root: Path) -> str:
     return uri
 
 
+def check_reachable(uri: str, timeout: float) -> None:
+    """A remote tracking server must answer its health check now, not after minutes of silent retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"health check answered HTTP {response.status}"
+    except OSError as err:
+        problem = str(getattr(err, "reason", err))
+    raise TrackingError(
+        f"MLflow tracking server {uri} is not reachable ({problem}): start it (`gdro serve`), or set tracking.uri "
+        "to the local store (sqlite:///mlflow.db)"
+    )
+
+
 def configure(params: Params, root: Path) -> str:
     """Point MLflow at the project's store and experiment; return the experiment id."""
-    mlflow.set_tracking_uri(tracking_uri(params.tracking.uri, root))
-    exp = mlflow.get_experiment_by_name(params.tracking.experiment)
+    t = params.tracking
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(t.request_timeout))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(t.request_retries)
+    uri = tracking_uri(t.uri, root)
+    check_reachable(uri, t.connect_timeout)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(t.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = Path(params.tracking.artifact_location)
+    location = Path(t.artifact_location)
     location = location if location.is_absolute() else (root / location).resolve()
-    return mlflow.create_experiment(params.tracking.experiment, artifact_location=location.as_uri())
+    return mlflow.create_experiment(t.experiment, artifact_location=location.as_uri())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_stale_runs(experiment_id: str) -> list[str]:
+    """Runs still RUNNING whose process on this host is gone (kill -9, power loss) end KILLED."""
+    client = mlflow.MlflowClient()
+    stale = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) == socket.gethostname() and PID_TAG in tags and not _alive(int(tags[PID_TAG])):
+            client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+            stale.append(run.info.run_id)
+    if stale:
+        log.warning("marked %d run(s) left RUNNING by a killed process as KILLED: %s", len(stale), stale)
+    return stale
+
+
+def _unfinished_run(experiment_id: str, resume_key: str) -> str | None:
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{RESUME_TAG}` = '{resume_key}'", order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs and runs[0].info.status in ("KILLED", "FAILED") else None
 
 
 @contextmanager
-def stage_run(params: Params, root: Path, stage: str, sections: tuple[str, ...], nested: bool = False) -> Iterator:
-    """An MLflow run for one stage; an exception is logged as ``error.txt`` and the run ends FAILED."""
-    experiment_id = configure(params, root)
-    nested = nested or mlflow.active_run() is not None  # inside a sweep's config run: nest live
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=nested, tags={"gdro.stage": stage}) as run:
-        mlflow.log_params(section_dict(params, *sections))
-        try:
-            yield run
-        except BaseException:
-            mlflow.log_text(traceback.format_exc(), "error.txt")
-            raise
+def stage_run(
+    params: Params, root: Path, stage: str, sections: tuple[str, ...], nested: bool = False, resume_key: str = "",
+) -> Iterator:
+    """An MLflow run for one stage; an exception is logged as ``error.txt`` and the run ends FAILED.
+
+    Holds the workspace's lock for the stage and its outputs, so two runs cannot write the same files.
+    """
+    with stage_lock(root, stage, section_dict(params, "paths")):
+        experiment_id = configure(params, root)
+        mark_stale_runs(experiment_id)
+        nested = nested or mlflow.active_run() is not None  # inside a sweep's config run: nest live
+        resume = _unfinished_run(experiment_id, resume_key) if resume_key else None
+        tags = {"gdro.stage": stage, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+        if resume_key:
+            tags[RESUME_TAG] = resume_key
+        if resume is not None:
+            log.info("continuing MLflow run %s of the interrupted %s", resume, stage)
+            run_ctx = mlflow.start_run(run_id=resume, nested=nested, tags=tags)
+        else:
+            run_ctx = mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=nested, tags=tags)
+        with run_ctx as run:
+            if resume is None:
+                mlflow.log_params(section_dict(params, *sections))
+            try:
+                yield run
+            except BaseException:
+                mlflow.log_text(traceback.format_exc(), "error.txt")
+                raise
 
 
 def metric_logger(echo=None):
-    """A ``(step, metrics)`` callback that logs to MLflow and echoes a line (e.g. to Prefect's logger)."""
+    """A ``(step, metrics)`` callback that logs to MLflow and echoes a line (e.g. to Prefect's logger).
+
+    A metric MLflow cannot take (server gone, network down) is counted and skipped: tracking never stops training.
+    """
+    failures = {"count": 0}
 
     def _log(step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         if echo is not None:
             echo(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        try:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        except Exception as err:  # noqa: BLE001 - any tracking failure is non-fatal by design
+            failures["count"] += 1
+            log.warning("could not log step %d metrics to MLflow (%d failed so far), training goes on: %s",
+                        step, failures["count"], err)
 
+    _log.failures = failures
     return _log

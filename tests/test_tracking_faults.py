@@ -1,0 +1,131 @@
+"""Tracking never loses work: unreachable servers are named at start, failed metric logs are skipped,
+runs of killed processes end KILLED (and training continues its own run), one writer per stage output."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import TINY
+from gdro_core.params import parse_params
+from gdro_core.tracking.locks import LockError, lock_path, stage_lock
+from gdro_core.tracking.runs import PID_TAG, TrackingError, configure, metric_logger, stage_run
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_is_named_at_once(tmp_path):
+    params = parse_params({**TINY, "tracking": {"uri": f"http://127.0.0.1:{free_port()}", "connect_timeout": 2}})
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=r"not reachable .*gdro serve.*sqlite:///mlflow.db"):
+        configure(params, tmp_path)
+    assert time.monotonic() - start < 30  # before: minutes of silent retries
+
+
+def test_a_failed_metric_log_is_counted_and_training_goes_on(monkeypatch, caplog):
+    def down(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("connection refused")
+
+    monkeypatch.setattr(mlflow, "log_metrics", down)
+    log = metric_logger()
+    log(1, {"loss": 1.0})
+    log(2, {"loss": 0.5})
+    assert log.failures["count"] == 2
+    assert "training goes on" in caplog.text
+
+
+def test_a_run_left_running_by_a_dead_process_ends_killed_and_its_training_continues_it(tmp_path):
+    params = parse_params(TINY)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    exp = configure(params, tmp_path)
+    with mlflow.start_run(experiment_id=exp, tags={PID_TAG: str(dead.pid), "gdro.host": os.uname().nodename,
+                                                    "gdro.resume_key": "abc", "gdro.stage": "train"}) as run:
+        stale_id = run.info.run_id
+    mlflow.MlflowClient().update_run(stale_id, "RUNNING")  # as a kill -9 leaves it
+    with stage_run(params, tmp_path, "train", ("train",), resume_key="abc") as resumed:
+        assert resumed.info.run_id == stale_id  # one training, one run: the curve is not split
+    assert mlflow.MlflowClient().get_run(stale_id).info.status == "FINISHED"
+    with stage_run(params, tmp_path, "train", ("train",), resume_key="abc") as fresh:
+        assert fresh.info.run_id != stale_id  # a finished training is never continued
+
+
+def test_one_writer_per_stage_output_and_a_dead_owner_is_taken_over(tmp_path):
+    outputs = {"paths.adapter_dir": "models/adapter"}
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = lock_path(tmp_path, "train", outputs)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename}))
+        with pytest.raises(LockError, match=f"pid {other.pid}.*wait for it"):
+            with stage_lock(tmp_path, "train", outputs):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    with stage_lock(tmp_path, "train", outputs) as held:  # its owner is dead now
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+    assert not path.exists()
+    with stage_lock(tmp_path, "train", {"paths.adapter_dir": "models/sweeps/a"}):
+        with stage_lock(tmp_path, "train", outputs):  # other outputs: another lock
+            pass
+
+
+@pytest.fixture()
+def scored_project(tmp_path, prefect_server):
+    from prefect.settings import PREFECT_API_URL
+
+    params = {**TINY, "train": {**TINY["train"], "steps": 24, "checkpoint_every": 2},
+              "evaluate": {**TINY["evaluate"], "checkpoint_every": 8}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GDRO_ROOT": str(tmp_path),
+           "PREFECT_API_URL": PREFECT_API_URL.value()}
+    for stage in ("prompts", "base", "rollout", "score"):
+        out = subprocess.run([BIN / "gdro", stage], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+    return tmp_path, env
+
+
+def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_same_bytes(scored_project):
+    path, env = scored_project
+    twin = path.parent / "uninterrupted"
+    shutil.copytree(path, twin)
+    done = subprocess.run([BIN / "gdro", "train"], cwd=twin, env={**env, "GDRO_ROOT": str(twin)},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    proc = subprocess.Popen([BIN / "gdro", "train"], cwd=path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(path.glob("checkpoints/train/*/step-0000004")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(path.glob(".gdro/locks/*.lock")), "the killed run's lock is left behind, to be taken over"
+
+    rerun = subprocess.run([BIN / "gdro", "train"], cwd=path, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    weights = "models/adapter/pytorch_lora_weights.safetensors"
+    assert (path / weights).read_bytes() == (twin / weights).read_bytes()
+    assert not list(path.glob(".gdro/locks/*.lock"))
+    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`gdro.stage` = 'train'")
+    assert list(runs["status"]) == ["FINISHED"]  # the killed run was continued, not duplicated
+    assert not (mlflow.search_runs(search_all_experiments=True)["status"] == "RUNNING").any()
