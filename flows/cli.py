@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,32 @@ STAGES = ("prompts", "base", "rollout", "score", "train", "evaluate")
 
 
 CHECK_FILE = "params_check.json"
+
+
+def is_expected(err: BaseException) -> bool:
+    """Errors the library raises on purpose (bad params, missing inputs, a held lock): one clear line, no traceback."""
+    return type(err).__module__.startswith("gdro_core") or isinstance(err, (FileNotFoundError, ValueError))
+
+
+class _NoTracebackForExpected(logging.Filter):
+    """Prefect logs a failing run's traceback before the CLI prints the error: keep its line, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_expected(record.exc_info[1]):
+            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def quiet_expected_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForExpected())
+
+
+def pipeline_flow():
+    from flows.pipeline import pipeline_flow
+
+    return pipeline_flow
 
 
 def stage_flow(name: str):
@@ -154,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         from gdro_core.servers import attach_to_running_server
 
         attach_to_running_server(Path(os.environ.get("GDRO_ROOT", Path.cwd())).resolve())
-    from gdro_core.params import ParamsError
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -171,14 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_server_command(args)
     if args.command == "check":
         return check_params(args)
-    flow = stage_flow(args.command)
+    flow = pipeline_flow() if args.command == "pipeline" else stage_flow(args.command)
+    quiet_expected_errors()
     try:
         if args.command == "train":
             code = run_data_parallel(args, argv if argv is not None else sys.argv[1:])
             if code is not None:
                 return code
         flow(params_path=args.params, overrides=parse_overrides(args.overrides))
-    except (ParamsError, ValueError, FileNotFoundError) as err:
+    except Exception as err:
+        if not is_expected(err):
+            raise
         print(f"gdro {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

@@ -26,7 +26,7 @@ def dvc_project(tmp_path, prefect_server):
     from prefect.settings import PREFECT_API_URL
 
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    for code in ("gdro_core", "flows"):  # the stages run this copy (PYTHONPATH), so a test may edit it
+    for code in ("gdro_core", "flows", "prompt_files"):  # the stages run this copy (PYTHONPATH), so a test may edit it
         shutil.copytree(ROOT / code, tmp_path / code, ignore=shutil.ignore_patterns("__pycache__"))
     # dvc reads params.yaml itself: write every key (the defaults too), not just the tiny overrides
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(parse_params(TINY).model_dump()))
