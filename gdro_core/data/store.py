@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +27,41 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class DiskFullError(OSError):
+    """No space left where a file had to be written; the message names the place and what is free."""
+
+
+def _out_of_space(err: BaseException) -> bool:
+    # torch's writer reports a full disk as RuntimeError("[enforce fail at inline_container.cc...] file write failed")
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (
+        isinstance(err, RuntimeError) and "file write failed" in str(err)
+    )
+
+
+@contextmanager
+def explain_full_disk(path: Path) -> Iterator[None]:
+    """Re-raise a full-disk failure while writing ``path`` as one that says so, with the free space left."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not _out_of_space(err):
+            raise
+        free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else Path.cwd()).free
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left on the device while writing {path} ({free / 2**20:.0f} MiB free): free some disk space "
+            "(or point paths.* elsewhere) and rerun; finished shards and checkpoints are kept and reused",
+        ) from err
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Let ``write`` fill a temp file beside ``path``, then rename it into place (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
+        with explain_full_disk(path):
+            write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gdro_core.data.store import explain_full_disk
+
 PREFIX = "step-"
 UNREADABLE = (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError)
 """What a truncated or half-written checkpoint raises on load."""
@@ -56,8 +58,13 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
     tmp = root / f".tmp-{PREFIX}{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "weights.safetensors")
-    torch.save({**state, "step": step}, tmp / "state.pt")
+    try:
+        with explain_full_disk(final):
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "weights.safetensors")
+            torch.save({**state, "step": step}, tmp / "state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
