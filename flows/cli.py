@@ -178,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if (argv if argv is not None else sys.argv[1:])[:1] != ["serve"]:
-        from gdro_core.servers import attach_to_running_server
+        from gdro_core.servers import attach_to_running_server, mark_owner, reap_orphaned_temporary_servers
 
+        for pid in reap_orphaned_temporary_servers():
+            print(f"gdro: stopped Prefect temporary server {pid} left running by a killed gdro command", file=sys.stderr)
+        mark_owner()
         attach_to_running_server(Path(os.environ.get("GDRO_ROOT", Path.cwd())).resolve())
 
     common = argparse.ArgumentParser(add_help=False)

@@ -113,3 +113,36 @@ def attach_to_running_server(root: Path, environ: dict | None = None) -> str | N
         return None
     environ["PREFECT_API_URL"] = url
     return url
+
+
+OWNER_ENV = "GDRO_OWNER_PID"
+TEMP_SERVER_MARK = "prefect.server.api.server:create_app"
+
+
+def mark_owner(environ: dict | None = None) -> None:
+    """Children (such as Prefect's temporary server) inherit this process's pid, so an orphan can be found later."""
+    (os.environ if environ is None else environ)[OWNER_ENV] = str(os.getpid())
+
+
+def reap_orphaned_temporary_servers() -> list[int]:
+    """Stop Prefect temporary servers left running by a `gdro` command that was killed (kill -9 skips their
+    shutdown); a server whose owner is alive, or one not started by gdro, is left alone."""
+    import psutil
+
+    reaped = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if TEMP_SERVER_MARK not in " ".join(proc.info["cmdline"] or []):
+                continue
+            owner = proc.environ().get(OWNER_ENV)
+            if owner is None or psutil.pid_exists(int(owner)):
+                continue
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except psutil.TimeoutExpired:
+                proc.kill()
+            reaped.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            continue
+    return reaped

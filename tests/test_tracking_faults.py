@@ -129,3 +129,22 @@ def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`gdro.stage` = 'train'")
     assert list(runs["status"]) == ["FINISHED"]  # the killed run was continued, not duplicated
     assert not (mlflow.search_runs(search_all_experiments=True)["status"] == "RUNNING").any()
+
+
+def test_a_temporary_server_orphaned_by_a_killed_command_is_stopped_and_others_are_left_alone():
+    from gdro_core.servers import OWNER_ENV, TEMP_SERVER_MARK, reap_orphaned_temporary_servers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)", TEMP_SERVER_MARK]
+    orphan = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: str(dead.pid)})
+    owned = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: str(os.getpid())})
+    try:
+        time.sleep(0.5)
+        assert orphan.pid in reap_orphaned_temporary_servers()
+        assert orphan.wait(timeout=10) is not None
+        assert owned.poll() is None  # its owner (this test) is alive
+    finally:
+        for p in (orphan, owned):
+            p.kill()
+            p.wait()
