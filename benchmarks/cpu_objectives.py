@@ -49,6 +49,7 @@ from gdro_core.layout import Layout
 from gdro_core.models.lora import lora_state
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.tasks.ocr import Reader, make_reader
+from gdro_core.tasks.ocr_task import OcrTask
 from gdro_core.training.online_grpo import RewardFn, encode_prompts, reader_reward, train_online
 from gdro_core.params import Params, Train, load_params
 from gdro_core.data.prompts import OcrPrompt, read_prompts
@@ -112,10 +113,9 @@ def make_monitor(model: FlowModel, shared: Shared, workdir: Path) -> CheckpointM
     """The evaluation ``gdro train`` runs at checkpoints, on the benchmark's held-out prompts."""
     p = shared.params
     return CheckpointMonitor(
-        model, shared.eval_prompts, shared.reader, shared.judge, task=p.judge.task, seed=p.evaluate.seed,
-        steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size,
-        substring=p.reward.substring_full_credit, ocr_batch=p.reward.batch_size, keep="last", workdir=workdir,
-        log=lambda step, metrics: None,
+        model, shared.eval_prompts, OcrTask(p, reader=shared.reader), shared.judge, judge_task=p.judge.task,
+        seed=p.evaluate.seed, steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size,
+        keep="last", workdir=workdir, log=lambda step, metrics: None,
     )
 
 

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.context import load_layout
 from gdro_core.models.builtin import build_builtin_pipeline
 from gdro_core.layout import Layout
+from gdro_core.tasks import channels_of, make_task, world_of
 from gdro_core.training.pretrain import pretrain
 from gdro_core.data.store import fingerprint, write_json
 from gdro_core.tracking.runs import metric_logger, stage_run
@@ -21,9 +22,14 @@ from gdro_core.tracking.runs import metric_logger, stage_run
 def pretrain_builtin(lay: Layout) -> None:
     p = lay.params
     logger = get_run_logger()
-    pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, p.pretrain.seed)
-    fp = fingerprint([p.model.builtin.model_dump(), p.world.model_dump(), p.pretrain.model_dump(), p.prompts.templates])
-    pretrain(pipe, p.world, p.prompts.templates, p.pretrain, lay.checkpoints("base", fp), metric_logger(logger.info))
+    world = world_of(p)
+    pipe = build_builtin_pipeline(p.model.builtin, world, p.sampler.shift, p.pretrain.seed, channels=channels_of(p))
+    parts = [p.model.builtin.model_dump(), p.world.model_dump(), p.pretrain.model_dump(), p.prompts.templates]
+    if p.task != "ocr":  # OCR keeps its fingerprint, so existing checkpoints still resume
+        parts += [p.task, p.geneval.model_dump(exclude={"detector", "metadata_dir", "reward"})]
+    fp = fingerprint(parts)
+    pretrain(pipe, world, p.prompts.templates, p.pretrain, lay.checkpoints("base", fp), metric_logger(logger.info),
+             batch=make_task(p).pretrain_batch)
     tmp = lay.base_dir.with_name(".base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
@@ -35,7 +41,7 @@ def pretrain_builtin(lay: Layout) -> None:
 def base_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
     lay = load_layout(params_path, overrides)
     p = lay.params
-    with stage_run(p, lay.root, "base", ("model", "world", "pretrain")):
+    with stage_run(p, lay.root, "base", ("task", "model", "world", "pretrain", "geneval")):
         if p.model.source == "builtin":
             pretrain_builtin(lay)
             mlflow.log_artifacts(str(lay.base_dir), "base")

@@ -10,13 +10,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from gdro_core.evaluation.heldout import assess, generate, reader_ceiling, sample_grid, summarise
-from gdro_core.evaluation.judge import make_judge
+from gdro_core.evaluation.heldout import assess, generate, sample_grid
+from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.models import load_flow_model
 from gdro_core.layout import Layout
-from gdro_core.tasks.ocr import reader_from_params
+from gdro_core.tasks import make_task, world_of
 from gdro_core.models.lora import load_adapter
-from gdro_core.data.prompts import read_prompts
 from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
 from gdro_core.tracking.registry import register_adapter
@@ -28,12 +27,12 @@ from gdro_core.tracking.runs import stage_run
 def score_models(lay: Layout) -> dict:
     p = lay.params
     logger = get_run_logger()
-    prompts = read_prompts(lay.prompts("test"))
-    targets = [q.target for q in prompts for _ in range(p.evaluate.images_per_prompt)]
-    reader = reader_from_params(lay.params)
-    judge = make_judge(p.world, p.judge)
-    texts = [q.prompt for q in prompts for _ in range(p.evaluate.images_per_prompt)]
-    model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
+    task = make_task(p)
+    prompts = task.read_prompts(lay.prompts("test"))
+    records = [q for q in prompts for _ in range(p.evaluate.images_per_prompt)]
+    targets = [q.target for q in records]
+    judge = make_task_judge(task, p.judge)
+    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
     images, metrics, tables = {}, {}, []
     for name in ("base", "trained"):
         if name == "trained":
@@ -42,21 +41,15 @@ def score_models(lay: Layout) -> dict:
             model, prompts, p.evaluate.images_per_prompt, p.evaluate.seed, p.sampler.steps, p.sampler.guidance,
             p.sampler.batch_size,
         )
-        scores = assess(
-            images[name], texts, targets, reader, judge, p.judge.task, p.reward.substring_full_credit,
-            p.reward.batch_size,
-        )
-        metrics[name] = summarise(scores)
+        scores = assess(images[name], records, task, judge, p.judge.task)
+        metrics[name] = task.summarise(scores)
         tables.append(scores.assign(model=name, target=targets))
         logger.info("%s: %s", name, metrics[name])
-    metrics["ceiling"] = reader_ceiling(
-        [q.target for q in prompts], reader, p.world.height, p.world.width, p.world.font_size,
-        p.reward.substring_full_credit, p.reward.batch_size,
-    )
+    metrics["ceiling"] = task.ceiling(prompts)
     metrics["delta"] = {k: metrics["trained"][k] - metrics["base"][k] for k in ("reward", "corrected")}
     n = min(p.evaluate.grid_prompts, len(prompts))
     per = p.evaluate.images_per_prompt
-    grid = sample_grid({k: v[::per][:n] for k, v in images.items()}, [q.target for q in prompts[:n]])
+    grid = sample_grid({k: v[::per][:n] for k, v in images.items()}, [getattr(q, "caption", q.target) for q in prompts[:n]])
     return {"metrics": metrics, "grid": grid, "scores": pd.concat(tables, ignore_index=True)}
 
 
@@ -64,7 +57,7 @@ def score_models(lay: Layout) -> dict:
 def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     lay = load_layout(params_path, overrides)
     p = lay.params
-    with stage_run(p, lay.root, "evaluate", ("model", "sampler", "reward", "train", "evaluate")):
+    with stage_run(p, lay.root, "evaluate", ("task", "model", "sampler", "reward", "train", "evaluate", "geneval")):
         out = score_models(lay)
         metrics = out["metrics"]
         write_json(lay.metrics, metrics)

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
 from gdro_core.layout import Layout
-from gdro_core.data.prompts import read_prompts
+from gdro_core.tasks import make_task, world_of
 from gdro_core.data.rollout import generate_rollouts
 from gdro_core.data.store import dir_hash, fingerprint, sha256_file
 from gdro_core.tracking.runs import stage_run
@@ -35,8 +35,8 @@ def rollout_fingerprint(lay: Layout) -> str:
 def sample_pools(lay: Layout) -> dict:
     p = lay.params
     logger = get_run_logger()
-    model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
-    prompts = read_prompts(lay.prompts("train"))
+    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
+    prompts = make_task(p).read_prompts(lay.prompts("train"))
     per_batch = max(1, p.sampler.batch_size // p.rollout.images_per_prompt)
     return generate_rollouts(
         model, prompts, p.rollout.images_per_prompt, p.rollout.seed, p.sampler.steps, p.sampler.guidance,

@@ -15,12 +15,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
-from gdro_core.evaluation.judge import make_judge
+from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
-from gdro_core.tasks.ocr import reader_from_params
+from gdro_core.tasks import make_task, world_of
 from gdro_core.evaluation.monitor import CheckpointMonitor
-from gdro_core.training.online_grpo import encode_prompts, reader_reward, train_online
-from gdro_core.data.prompts import read_prompts
+from gdro_core.training.online_grpo import encode_prompts, task_reward, train_online
 from gdro_core.data.pool import open_rollouts
 from gdro_core.models.offload import PreEncoded, offload_unused
 from gdro_core.training.launch import launched
@@ -49,7 +48,7 @@ def _offline_inputs(lay: Layout):
     p = lay.params
     data = open_rollouts(lay.rollout_dir)
     rewards = reward_matrix(pd.read_parquet(lay.rewards), *data.shape)
-    model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
+    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
     return data, rewards, model
 
 
@@ -65,21 +64,21 @@ def fit_adapter(lay: Layout) -> dict:
     log = metric_logger(logger.info)
     data, rewards, model = _offline_inputs(lay)
     ckpt = lay.checkpoints("train", train_fingerprint(lay))
-    val = read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts]
+    task = make_task(p)
+    val = task.read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts]
     online = p.train.objective == "flow_grpo"
     # offline: the monitor's prompts are encoded now, so the encoders and VAE can leave the device
     monitored = model if online else PreEncoded(model, [q.prompt for q in val], p.sampler.batch_size)
     monitor = CheckpointMonitor(
-        monitored, val, reader_from_params(lay.params),
-        make_judge(p.world, p.judge), task=p.judge.task, seed=p.evaluate.seed, steps=p.sampler.steps,
-        guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, substring=p.reward.substring_full_credit,
-        ocr_batch=p.reward.batch_size, keep=p.evaluate.keep, workdir=ckpt / "monitor", log=log,
+        monitored, val, task, make_task_judge(task, p.judge), judge_task=p.judge.task, seed=p.evaluate.seed,
+        steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, keep=p.evaluate.keep,
+        workdir=ckpt / "monitor", log=log,
     )
     monitor.evaluate_base()
     every = p.evaluate.checkpoint_every or p.train.steps
     if online:  # the online baseline: fresh rollouts every iteration
-        prompts = read_prompts(lay.prompts("train"))
-        reward = reader_reward(reader_from_params(lay.params), p.reward.substring_full_credit, p.reward.batch_size)
+        prompts = task.read_prompts(lay.prompts("train"))
+        reward = task_reward(task, prompts)
         train_online(model, prompts, *encode_prompts(model, prompts, p.sampler.batch_size), reward, p.train, ckpt, log,
                      on_checkpoint=monitor, eval_every=every, guidance=p.sampler.guidance)
     else:

@@ -264,6 +264,79 @@ class JudgeParams(Section):
     device: str = Field("auto", description="VLM judge device: 'auto' picks CUDA when present, else CPU.")
 
 
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+
+
+class GenEvalWorld(Section):
+    """The built-in GenEval world: flat shapes in flat colours on a black canvas."""
+
+    height: int = Field(32, ge=8, description="Image height in pixels.")
+    width: int = Field(32, ge=8, description="Image width in pixels.")
+    object_size: int = Field(9, ge=3, description="Side in pixels of the box a shape is drawn in.")
+    jitter: int = Field(2, ge=0, description="Random shape offset in pixels (render diversity).")
+
+
+class GenEvalDetector(Section):
+    """The detector and GenEval's rules (its evaluation script's constants are the defaults)."""
+
+    kind: Literal["exact", "mask2former"] = Field(
+        "exact", description="'exact': the built-in world's palette detector; 'mask2former': Mask2Former + CLIP colours."
+    )
+    threshold: float = Field(0.3, ge=0, le=1, description="Detection confidence threshold (GenEval THRESHOLD).")
+    counting_threshold: float = Field(0.9, ge=0, le=1, description="Threshold for counting prompts (COUNTING_THRESHOLD).")
+    max_objects: int = Field(16, ge=1, description="Detections kept per class (MAX_OBJECTS).")
+    nms_threshold: float = Field(1.0, gt=0, le=1, description="Per-class NMS IoU; 1 keeps every box (NMS_THRESHOLD).")
+    position_threshold: float = Field(
+        0.1, ge=0, description="Share of the two boxes' sizes an offset must exceed to count (POSITION_THRESHOLD)."
+    )
+    mask2former_path: str = Field("", description="Local Mask2Former COCO-instance checkpoint (kind mask2former).")
+    clip_path: str = Field("", description="Local CLIP ViT-L/14 checkpoint for colour classification (kind mask2former).")
+    clip_colors: list[str] = Field(
+        default_factory=lambda: list(GENEVAL_COLORS), description="Colour names the CLIP classifier chooses among."
+    )
+    min_pixels: int = Field(4, ge=1, description="Exact detector: smallest connected blob that counts as an object.")
+    palette_tolerance: float = Field(
+        60.0, gt=0, description="Exact detector: largest RGB distance at which a pixel takes a palette colour."
+    )
+    batch_size: int = Field(8, ge=1, description="Images per detector forward pass.")
+    device: str = Field("auto", description="Detector device: 'auto' picks CUDA when present, else CPU.")
+
+
+class GenEval(Section):
+    """The GenEval task: compositional prompts scored by GenEval's rules."""
+
+    metadata_dir: str = Field(
+        "", description="Directory of GenEval / Flow-GRPO metadata (train_metadata.jsonl, test_metadata.jsonl, "
+        "evaluation_metadata.jsonl); '' generates prompt sets over classes and colors.",
+    )
+    classes: list[str] = Field(
+        default_factory=lambda: ["square", "circle", "triangle", "cross"], min_length=2,
+        description="Object classes of generated prompts (the built-in world draws these four shapes).",
+    )
+    colors: list[str] = Field(
+        default_factory=lambda: ["red", "green", "blue", "yellow"], min_length=2,
+        description="Colours of generated prompts (the built-in world's palette).",
+    )
+    max_count: int = Field(4, ge=2, le=4, description="Largest count of counting prompts (GenEval: 2 to 4).")
+    tags: list[Literal["single_object", "two_object", "counting", "colors", "position", "color_attr"]] = Field(
+        default_factory=lambda: list(GENEVAL_TAGS), min_length=1, description="Tags of generated prompts, in turn."
+    )
+    reward: Literal["score", "correct"] = Field(
+        "score", description="Training reward: Flow-GRPO's partial-credit score, or GenEval's per-prompt 0/1 correctness."
+    )
+    world: GenEvalWorld = GenEvalWorld()
+    detector: GenEvalDetector = GenEvalDetector()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> GenEval:
+        for name in ("classes", "colors"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"geneval.{name} has repeated entries: {values}")
+        return self
+
+
 SWEEPABLE = ("train.", "evaluate.", "judge.")
 
 
@@ -340,6 +413,7 @@ class Registry(Section):
 
 class Params(Section):
     seed: int = 0
+    task: Literal["ocr", "geneval"] = Field("ocr", description="What images are asked for and rewarded by.")
     paths: Paths = Paths()
     tracking: Tracking = Tracking()
     world: World = World()
@@ -352,6 +426,7 @@ class Params(Section):
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     judge: JudgeParams = JudgeParams()
+    geneval: GenEval = GenEval()
     serve: Serve = Serve()
     sweep: Sweep = Sweep()
     registry: Registry = Registry()

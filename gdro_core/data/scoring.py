@@ -38,6 +38,13 @@ def score_rollouts(rows: list[dict], rollout_dir: Path, reader: Reader, substrin
     return pd.concat([pd.DataFrame.from_records(rows), scores], axis=1)
 
 
+def score_task_rollouts(rows: list[dict], rollout_dir: Path, task, progress: Progress | None = None) -> pd.DataFrame:
+    """One row per rollout image: its manifest row plus the task reward and its parts."""
+    images = [Image.open(Path(rollout_dir) / r["image"]) for r in rows]
+    scores = task.reward(images, [task.record(r["prompt"], r["target"]) for r in rows], progress)
+    return pd.concat([pd.DataFrame.from_records(rows), scores.reset_index(drop=True)], axis=1)
+
+
 def write_table(table: pd.DataFrame, path: Path) -> Path:
     return atomic_write(Path(path), lambda p: table.to_parquet(p, index=False))
 

@@ -11,7 +11,7 @@ from gdro_core.evaluation.corrected_score import corrected_score, judge_mean
 from gdro_core.models.base import FlowModel
 from gdro_core.evaluation.judge import Judge
 from gdro_core.tasks.ocr import Reader
-from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.base import PromptRecord, Task
 from gdro_core.tasks.text_render import render_text
 from gdro_core.models.sampling import sample
 from gdro_core.data.scoring import score_images
@@ -23,7 +23,7 @@ def eval_seeds(base_seed: int, n_prompts: int, per_prompt: int) -> list[int]:
 
 
 def generate(
-    model: FlowModel, prompts: Sequence[OcrPrompt], per_prompt: int, base_seed: int, steps: int, guidance: float,
+    model: FlowModel, prompts: Sequence[PromptRecord], per_prompt: int, base_seed: int, steps: int, guidance: float,
     batch_size: int,
 ) -> list[Image.Image]:
     """``per_prompt`` images for each prompt (prompt-major order) with deterministic seeds."""
@@ -50,14 +50,14 @@ def summarise(scores: pd.DataFrame) -> dict[str, float]:
 
 
 def assess(
-    images: list[Image.Image], prompts: list[str], targets: list[str], reader: Reader, judge: Judge, task: str,
-    substring: bool, batch_size: int,
+    images: list[Image.Image], records: Sequence[PromptRecord], task: Task, judge: Judge, judge_task: str
 ) -> pd.DataFrame:
-    """Task reward, judge scores, û and the corrected score for every image."""
-    scores = score_images(images, targets, reader, substring, batch_size)
-    judged = pd.DataFrame([j.as_dict() for j in judge.score(images, prompts, targets)])
+    """Task reward (and its parts), judge scores, û and the corrected score for every image."""
+    scores = task.reward(images, records).reset_index(drop=True)
+    judged = pd.DataFrame([j.as_dict() for j in judge.score(images, [r.prompt for r in records],
+                                                             [r.target for r in records])])
     scores = pd.concat([scores, judged], axis=1)
-    scores["u_hat"] = [judge_mean(row, task) for row in judged.to_dict("records")]
+    scores["u_hat"] = [judge_mean(row, judge_task) for row in judged.to_dict("records")]
     scores["corrected"] = [corrected_score(r, u) for r, u in zip(scores["reward"], scores["u_hat"])]
     return scores
 

@@ -128,6 +128,15 @@ def pixel_judge_config(world, judge) -> JudgeConfig:
 def make_judge(world, judge) -> Judge:
     if judge.kind == "pixel":
         return PixelJudge(pixel_judge_config(world, judge))
+    return _vlm_judge(judge)
+
+
+def make_task_judge(task, judge) -> Judge:
+    """The judge ``judge.kind`` names; the pixel judge takes its references from the task's world."""
+    return task.pixel_judge(judge) if judge.kind == "pixel" else _vlm_judge(judge)
+
+
+def _vlm_judge(judge) -> Judge:
     from gdro_core.evaluation.vlm_judge import UnifiedRewardJudge
 
     return UnifiedRewardJudge.from_pretrained(judge.model_path, max_new_tokens=judge.max_new_tokens, device=judge.device)

@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gdro_core.evaluation.curves import best_step
-from gdro_core.evaluation.heldout import assess, generate, summarise
+from gdro_core.evaluation.heldout import assess, generate
 from gdro_core.models.base import FlowModel
 from gdro_core.evaluation.judge import Judge
 from gdro_core.models.lora import lora_state, set_lora_state
-from gdro_core.tasks.ocr import Reader
-from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.base import PromptRecord, Task
 from gdro_core.data.store import atomic_write
 
 Logger = Callable[[int, dict[str, float]], None]
@@ -25,13 +24,12 @@ class CheckpointMonitor:
     """Called at each checkpoint with the EMA adapter; keeps the curve and the best weights on disk (resumable)."""
 
     def __init__(
-        self, model: FlowModel, prompts: Sequence[OcrPrompt], reader: Reader, judge: Judge, *, task: str,
-        seed: int, steps: int, guidance: float, batch_size: int, substring: bool, ocr_batch: int, keep: str,
-        workdir: Path, log: Logger,
+        self, model: FlowModel, prompts: Sequence[PromptRecord], task: Task, judge: Judge, *, judge_task: str,
+        seed: int, steps: int, guidance: float, batch_size: int, keep: str, workdir: Path, log: Logger,
     ):
-        self.model, self.prompts, self.reader, self.judge = model, list(prompts), reader, judge
+        self.model, self.prompts, self.task, self.judge = model, list(prompts), task, judge
         self.kw = dict(per_prompt=1, base_seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
-        self.task, self.substring, self.ocr_batch, self.keep = task, substring, ocr_batch, keep
+        self.judge_task, self.keep = judge_task, keep
         self.workdir, self.log = Path(workdir), log
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "curve.csv"
@@ -39,11 +37,7 @@ class CheckpointMonitor:
 
     def _measure(self) -> dict[str, float]:
         images = generate(self.model, self.prompts, **self.kw)
-        scores = assess(
-            images, [p.prompt for p in self.prompts], [p.target for p in self.prompts], self.reader, self.judge,
-            self.task, self.substring, self.ocr_batch,
-        )
-        return summarise(scores)
+        return self.task.summarise(assess(images, self.prompts, self.task, self.judge, self.judge_task))
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         row = pd.DataFrame([{"step": step, **metrics}])

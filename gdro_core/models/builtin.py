@@ -37,8 +37,10 @@ class TextRenderPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def build_builtin_pipeline(cfg: BuiltinModel, world: World, shift: float, seed: int) -> TextRenderPipeline:
-    """A freshly initialised built-in model sized for the world's images."""
+def build_builtin_pipeline(
+    cfg: BuiltinModel, world: World, shift: float, seed: int, channels: int = 1
+) -> TextRenderPipeline:
+    """A freshly initialised built-in model sized for the world's images (``channels``: 1 grayscale, 3 RGB)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_config = CLIPTextConfig(
@@ -61,8 +63,8 @@ def build_builtin_pipeline(cfg: BuiltinModel, world: World, shift: float, seed: 
     transformer = SD3Transformer2DModel(
         sample_size=side,
         patch_size=cfg.patch_size,
-        in_channels=1,
-        out_channels=1,
+        in_channels=channels,
+        out_channels=channels,
         num_layers=cfg.layers,
         attention_head_dim=cfg.head_dim,
         num_attention_heads=cfg.heads,
@@ -86,7 +88,7 @@ class BuiltinModelAdapter:
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.scheduler = pipe.scheduler
-        self.latent_shape = (1, *world_shape)
+        self.latent_shape = (pipe.transformer.config.in_channels, *world_shape)
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
 
@@ -100,4 +102,6 @@ class BuiltinModelAdapter:
 
     def decode(self, latents: Tensor) -> list[Image.Image]:
         arr = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-        return [Image.fromarray(a[0], mode="L") for a in arr]
+        if arr.shape[1] == 1:
+            return [Image.fromarray(a[0], mode="L") for a in arr]
+        return [Image.fromarray(a.transpose(1, 2, 0), mode="RGB") for a in arr]

@@ -21,11 +21,12 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from gdro_core.models import load_flow_model
         from gdro_core.models.lora import load_adapter
+        from gdro_core.tasks import world_of
 
         self.params = parse_params(json.loads(Path(context.artifacts["params"]).read_text()), "registered params")
         source = self.params.model.source
         base = context.artifacts.get("base", "") if source == "builtin" else source
-        self.model = load_flow_model(source, base, self.params.world, self.params.model.device, self.params.model.dtype)
+        self.model = load_flow_model(source, base, world_of(self.params), self.params.model.device, self.params.model.dtype)
         load_adapter(self.model.transformer, Path(context.artifacts["adapter"]))
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:

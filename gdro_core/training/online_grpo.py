@@ -156,6 +156,17 @@ def reader_reward(reader: Reader, substring_full_credit: bool, batch_size: int) 
     return reward
 
 
+def task_reward(task, prompts: Sequence) -> RewardFn:
+    """The task's reward as the score stage computes it; targets are looked up among ``prompts``."""
+    records = {p.target: p for p in prompts}
+
+    def reward(images: list[Image.Image], targets: list[str]) -> Tensor:
+        table = task.reward(images, [records[t] for t in targets])
+        return torch.tensor(table["reward"].to_numpy(dtype="float32"))
+
+    return reward
+
+
 def train_online(
     model: FlowModel,
     prompts: Sequence[OcrPrompt],

@@ -67,10 +67,30 @@ def degrade(images: np.ndarray, share: float, sigma: float, rng: random.Random) 
     return images
 
 
+WorldBatch = Callable[[int, Pretrain, random.Random], tuple[np.ndarray, list[str]]]
+"""n world images (float32, (n, C, H, W) in [-1, 1]) and their captions: a task's ``pretrain_batch``."""
+
+
+def text_batch(world: World, templates: list[str]) -> WorldBatch:
+    """The OCR world's batches: rendered strings, some blurred, under their (sometimes noisy) captions."""
+
+    def batch(n: int, cfg: Pretrain, rng: random.Random) -> tuple[np.ndarray, list[str]]:
+        texts, captions = caption_batch(world, templates, cfg, n, rng)
+        clean = render_batch(texts, world.height, world.width, world.font_size, world.jitter, rng)
+        return degrade(clean, cfg.low_quality_share, cfg.low_quality_blur, rng), captions
+
+    return batch
+
+
 def pretrain(
-    pipe: TextRenderPipeline, world: World, templates: list[str], cfg: Pretrain, ckpt_dir: Path, log: Logger
+    pipe: TextRenderPipeline, world: World, templates: list[str], cfg: Pretrain, ckpt_dir: Path, log: Logger,
+    batch: WorldBatch | None = None,
 ) -> int:
-    """Train transformer and text encoder jointly; resume from the newest checkpoint in ``ckpt_dir``."""
+    """Train transformer and text encoder jointly; resume from the newest checkpoint in ``ckpt_dir``.
+
+    ``batch`` draws the world's images (a task's ``pretrain_batch``); by default the OCR world's text.
+    """
+    batch = batch or text_batch(world, templates)
     model = BuiltinModelAdapter(pipe, (world.height, world.width))
     modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
     modules.train().requires_grad_(True)
@@ -87,11 +107,10 @@ def pretrain(
         restore_rng(state["rng"], gen, py_rng)
         start = state["step"]
     for step in range(start + 1, cfg.steps + 1):
-        texts, captions = caption_batch(world, templates, cfg, cfg.batch_size, py_rng)
-        clean = render_batch(texts, world.height, world.width, world.font_size, world.jitter, py_rng)
-        x0 = torch.from_numpy(degrade(clean, cfg.low_quality_share, cfg.low_quality_blur, py_rng))
+        images, captions = batch(cfg.batch_size, cfg, py_rng)
+        x0 = torch.from_numpy(images)
         noise = torch.randn(x0.shape, generator=gen)
-        t = sample_timesteps(len(texts), "logit_normal", 0.0, 1.0, gen)
+        t = sample_timesteps(len(captions), "logit_normal", 0.0, 1.0, gen)
         x_t, v = interpolate(x0, noise, t)
         loss = F.mse_loss(velocity(model, x_t, t, model.encode(captions)).float(), v)
         opt.zero_grad(set_to_none=True)
