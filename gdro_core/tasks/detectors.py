@@ -1,0 +1,149 @@
+"""GenEval detectors behind one interface: images in, :class:`Detection` lists per class out (unfiltered).
+
+- ``exact``: the built-in world's detector (:class:`~gdro_core.tasks.geneval_world.ExactDetector`).
+- ``mask2former``: GenEval's family for real images: Mask2Former instance segmentation with COCO-instance
+  weights, and CLIP ViT-L/14 zero-shot colour classification of each masked, cropped object on grey
+  (GenEval's ``#999`` background and its three colour templates). Both load from local paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gdro_core.tasks.geneval_rules import Detection
+
+CROP_BACKGROUND = (153, 153, 153)  # GenEval's "#999"
+COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
+
+
+class DetectorError(ValueError):
+    """A detector that cannot be built as configured."""
+
+
+class Detector(Protocol):
+    def detect(self, images: list[Image.Image]) -> list[dict[str, list[Detection]]]: ...
+
+
+class ExactWorldDetector:
+    """The exact detector over a batch."""
+
+    def __init__(self, exact):
+        self.exact = exact
+
+    def detect(self, images: list[Image.Image]) -> list[dict[str, list[Detection]]]:
+        return [self.exact.detect(im) for im in images]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Mask2FormerClipDetector:
+    """Mask2Former instances (class, score, mask, box) with CLIP zero-shot colours."""
+
+    def __init__(self, model, processor, clip_model, clip_processor, colors: Sequence[str], batch_size: int,
+                 device: str = "auto"):
+        self.device = _device(device)
+        self.model, self.processor = model.to(self.device).eval(), processor
+        self.clip, self.clip_processor = clip_model.to(self.device).eval(), clip_processor
+        self.colors, self.batch_size = list(colors), batch_size
+        self._text: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_paths(cls, mask2former_path: str, clip_path: str, colors: Sequence[str], batch_size: int,
+                   device: str = "auto") -> Mask2FormerClipDetector:
+        from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, Mask2FormerForUniversalSegmentation
+
+        for key, path in (("geneval.detector.mask2former_path", mask2former_path),
+                          ("geneval.detector.clip_path", clip_path)):
+            if not path or not (Path(path) / "config.json").is_file():
+                raise DetectorError(
+                    f"{key} is {path!r}, which is not a local checkpoint directory (no config.json). Download the "
+                    "weights elsewhere (Mask2Former COCO instance segmentation, e.g. "
+                    "facebook/mask2former-swin-small-coco-instance; CLIP ViT-L/14, openai/clip-vit-large-patch14), "
+                    "copy them here and set that path, or use geneval.detector.kind: exact in the built-in world"
+                )
+        return cls(
+            Mask2FormerForUniversalSegmentation.from_pretrained(mask2former_path),
+            AutoImageProcessor.from_pretrained(mask2former_path),
+            CLIPModel.from_pretrained(clip_path), CLIPProcessor.from_pretrained(clip_path), colors, batch_size, device,
+        )
+
+    @torch.no_grad()
+    def _color_texts(self, cls_name: str) -> torch.Tensor:
+        """Unit text embeddings per colour, averaged over GenEval's templates (zero-shot classifier weights)."""
+        if cls_name not in self._text:
+            rows = []
+            for c in self.colors:
+                tok = self.clip_processor.tokenizer([t.format(c=c, cls=cls_name) for t in COLOR_TEMPLATES],
+                                                    padding=True, return_tensors="pt").to(self.device)
+                e = self.clip.get_text_features(**tok)
+                e = e / e.norm(dim=-1, keepdim=True)
+                rows.append(e.mean(0) / e.mean(0).norm())
+            self._text[cls_name] = torch.stack(rows)
+        return self._text[cls_name]
+
+    @torch.no_grad()
+    def classify_colors(self, image: Image.Image, masks: list[np.ndarray], boxes: list[tuple], cls_names: list[str]
+                        ) -> list[str]:
+        """Each object cropped to its box with everything off its mask painted grey, then CLIP's nearest colour."""
+        if not masks:
+            return []
+        crops = []
+        for mask, box in zip(masks, boxes):
+            x0, y0, x1, y1 = (int(v) for v in box)
+            crop = image.crop((x0, y0, x1 + 1, y1 + 1))
+            m = Image.fromarray((mask[y0 : y1 + 1, x0 : x1 + 1] * 255).astype(np.uint8), mode="L")
+            crops.append(Image.composite(crop, Image.new("RGB", crop.size, CROP_BACKGROUND), m))
+        pix = self.clip_processor(images=crops, return_tensors="pt")["pixel_values"].to(self.device)
+        feats = self.clip.get_image_features(pixel_values=pix)
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        return [self.colors[int((self._color_texts(c) @ f).argmax())] for f, c in zip(feats, cls_names)]
+
+    @torch.no_grad()
+    def detect(self, images: list[Image.Image]) -> list[dict[str, list[Detection]]]:
+        out: list[dict[str, list[Detection]]] = []
+        labels = self.model.config.id2label
+        for start in range(0, len(images), self.batch_size):
+            chunk = [im.convert("RGB") for im in images[start : start + self.batch_size]]
+            inputs = self.processor(images=chunk, return_tensors="pt").to(self.device)
+            outputs = self.model(**inputs)
+            results = self.processor.post_process_instance_segmentation(
+                outputs, threshold=0.0, target_sizes=[(im.height, im.width) for im in chunk], return_binary_maps=True,
+            )
+            for im, res in zip(chunk, results):
+                seg = res["segmentation"]
+                maps = [] if seg is None else [m.cpu().numpy().astype(bool) for m in seg]
+                kept = [(info, m) for info, m in zip(res["segments_info"], maps) if m.any()]
+                boxes = []
+                for _, m in kept:
+                    ys, xs = np.nonzero(m)
+                    boxes.append((float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())))
+                names = [labels[int(info["label_id"])] for info, _ in kept]
+                colors = self.classify_colors(im, [m for _, m in kept], boxes, names)
+                dets: dict[str, list[Detection]] = {}
+                for (info, _), box, name, color in zip(kept, boxes, names, colors):
+                    dets.setdefault(name, []).append(Detection(box, float(info["score"]), color))
+                out.append(dets)
+        return out
+
+
+def make_detector(geneval) -> Detector:
+    """The detector ``geneval.detector.kind`` names."""
+    d = geneval.detector
+    if d.kind == "exact":
+        from gdro_core.tasks.geneval_world import ExactDetector
+
+        return ExactWorldDetector(ExactDetector(geneval.classes, geneval.colors, d.min_pixels, d.palette_tolerance))
+    if d.kind == "mask2former":
+        return Mask2FormerClipDetector.from_paths(d.mask2former_path, d.clip_path, d.clip_colors, d.batch_size,
+                                                  d.device)
+    raise DetectorError(f"unknown geneval.detector.kind {d.kind!r}; choose 'exact' or 'mask2former'")

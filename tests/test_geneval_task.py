@@ -1,0 +1,158 @@
+"""The GenEval task: metadata files (GenEval and Flow-GRPO formats), generated prompt sets, the shapes world,
+its exact detector's ceiling, the reward table and per-tag summary, the pixel judge, and pretraining batches."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from gdro_core.params import parse_params
+from gdro_core.tasks import channels_of, make_task, world_of
+from gdro_core.tasks.geneval_prompts import (
+    TAGS,
+    GenEvalPrompt,
+    GenEvalPromptError,
+    all_prompts,
+    generate_sets,
+    metadata_sets,
+    read_metadata,
+)
+from gdro_core.tasks.geneval_world import WorldError, WorldSpec
+
+# Flow-GRPO's train_metadata.jsonl / test_metadata.jsonl lines (GenEval's evaluation_metadata.jsonl format)
+FLOW_GRPO_LINES = [
+    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+    {"tag": "counting", "include": [{"class": "clock", "count": 3}], "exclude": [{"class": "clock", "count": 4}],
+     "prompt": "a photo of three clocks"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "pink"}], "exclude": [],
+     "prompt": "a photo of a pink car"},
+    {"tag": "position", "include": [{"class": "cup", "count": 1},
+                                    {"class": "umbrella", "count": 1, "position": ["right of", 0]}],
+     "prompt": "a photo of an umbrella right of a cup"},
+    {"tag": "color_attr", "include": [{"class": "bus", "count": 1, "color": "white"},
+                                      {"class": "kite", "count": 1, "color": "orange"}],
+     "prompt": "a photo of a white bus and an orange kite"},
+    {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
+     "exclude": [], "prompt": "a photo of a dog and a cat"},
+]
+
+GENEVAL = {"task": "geneval", "prompts": {"n_train": 40, "n_test": 24, "n_val": 8}}
+
+
+def write_lines(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_flow_grpo_metadata_loads(tmp_path):
+    write_lines(tmp_path / "train_metadata.jsonl", FLOW_GRPO_LINES)
+    write_lines(tmp_path / "test_metadata.jsonl", FLOW_GRPO_LINES[:2])
+    recs = read_metadata(tmp_path / "train_metadata.jsonl")
+    assert [r.tag for r in recs] == [r["tag"] for r in FLOW_GRPO_LINES]
+    assert recs[1].include == ({"class": "clock", "count": 3},) and recs[1].exclude == ({"class": "clock", "count": 4},)
+    assert recs[3].include[1]["position"] == ["right of", 0]
+    # a record survives the rollout row's (prompt, target) round trip
+    assert GenEvalPrompt.from_target(recs[4].prompt, recs[4].target) == recs[4]
+    sets = metadata_sets(tmp_path, n_val=2)
+    assert [len(sets[s]) for s in ("train", "test", "val")] == [4, 2, 2]
+    p = parse_params({**GENEVAL, "geneval": {"metadata_dir": str(tmp_path)}, "prompts": {"n_val": 2}})
+    task = make_task(p)
+    assert task.make_prompt_sets()["test"][0].prompt == "a photo of a bench"
+    task.write_prompts(tmp_path / "out.jsonl", recs)
+    assert read_metadata(tmp_path / "out.jsonl") == recs
+
+
+def test_geneval_evaluation_metadata_is_the_test_set(tmp_path):
+    write_lines(tmp_path / "train_metadata.jsonl", FLOW_GRPO_LINES)
+    write_lines(tmp_path / "evaluation_metadata.jsonl", FLOW_GRPO_LINES[2:3])
+    assert [r.prompt for r in metadata_sets(tmp_path, 1)["test"]] == ["a photo of a pink car"]
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"include": [{"class": "a", "count": 1}], "prompt": "x"}, "missing 'tag'"),
+    ({"tag": "shapes", "include": [{"class": "a", "count": 1}], "prompt": "x"}, "unknown tag"),
+    ({"tag": "counting", "include": [{"class": "a", "count": 0}], "prompt": "x"}, "positive integer"),
+    ({"tag": "position", "include": [{"class": "a", "count": 1, "position": ["near", 0]}], "prompt": "x"}, "relation"),
+])
+def test_bad_metadata_is_named(tmp_path, row, words):
+    write_lines(tmp_path / "m.jsonl", [row])
+    with pytest.raises(GenEvalPromptError, match=words):
+        read_metadata(tmp_path / "m.jsonl")
+
+
+def test_templates_are_genevals():
+    assert all_prompts("counting", ["cross"], ["red"], 3)[-1].prompt == "a photo of three crosses"
+    pos = all_prompts("position", ["square", "circle"], ["red"], 2)[0]
+    assert pos.prompt == "a photo of a square left of a circle"
+    assert pos.include == ({"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["left of", 0]})
+    ca = all_prompts("color_attr", ["square", "circle"], ["red", "blue"], 2)[0]
+    assert ca.prompt == "a photo of a red square and a blue circle"
+    assert all_prompts("colors", ["egg"], ["orange"], 2)[0].prompt == "a photo of an orange egg"
+
+
+def test_generated_sets_are_disjoint_and_hold_every_tag():
+    sets = generate_sets(["square", "circle", "triangle", "cross"], ["red", "green", "blue", "yellow"], 4, TAGS,
+                         {"train": 64, "test": 40, "val": 16}, seed=0)
+    assert [len(sets[s]) for s in ("train", "test", "val")] == [64, 40, 16]
+    prompts = {s: {r.prompt for r in v} for s, v in sets.items()}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
+    assert not prompts["test"] & prompts["val"]
+    assert all({r.tag for r in v} == set(TAGS) for v in sets.values())
+    with pytest.raises(GenEvalPromptError, match="add geneval.classes"):
+        generate_sets(["square", "circle"], ["red", "blue"], 2, TAGS, {"train": 100}, seed=0)
+
+
+def test_exact_detector_ceiling_on_clean_renders():
+    p = parse_params({**GENEVAL, "prompts": {"n_train": 8, "n_test": 60, "n_val": 4}})
+    task = make_task(p)
+    test = task.make_prompt_sets()["test"]
+    ceiling = task.ceiling(test * 2)
+    assert ceiling["geneval"] >= 0.95 and ceiling["correct"] >= 0.95 and ceiling["score"] >= 0.95
+    assert {f"tag.{t}" for t in TAGS} <= set(ceiling)
+
+
+def test_reward_table_parts_and_per_tag_summary():
+    task = make_task(parse_params(GENEVAL))
+    rec = all_prompts("counting", ["square"], ["red"], 3)[-1]  # three squares, fewer than four
+    rng = random.Random(0)
+    good = task.render(rec, rng)
+    two = task.render(all_prompts("counting", ["square"], ["red"], 2)[0], rng)
+    table = task.reward([good, two], [rec, rec])
+    assert list(table.columns[:4]) == ["reward", "score", "correct", "strict"]
+    assert table["correct"].tolist() == [1.0, 0.0] and table["reward"].tolist() == table["score"].tolist()
+    assert table["score"][1] == pytest.approx(2 / 3)
+    summary = task.summarise(table)
+    assert summary["tag.counting"] == 0.5 and summary["geneval"] == 0.5
+    strict = make_task(parse_params({**GENEVAL, "geneval": {"reward": "correct"}}))
+    assert strict.reward([two], [rec])["reward"].tolist() == [0.0]
+
+
+def test_world_draws_only_its_shapes_and_colours():
+    with pytest.raises(WorldError, match="cannot draw"):
+        WorldSpec(32, 32, 9, 1, ("square", "giraffe"), ("red",))
+    with pytest.raises(WorldError, match="colours"):
+        WorldSpec(32, 32, 9, 1, ("square",), ("teal",))
+
+
+def test_pretrain_batches_are_colour_scenes_under_their_captions():
+    p = parse_params(GENEVAL)
+    task = make_task(p)
+    assert channels_of(p) == 3 and world_of(p).height == 32
+    images, captions = task.pretrain_batch(8, p.pretrain.model_copy(update={"cond_dropout": 0.0}), random.Random(0))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == np.float32
+    assert images.min() == -1.0 and images.max() <= 1.0
+    assert all(c.startswith("a photo of ") for c in captions)
+
+
+def test_pixel_judge_prefers_clean_scenes_to_noise():
+    p = parse_params({**GENEVAL, "judge": {"reference_images": 32, "task": "geneval"}})
+    task = make_task(p)
+    judge = task.pixel_judge(p.judge)
+    rec = all_prompts("colors", ["circle"], ["red"], 2)[0]
+    clean = task.render(rec, random.Random(1))
+    noise = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    from PIL import Image
+
+    c, n = judge.score([clean, Image.fromarray(noise)], [rec.prompt] * 2, [rec.target] * 2)
+    assert c.coherence > 4.5 and c.alignment == 5.0
+    assert n.coherence < c.coherence - 1 and n.style < c.style
