@@ -85,7 +85,8 @@ class Mask2FormerClipDetector:
             for c in self.colors:
                 tok = self.clip_processor.tokenizer([t.format(c=c, cls=cls_name) for t in COLOR_TEMPLATES],
                                                     padding=True, return_tensors="pt").to(self.device)
-                e = self.clip.get_text_features(**tok)
+                out = self.clip.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+                e = self.clip.text_projection(out.pooler_output)
                 e = e / e.norm(dim=-1, keepdim=True)
                 rows.append(e.mean(0) / e.mean(0).norm())
             self._text[cls_name] = torch.stack(rows)
@@ -104,7 +105,7 @@ class Mask2FormerClipDetector:
             m = Image.fromarray((mask[y0 : y1 + 1, x0 : x1 + 1] * 255).astype(np.uint8), mode="L")
             crops.append(Image.composite(crop, Image.new("RGB", crop.size, CROP_BACKGROUND), m))
         pix = self.clip_processor(images=crops, return_tensors="pt")["pixel_values"].to(self.device)
-        feats = self.clip.get_image_features(pixel_values=pix)
+        feats = self.clip.visual_projection(self.clip.vision_model(pixel_values=pix).pooler_output)
         feats = feats / feats.norm(dim=-1, keepdim=True)
         return [self.colors[int((self._color_texts(c) @ f).argmax())] for f, c in zip(feats, cls_names)]
 
