@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -67,12 +68,14 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
     elif shape == "cross":
         w, h = (x1 - x0 + 1) / 3, (y1 - y0 + 1) / 3
-        draw.rectangle((x0, round(y0 + h), x1, round(y1 - h)), fill=fill)
-        draw.rectangle((round(x0 + w), y0, round(x1 - w), y1), fill=fill)
+        top, left = round(y0 + h), round(x0 + w)
+        draw.rectangle((x0, top, x1, max(top, round(y1 - h))), fill=fill)
+        draw.rectangle((left, y0, max(left, round(x1 - w)), y1), fill=fill)
     else:
         raise WorldError(f"unknown shape {shape!r}; the world draws {list(SHAPES)}")
 
 
+@lru_cache(maxsize=4096)
 def shape_mask(shape: str, w: int, h: int) -> np.ndarray:
     """The clean drawing of ``shape`` filling a w x h box, as a boolean mask."""
     img = Image.new("L", (w, h), 0)
