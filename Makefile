@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test pipeline clean ui
+.PHONY: setup demo demo-geneval test pipeline clean ui
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: setup  ## the whole pipeline on the built-in offline default, via DVC
 	$(BIN)/dvc repro
 	@echo; echo "metrics (reports/metrics.json):"; $(BIN)/dvc metrics show
 
+demo-geneval: setup  ## the GenEval task on its built-in shapes world (params-geneval.yaml; outputs under *-geneval/)
+	@start=$$(date +%s); $(BIN)/gdro pipeline --params params-geneval.yaml; \
+	  echo; echo "metrics (reports-geneval/metrics.json):"; $(BIN)/python -m gdro_core.tasks.geneval_report reports-geneval/metrics.json; \
+	  echo "minutes: $$(( ($$(date +%s) - start) / 60 ))"
+
 pipeline: setup  ## the same stages as one Prefect flow, without DVC
 	$(BIN)/gdro pipeline
 
@@ -39,7 +44,7 @@ test: setup
 	$(BIN)/pytest -q tests
 
 clean:
-	rm -rf data models reports checkpoints mlflow.db mlartifacts .prefect
+	rm -rf data models reports checkpoints mlflow.db mlartifacts .prefect data-geneval models-geneval reports-geneval
 
 .PHONY: bench
 BENCH_ARGS ?=

@@ -156,3 +156,18 @@ def test_pixel_judge_prefers_clean_scenes_to_noise():
     c, n = judge.score([clean, Image.fromarray(noise)], [rec.prompt] * 2, [rec.target] * 2)
     assert c.coherence > 4.5 and c.alignment == 5.0
     assert n.coherence < c.coherence - 1 and n.style < c.style
+
+
+def test_report_is_genevals_summary_table(tmp_path, capsys):
+    from gdro_core.tasks.geneval_report import main
+
+    metrics = {"base": {"tag.counting": 0.25, "geneval": 0.3, "score": 0.5},
+               "trained": {"tag.counting": 0.5, "geneval": 0.45, "score": 0.6},
+               "ceiling": {"tag.counting": 1.0, "geneval": 1.0, "score": 1.0}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main([str(tmp_path / "metrics.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["base", "trained", "ceiling", "delta"]
+    assert lines[1].split() == ["counting", "0.250", "0.500", "1.000", "+0.250"]
+    assert lines[2].split()[0] == "geneval" and lines[2].split()[-1] == "+0.150"
+    assert main([str(tmp_path / "none.json")]) == 1 and "make demo-geneval" in capsys.readouterr().err

@@ -1,0 +1,42 @@
+"""GenEval's summary table from an evaluate stage's metrics.json: per-tag accuracy of base and trained model,
+the overall GenEval score, the partial credit, the corrected score and the ceiling.
+
+``python -m gdro_core.tasks.geneval_report reports-geneval/metrics.json``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from gdro_core.tasks.geneval_prompts import TAGS
+
+ROWS = [*(f"tag.{t}" for t in TAGS), "geneval", "score", "strict", "u_hat", "corrected"]
+
+
+def format_report(metrics: dict[str, dict[str, float]]) -> str:
+    """One row per tag and summary metric; columns base, trained, delta and ceiling."""
+    cols = [c for c in ("base", "trained", "ceiling") if c in metrics]
+    lines = [f"{'':<20}" + "".join(f"{c:>10}" for c in cols) + f"{'delta':>10}"]
+    for row in ROWS:
+        if not any(row in metrics[c] for c in cols):
+            continue
+        cells = "".join(f"{metrics[c][row]:>10.3f}" if row in metrics[c] else f"{'':>10}" for c in cols)
+        delta = metrics["trained"].get(row, float("nan")) - metrics["base"].get(row, float("nan"))
+        lines.append(f"{row.removeprefix('tag.'):<20}{cells}{delta:>+10.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    path = Path(args[0] if args else "reports-geneval/metrics.json")
+    if not path.is_file():
+        print(f"no metrics at {path}: run `make demo-geneval` (or the evaluate stage) first", file=sys.stderr)
+        return 1
+    print(format_report(json.loads(path.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
