@@ -295,7 +295,7 @@ class GenEvalDetector(Section):
     clip_colors: list[str] = Field(
         default_factory=lambda: list(GENEVAL_COLORS), description="Colour names the CLIP classifier chooses among."
     )
-    min_pixels: int = Field(4, ge=1, description="Exact detector: smallest connected blob that counts as an object.")
+    min_pixels: int = Field(12, ge=1, description="Exact detector: smallest connected blob that counts as an object.")
     palette_tolerance: float = Field(
         60.0, gt=0, description="Exact detector: largest RGB distance at which a pixel takes a palette colour."
     )
