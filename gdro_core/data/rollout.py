@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gdro_core.models.base import Condition, FlowModel
-from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.base import PromptRecord
 from gdro_core.models.sampling import sample
 from gdro_core.data.store import atomic_write, read_json, sha256_file, write_json
 
@@ -74,7 +74,7 @@ def _valid_shards(out_dir: Path, fp: str) -> dict[str, str]:
 
 def generate_rollouts(
     model: FlowModel,
-    prompts: Sequence[OcrPrompt],
+    prompts: Sequence[PromptRecord],
     per_prompt: int,
     base_seed: int,
     steps: int,

@@ -28,7 +28,7 @@ from gdro_core.models.base import Condition, FlowModel, velocity
 from gdro_core.models.lora import lora_state, reference, set_lora_state
 from gdro_core.tasks.ocr import Reader
 from gdro_core.params import Train
-from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.base import PromptRecord
 from gdro_core.models.sampling import concat, expand
 from gdro_core.data.scoring import score_images
 from gdro_core.training.loop import Logger, OnCheckpoint, ema_decay, end_of_step, start_training
@@ -139,7 +139,7 @@ def pick_prompts(n_prompts: int, count: int, gen: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def encode_prompts(model: FlowModel, prompts: Sequence[OcrPrompt], batch_size: int) -> tuple[Condition, Condition]:
+def encode_prompts(model: FlowModel, prompts: Sequence[PromptRecord], batch_size: int) -> tuple[Condition, Condition]:
     """Conditioning of every prompt (rows aligned with ``prompts``) and of the empty prompt, on the CPU."""
     parts = [model.encode([p.prompt for p in prompts[i : i + batch_size]]) for i in range(0, len(prompts), batch_size)]
     cond = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
@@ -169,7 +169,7 @@ def task_reward(task, prompts: Sequence) -> RewardFn:
 
 def train_online(
     model: FlowModel,
-    prompts: Sequence[OcrPrompt],
+    prompts: Sequence[PromptRecord],
     cond: Condition,
     null_cond: Condition,
     reward_fn: RewardFn,
