@@ -37,7 +37,7 @@ FLOW_GRPO_LINES = [
      "exclude": [], "prompt": "a photo of a dog and a cat"},
 ]
 
-GENEVAL = {"task": "geneval", "prompts": {"n_train": 40, "n_test": 24, "n_val": 8}}
+GENEVAL = {"task": "geneval", "prompts": {"n_train": 40, "n_test": 24, "n_val": 8}, "model": {"builtin": {"max_tokens": 52}}}
 
 
 def write_lines(path, rows):
@@ -45,25 +45,35 @@ def write_lines(path, rows):
 
 
 def test_flow_grpo_metadata_loads(tmp_path):
-    write_lines(tmp_path / "train_metadata.jsonl", FLOW_GRPO_LINES)
+    write_lines(tmp_path / "train_metadata.jsonl", FLOW_GRPO_LINES[2:])
     write_lines(tmp_path / "test_metadata.jsonl", FLOW_GRPO_LINES[:2])
-    recs = read_metadata(tmp_path / "train_metadata.jsonl")
+    recs = read_metadata(tmp_path / "test_metadata.jsonl") + read_metadata(tmp_path / "train_metadata.jsonl")
     assert [r.tag for r in recs] == [r["tag"] for r in FLOW_GRPO_LINES]
     assert recs[1].include == ({"class": "clock", "count": 3},) and recs[1].exclude == ({"class": "clock", "count": 4},)
     assert recs[3].include[1]["position"] == ["right of", 0]
     # a record survives the rollout row's (prompt, target) round trip
     assert GenEvalPrompt.from_target(recs[4].prompt, recs[4].target) == recs[4]
     sets = metadata_sets(tmp_path, n_val=2)
-    assert [len(sets[s]) for s in ("train", "test", "val")] == [4, 2, 2]
-    p = parse_params({**GENEVAL, "geneval": {"metadata_dir": str(tmp_path)}, "prompts": {"n_val": 2}})
+    assert [len(sets[s]) for s in ("train", "test", "val")] == [2, 2, 2]
+    p = parse_params({**GENEVAL, "geneval": {"metadata_dir": tmp_path.name}, "prompts": {"n_val": 2}})
     task = make_task(p)
-    assert task.make_prompt_sets()["test"][0].prompt == "a photo of a bench"
+    assert task.make_prompt_sets(tmp_path.parent)["test"][0].prompt == "a photo of a bench"
     task.write_prompts(tmp_path / "out.jsonl", recs)
     assert read_metadata(tmp_path / "out.jsonl") == recs
 
 
-def test_geneval_evaluation_metadata_is_the_test_set(tmp_path):
+def test_held_out_metadata_that_leaks_into_train_is_rejected(tmp_path):
+    from gdro_core.data.prompts import PromptError
+
     write_lines(tmp_path / "train_metadata.jsonl", FLOW_GRPO_LINES)
+    write_lines(tmp_path / "test_metadata.jsonl", FLOW_GRPO_LINES[:1])
+    p = parse_params({**GENEVAL, "geneval": {"metadata_dir": str(tmp_path)}, "prompts": {"n_val": 1}})
+    with pytest.raises(PromptError, match="also occur in train"):
+        make_task(p).make_prompt_sets()
+
+
+def test_geneval_evaluation_metadata_is_the_test_set(tmp_path):
+    write_lines(tmp_path / "train_metadata.jsonl", FLOW_GRPO_LINES[3:])
     write_lines(tmp_path / "evaluation_metadata.jsonl", FLOW_GRPO_LINES[2:3])
     assert [r.prompt for r in metadata_sets(tmp_path, 1)["test"]] == ["a photo of a pink car"]
 

@@ -25,6 +25,7 @@ from gdro_core.tasks.geneval_prompts import (
     generate_sets,
     metadata_sets,
     read_metadata,
+    validate_sets,
     write_metadata,
 )
 from gdro_core.tasks.geneval_rules import Rules, judge_detections, tag_summary
@@ -54,12 +55,18 @@ class GenEvalTask:
         return self._detector
 
     # prompt records
-    def make_prompt_sets(self) -> dict[str, list[GenEvalPrompt]]:
+    def make_prompt_sets(self, root: Path = Path(".")) -> dict[str, list[GenEvalPrompt]]:
+        """Read from ``geneval.metadata_dir`` (under ``root``) or generated; validated either way."""
         p = self.params.prompts
         if self.cfg.metadata_dir:
-            return metadata_sets(Path(self.cfg.metadata_dir), p.n_val)
-        sizes = {"train": p.n_train, "test": p.n_test, "val": p.n_val}
-        return generate_sets(self.cfg.classes, self.cfg.colors, self.cfg.max_count, self.cfg.tags, sizes, p.seed)
+            where = self.cfg.metadata_dir
+            sets = metadata_sets(Path(root) / self.cfg.metadata_dir, p.n_val)
+        else:
+            where = "generated GenEval prompt sets"
+            sizes = {"train": p.n_train, "test": p.n_test, "val": p.n_val}
+            sets = generate_sets(self.cfg.classes, self.cfg.colors, self.cfg.max_count, self.cfg.tags, sizes, p.seed)
+        validate_sets(sets, self.params, where)
+        return sets
 
     def write_prompts(self, path: Path, records: Sequence[GenEvalPrompt]) -> None:
         write_metadata(path, records)

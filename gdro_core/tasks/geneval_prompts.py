@@ -123,6 +123,27 @@ def metadata_sets(metadata_dir: Path, n_val: int) -> dict[str, list[GenEvalPromp
     return {"train": train[: len(train) - n_val], "test": read_metadata(test_file), "val": train[len(train) - n_val :]}
 
 
+def validate_sets(sets: Mapping[str, Sequence[GenEvalPrompt]], params, where: str) -> None:
+    """No prompt twice in a set, no held-out prompt in train, and (built-in model) every prompt encodable."""
+    from gdro_core.data.prompts import PromptError, check_encodable, check_unique
+
+    for split, records in sets.items():
+        check_unique(list(records), f"{where} ({split})")
+    train = {r.prompt for r in sets.get("train", [])}
+    for split in ("test", "val"):
+        leaked = sorted({r.prompt for r in sets.get(split, []) if r.prompt in train})
+        if leaked:
+            raise PromptError(f"{where}: {len(leaked)} {split} prompt(s) also occur in train, e.g. {leaked[0]!r}: "
+                              "held-out prompts must never be trained on; remove them from train")
+    if params.model.source == "builtin":
+        from gdro_core.models.builtin import build_tokenizer
+
+        tok = build_tokenizer()
+        vocab = {t.removesuffix("</w>") for t in tok.get_vocab()}
+        every = [r for records in sets.values() for r in records]
+        check_encodable(every, vocab, params.model.builtin.max_tokens, lambda s: len(tok(s).input_ids), where)
+
+
 # --- generation, as GenEval's prompt generator does it ------------------------------------------------------
 
 
