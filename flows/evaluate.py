@@ -46,7 +46,8 @@ def score_models(lay: Layout) -> dict:
         tables.append(scores.assign(model=name, target=targets))
         logger.info("%s: %s", name, metrics[name])
     metrics["ceiling"] = task.ceiling(prompts)
-    metrics["delta"] = {k: metrics["trained"][k] - metrics["base"][k] for k in ("reward", "corrected")}
+    metrics["delta"] = {k: metrics["trained"][k] - metrics["base"][k] for k in ("reward", "corrected", "geneval")
+                        if k in metrics["base"]}
     n = min(p.evaluate.grid_prompts, len(prompts))
     per = p.evaluate.images_per_prompt
     grid = sample_grid({k: v[::per][:n] for k, v in images.items()}, [getattr(q, "caption", q.target) for q in prompts[:n]])
