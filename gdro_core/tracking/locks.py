@@ -20,7 +20,7 @@ class LockError(RuntimeError):
     """Another live process holds the stage's lock."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +54,7 @@ def stage_lock(root: Path, stage: str, outputs: dict[str, Any]) -> Iterator[Path
             if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
                 yield path  # already ours: a nested call in the same process
                 return
-            if owner.get("host") == me["host"] and owner.get("pid") and _alive(int(owner["pid"])):
+            if owner.get("host") == me["host"] and owner.get("pid") and pid_alive(int(owner["pid"])):
                 raise LockError(
                     f"another `gdro {stage}` (pid {owner['pid']}) is writing the same outputs in this workspace: "
                     f"wait for it to finish or stop it (lock {path})"

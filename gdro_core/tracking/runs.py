@@ -21,7 +21,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from gdro_core.params import Params, section_dict
-from gdro_core.tracking.locks import stage_lock
+from gdro_core.tracking.locks import pid_alive, stage_lock
 
 log = logging.getLogger("gdro")
 PID_TAG, HOST_TAG, RESUME_TAG = "gdro.pid", "gdro.host", "gdro.resume_key"
@@ -72,23 +72,13 @@ def configure(params: Params, root: Path) -> str:
     return mlflow.create_experiment(t.experiment, artifact_location=location.as_uri())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def mark_stale_runs(experiment_id: str) -> list[str]:
     """Runs still RUNNING whose process on this host is gone (kill -9, power loss) end KILLED."""
     client = mlflow.MlflowClient()
     stale = []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
-        if tags.get(HOST_TAG) == socket.gethostname() and PID_TAG in tags and not _alive(int(tags[PID_TAG])):
+        if tags.get(HOST_TAG) == socket.gethostname() and PID_TAG in tags and not pid_alive(int(tags[PID_TAG])):
             client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
             stale.append(run.info.run_id)
     if stale:
