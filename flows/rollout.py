@@ -1,4 +1,5 @@
-"""Stage `rollout`: N images per training prompt from the frozen base, cached by content hash."""
+"""Stage `rollout`: N images per training prompt from the frozen base, cached by content hash; shards run in
+this process or over a Dask or Ray task runner (params `scale`), with the same bytes either way."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from flows.context import load_layout
 from gdro_core.models import load_flow_model
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
-from gdro_core.data.rollout import generate_rollouts
-from gdro_core.data.store import dir_hash, fingerprint, sha256_file
+from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job, worker_count, worker_threads
+from gdro_core.data.rollout import (
+    MANIFEST, generate_rollouts, is_complete, pending_shards, plan_shards, prepare_rollouts, write_manifest,
+)
+from gdro_core.data.store import dir_hash, fingerprint, read_json, sha256_file
 from gdro_core.tracking.runs import stage_run
 
 
@@ -31,25 +35,63 @@ def rollout_fingerprint(lay: Layout) -> str:
     )
 
 
+@task(cache_policy=NO_CACHE, retries=2)
+def rollout_shard(job: RolloutJob) -> dict:
+    """One shard on whichever worker the runner picks; a retry finds finished work and keeps it."""
+    return run_rollout_job(job)
+
+
 @task(cache_policy=NO_CACHE)
-def sample_pools(lay: Layout) -> dict:
+def sample_pools(lay: Layout, fp: str) -> dict:
+    """All shards in this process with the model loaded once (scale.runner: local)."""
     p = lay.params
     logger = get_run_logger()
     model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
     prompts = make_task(p).read_prompts(lay.prompts("train"))
-    per_batch = max(1, p.sampler.batch_size // p.rollout.images_per_prompt)
     return generate_rollouts(
         model, prompts, p.rollout.images_per_prompt, p.rollout.seed, p.sampler.steps, p.sampler.guidance,
-        per_batch, lay.rollout_dir, rollout_fingerprint(lay),
+        shard_prompts(p), lay.rollout_dir, fp,
         progress=lambda i, n: logger.info("rollout shard %d/%d", i, n),
     )
+
+
+def shard_prompts(p) -> int:
+    return max(1, p.sampler.batch_size // p.rollout.images_per_prompt)
+
+
+def fan_out_pools(lay: Layout, fp: str) -> dict:
+    """Shards mapped over the Dask or Ray task runner; the manifest is written once all verify."""
+    p = lay.params
+    logger = get_run_logger()
+    shards = plan_shards(make_task(p).read_prompts(lay.prompts("train")), p.rollout.images_per_prompt, p.rollout.seed,
+                         shard_prompts(p))
+    prepare_rollouts(lay.rollout_dir)
+    todo = pending_shards(lay.rollout_dir, shards, fp)
+    workers = worker_count(p.scale)
+    logger.info("rollout: %d of %d shards to sample on %s (%d workers)", len(todo), len(shards), p.scale.runner,
+                workers)
+    jobs = [
+        RolloutJob(shard=s, source=p.model.source, base_dir=str(lay.base_dir), world=world_of(p), device=p.model.device,
+                   dtype=p.model.dtype, per_prompt=p.rollout.images_per_prompt, steps=p.sampler.steps,
+                   guidance=p.sampler.guidance, out_dir=str(lay.rollout_dir), fingerprint=fp,
+                   threads=worker_threads(p.scale, workers))
+        for s in todo
+    ]
+    run_jobs(p.scale, rollout_shard, jobs, progress=lambda i, n: logger.info("rollout shard %d/%d", i, n))
+    return write_manifest(lay.rollout_dir, shards, p.rollout.images_per_prompt, fp)
 
 
 @flow(name="rollout")
 def rollout_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> int:
     lay = load_layout(params_path, overrides)
-    with stage_run(lay.params, lay.root, "rollout", ("model", "sampler", "rollout")):
-        manifest = sample_pools(lay)
+    with stage_run(lay.params, lay.root, "rollout", ("model", "sampler", "rollout", "scale")):
+        fp = rollout_fingerprint(lay)
+        if is_complete(lay.rollout_dir, fp):
+            manifest = read_json(lay.rollout_dir / MANIFEST)
+        elif lay.params.scale.runner == "local":
+            manifest = sample_pools(lay, fp)
+        else:
+            manifest = fan_out_pools(lay, fp)
         mlflow.log_metric("rollout_images", len(manifest["rows"]))
         mlflow.log_param("rollout_fingerprint", manifest["fingerprint"])
         get_run_logger().info("%d rollout images in %s", len(manifest["rows"]), lay.rollout_dir)

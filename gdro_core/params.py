@@ -160,7 +160,37 @@ class Reward(Section):
     upscale: int = Field(2, ge=1, description="Integer upscale before reading (small renders read better).")
     pad: int = Field(16, ge=0, description="Border in pixels added around the upscaled image.")
     restrict_to_alphabet: bool = Field(True, description="Limit the reader to the world's alphabet.")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="Images per reader call on each worker.")
+    max_error_share: float = Field(
+        0.01, ge=0, le=1,
+        description="Share of images the reader may fail on (each scored 0, its error kept in its row) before "
+        "`score` fails.",
+    )
+
+
+class Scale(Section):
+    """Where rollout and scoring shards run; the results are identical whatever is chosen here."""
+
+    runner: Literal["local", "dask", "ray"] = Field(
+        "local", description="local: in this process, one shard after another; dask: prefect-dask; ray: prefect-ray."
+    )
+    workers: int = Field(
+        0, ge=0, description="Worker processes for dask/ray (0 = one per visible GPU, or 1 without GPUs)."
+    )
+    address: str = Field(
+        "", description="An existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001, or 'auto'); "
+        "empty starts a local cluster with `workers` workers.",
+    )
+    threads_per_worker: int = Field(0, ge=0, description="Torch threads in each worker (0 = CPU cores / workers).")
+
+    @model_validator(mode="after")
+    def _address_needs_cluster(self) -> Scale:
+        if self.address and self.runner == "local":
+            raise ValueError(
+                f"scale.address is {self.address!r} but scale.runner is 'local': set runner to dask or ray, "
+                "or clear address"
+            )
+        return self
 
 
 class Lora(Section):
@@ -430,6 +460,7 @@ class Params(Section):
     serve: Serve = Serve()
     sweep: Sweep = Sweep()
     registry: Registry = Registry()
+    scale: Scale = Scale()
 
     @model_validator(mode="after")
     def _group_fits_pool(self) -> Params:

@@ -1,4 +1,7 @@
-"""Rollouts: determinism, hashed caching, resumption and rebuild of corrupt shards."""
+"""Rollouts: determinism, hashed caching, resumption, and rebuild of corrupt or missing shards and images."""
+
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +9,7 @@ import torch
 from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
 from gdro_core.data.prompts import make_prompt_sets
 from gdro_core.data.rollout import RolloutError, generate_rollouts, is_complete, load_rollouts
+from gdro_core.data.store import TMP_SUFFIX, read_json
 from gdro_core.models.sampling import sample
 
 
@@ -98,6 +102,72 @@ def test_interrupted_rollout_resumes_from_finished_shards(model, prompts, tmp_pa
     count["n"] = 10  # later calls succeed; only the missing shard may be sampled
     _generate(model, prompts, out)
     assert count["n"] == 11 and is_complete(out, "fp-1")
+
+
+def _count_samples(monkeypatch):
+    import gdro_core.data.rollout as rollout_mod
+
+    real, seen = rollout_mod.sample, []
+
+    def counting(*a, **k):
+        seen.append(a[3])  # the seeds sampled
+        return real(*a, **k)
+
+    monkeypatch.setattr(rollout_mod, "sample", counting)
+    return seen
+
+
+def test_deleted_png_is_remade_by_its_shard_only(model, prompts, tmp_path, monkeypatch):
+    out = tmp_path / "rollouts"
+    manifest = _generate(model, prompts, out)
+    png = out / "images" / "00002_001.png"  # prompt 2 lives in shard 1 (2 prompts per shard)
+    original = png.read_bytes()
+    png.unlink()
+    assert not is_complete(out, "fp-1")  # a missing image is never reported as present
+    seen = _count_samples(monkeypatch)
+    assert _generate(model, prompts, out) == manifest
+    assert png.read_bytes() == original
+    assert seen == [[r["seed"] for r in manifest["rows"] if r["prompt_index"] == 2]]
+
+
+def test_altered_png_is_detected_and_remade(model, prompts, tmp_path, monkeypatch):
+    out = tmp_path / "rollouts"
+    manifest = _generate(model, prompts, out)
+    png = out / "images" / "00000_000.png"
+    original = png.read_bytes()
+    png.write_bytes(original[:-4] + b"oops")
+    assert not is_complete(out, "fp-1")
+    seen = _count_samples(monkeypatch)
+    _generate(model, prompts, out)
+    assert png.read_bytes() == original and len(seen) == 1
+    assert manifest["images"]["images/00000_000.png"] == read_json(out / "records" / "shard-0000.json")["images"][
+        "images/00000_000.png"
+    ]
+
+
+def test_every_image_and_shard_has_its_hash_in_a_shard_record(model, prompts, tmp_path):
+    out = tmp_path / "rollouts"
+    manifest = _generate(model, prompts, out)
+    records = [read_json(p) for p in sorted((out / "records").glob("shard-*.json"))]
+    assert [r["shard"] for r in records] == sorted(manifest["shards"])
+    assert {k: v for r in records for k, v in r["images"].items()} == manifest["images"]
+    assert [row for r in records for row in r["rows"]] == manifest["rows"]
+    assert set(manifest["images"]) == {r["image"] for r in manifest["rows"]}
+
+
+def test_temp_files_of_a_killed_write_are_ignored_by_dvc_and_cleaned(model, prompts, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rollouts"
+    (out / "images").mkdir(parents=True)
+    stale = out / "images" / f".00000_000.png.k1ll3d{TMP_SUFFIX}"  # what a kill mid-write leaves
+    stale.write_bytes(b"half a png")
+    probe = f"data/rollouts/images/.00000_000.png.k1ll3d{TMP_SUFFIX}"
+    ignored = subprocess.run([Path(__import__("sys").executable).parent / "dvc", "check-ignore", probe], cwd=root,
+                             capture_output=True, text=True)
+    assert ignored.returncode == 0, f".dvcignore must ignore {probe}: {ignored.stdout}{ignored.stderr}"
+    _generate(model, prompts, out)
+    assert not stale.exists()
+    assert not list(out.rglob(f"*{TMP_SUFFIX}"))
 
 
 def test_missing_rollouts_name_the_fix(tmp_path):

@@ -1,9 +1,11 @@
 """Offline rollouts: N images per prompt from the frozen base, stored as hashed shards.
 
 A rollout directory holds ``shard-XXXX.safetensors`` (clean latents and prompt conditioning),
-``images/*.png`` and ``manifest.json`` (rows with seeds, shard hashes and a fingerprint of how
-the data was made). Shards are written atomically one by one, so an interrupted rollout resumes;
-a shard whose hash does not match the manifest is regenerated, never trusted.
+``images/*.png``, one ``records/shard-XXXX.json`` per shard (its rows, the shard's and every PNG's
+sha256) and ``manifest.json`` (all rows, shard and image hashes, and a fingerprint of how the data
+was made). A shard is a unit of work that depends only on its prompts and seeds: it writes its own
+files and nothing else, so shards can run in any order, on any worker, and the result is the same
+bytes. A shard whose record, file or any image does not verify is made again, never trusted.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gdro_core.data.store import TMP_SUFFIX, atomic_write, read_json, sha256_file, write_json
 from gdro_core.models.base import Condition, FlowModel
 from gdro_core.tasks.base import PromptRecord
 from gdro_core.models.sampling import sample
-from gdro_core.data.store import atomic_write, read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
+RECORDS = "records"
 Progress = Callable[[int, int], None]
 
 
@@ -49,27 +52,133 @@ class Rollouts:
         return self.latents[prompts.unsqueeze(1), members], {k: v[prompts] for k, v in self.cond.items()}
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One unit of rollout work: a few consecutive prompts, all their images and seeds."""
+
+    index: int
+    rows: tuple[dict, ...]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:04d}.safetensors"
+
+    @property
+    def record(self) -> str:
+        return f"{RECORDS}/shard-{self.index:04d}.json"
+
+    @property
+    def prompts(self) -> list[str]:
+        """The shard's prompts in order, one per prompt index."""
+        return [r["prompt"] for r in self.rows if r["member"] == 0]
+
+
 def image_seed(base_seed: int, prompt_index: int, member: int, per_prompt: int) -> int:
     return base_seed + prompt_index * per_prompt + member
 
 
-def _shard_name(i: int) -> str:
-    return f"shard-{i:04d}.safetensors"
+def plan_shards(prompts: Sequence[PromptRecord], per_prompt: int, base_seed: int, batch_prompts: int) -> list[Shard]:
+    """Split the prompts into shards of ``batch_prompts`` prompts with every image's row and seed."""
+    shards = []
+    for s, start in enumerate(range(0, len(prompts), batch_prompts)):
+        rows = tuple(
+            {
+                "prompt_index": i,
+                "member": m,
+                "prompt": prompts[i].prompt,
+                "target": prompts[i].target,
+                "seed": image_seed(base_seed, i, m, per_prompt),
+                "image": f"images/{i:05d}_{m:03d}.png",
+            }
+            for i in range(start, min(len(prompts), start + batch_prompts))
+            for m in range(per_prompt)
+        )
+        shards.append(Shard(s, rows))
+    return shards
 
 
-def _valid_shards(out_dir: Path, fp: str) -> dict[str, str]:
-    """Shards recorded under the same fingerprint whose content still matches their hash."""
-    partial = out_dir / "progress.json"
-    if not partial.is_file():
-        return {}
-    record = read_json(partial)
-    if record.get("fingerprint") != fp:
-        return {}
-    return {
-        name: digest
-        for name, digest in record["shards"].items()
-        if (out_dir / name).is_file() and sha256_file(out_dir / name) == digest
+def shard_is_valid(out_dir: Path, shard: Shard, fingerprint: str) -> bool:
+    """True when the shard's record matches this plan and its file and every image match their hashes."""
+    out_dir = Path(out_dir)
+    path = out_dir / shard.record
+    if not path.is_file():
+        return False
+    record = read_json(path)
+    if record.get("fingerprint") != fingerprint or record.get("rows") != list(shard.rows):
+        return False
+    files = {shard.name: record["sha256"], **record["images"]}
+    return all((out_dir / n).is_file() and sha256_file(out_dir / n) == h for n, h in files.items())
+
+
+def write_shard(
+    model: FlowModel, shard: Shard, per_prompt: int, steps: int, guidance: float, out_dir: Path, fingerprint: str,
+    null: Condition | None = None,
+) -> dict:
+    """Sample one shard; write its PNGs, then its tensors, then its record (last: it vouches for the rest)."""
+    out_dir = Path(out_dir)
+    null = model.encode([""]) if null is None else null
+    with torch.no_grad():
+        cond = model.encode(shard.prompts)
+        rep = {k: v.repeat_interleave(per_prompt, 0) for k, v in cond.items()}
+        x0 = sample(model, rep, null, [r["seed"] for r in shard.rows], steps, guidance)
+    images = {}
+    for r, im in zip(shard.rows, model.decode(x0)):
+        atomic_write(out_dir / r["image"], lambda p, im=im: im.save(p, format="PNG"))
+        images[r["image"]] = sha256_file(out_dir / r["image"])
+    n = len(shard.prompts)
+    tensors = {"latents": x0.cpu().reshape(n, per_prompt, *x0.shape[1:]).contiguous()}
+    tensors |= {f"cond.{k}": v.float().cpu().contiguous() for k, v in cond.items()}
+    atomic_write(out_dir / shard.name, lambda p: save_file(tensors, str(p)))
+    record = {
+        "fingerprint": fingerprint, "shard": shard.name, "sha256": sha256_file(out_dir / shard.name),
+        "images": images, "rows": list(shard.rows),
     }
+    write_json(out_dir / shard.record, record)
+    return record
+
+
+def clean_stale(out_dir: Path) -> list[Path]:
+    """Remove temporary files a killed writer left behind (DVC ignores them, but they waste space)."""
+    stale = [p for p in Path(out_dir).rglob(f"*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    legacy = Path(out_dir) / "progress.json"  # the single progress file of earlier versions
+    legacy.unlink(missing_ok=True)
+    return stale
+
+
+def prepare_rollouts(out_dir: Path) -> None:
+    """Create the directory tree before shards are written (by any worker) and drop stale temp files."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / RECORDS).mkdir(parents=True, exist_ok=True)
+    clean_stale(out_dir)
+
+
+def pending_shards(out_dir: Path, shards: Sequence[Shard], fingerprint: str) -> list[Shard]:
+    """The shards that still need sampling (missing or not verifying); the rest are reused as they are."""
+    return [s for s in shards if not shard_is_valid(out_dir, s, fingerprint)]
+
+
+def write_manifest(out_dir: Path, shards: Sequence[Shard], per_prompt: int, fingerprint: str) -> dict:
+    """Collect the shard records in shard order into ``manifest.json``; every shard must verify first."""
+    out_dir = Path(out_dir)
+    bad = pending_shards(out_dir, shards, fingerprint)
+    if bad:
+        names = ", ".join(s.name for s in bad[:5])
+        raise RolloutError(
+            f"{len(bad)} rollout shard(s) in {out_dir} are missing or do not verify ({names}): rerun `gdro rollout`"
+        )
+    records = [read_json(out_dir / s.record) for s in shards]
+    manifest = {
+        "fingerprint": fingerprint,
+        "per_prompt": per_prompt,
+        "shards": {r["shard"]: r["sha256"] for r in records},
+        "images": {k: v for r in records for k, v in r["images"].items()},
+        "rows": [row for r in records for row in r["rows"]],
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
 
 
 def generate_rollouts(
@@ -84,67 +193,35 @@ def generate_rollouts(
     fingerprint: str,
     progress: Progress | None = None,
 ) -> dict:
-    """Sample ``per_prompt`` images for every prompt; reuse valid shards; return the manifest."""
+    """Sample ``per_prompt`` images for every prompt in this process; reuse valid shards; return the manifest."""
     out_dir = Path(out_dir)
     if is_complete(out_dir, fingerprint):
         return read_json(out_dir / MANIFEST)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    done = _valid_shards(out_dir, fingerprint)
-    null = model.encode([""])
-    rows: list[dict] = []
-    n_shards = (len(prompts) + batch_prompts - 1) // batch_prompts
-    for s in range(n_shards):
-        idx = list(range(s * batch_prompts, min(len(prompts), (s + 1) * batch_prompts)))
-        shard_rows = [
-            {
-                "prompt_index": i,
-                "member": m,
-                "prompt": prompts[i].prompt,
-                "target": prompts[i].target,
-                "seed": image_seed(base_seed, i, m, per_prompt),
-                "image": f"images/{i:05d}_{m:03d}.png",
-            }
-            for i in idx
-            for m in range(per_prompt)
-        ]
-        rows += shard_rows
-        name = _shard_name(s)
-        if name not in done:
-            with torch.no_grad():
-                cond = model.encode([prompts[i].prompt for i in idx])
-                rep = {k: v.repeat_interleave(per_prompt, 0) for k, v in cond.items()}
-                x0 = sample(model, rep, null, [r["seed"] for r in shard_rows], steps, guidance)
-            for r, im in zip(shard_rows, model.decode(x0)):
-                atomic_write(out_dir / r["image"], lambda p, im=im: im.save(p, format="PNG"))
-            tensors = {"latents": x0.cpu().reshape(len(idx), per_prompt, *x0.shape[1:]).contiguous()}
-            tensors |= {f"cond.{k}": v.float().cpu().contiguous() for k, v in cond.items()}
-            atomic_write(out_dir / name, lambda p, t=tensors: save_file(t, str(p)))
-            done[name] = sha256_file(out_dir / name)
-            write_json(out_dir / "progress.json", {"fingerprint": fingerprint, "shards": done})
+    prepare_rollouts(out_dir)
+    shards = plan_shards(prompts, per_prompt, base_seed, batch_prompts)
+    todo = {s.index for s in pending_shards(out_dir, shards, fingerprint)}
+    null = model.encode([""]) if todo else None
+    for s in shards:
+        if s.index in todo:
+            write_shard(model, s, per_prompt, steps, guidance, out_dir, fingerprint, null)
         if progress:
-            progress(s + 1, n_shards)
-    manifest = {
-        "fingerprint": fingerprint,
-        "per_prompt": per_prompt,
-        "shards": {_shard_name(s): done[_shard_name(s)] for s in range(n_shards)},
-        "rows": rows,
-    }
-    write_json(out_dir / MANIFEST, manifest)
-    return manifest
+            progress(s.index + 1, len(shards))
+    return write_manifest(out_dir, shards, per_prompt, fingerprint)
 
 
 def is_complete(out_dir: Path, fingerprint: str) -> bool:
-    """True when the manifest matches ``fingerprint`` and every shard and image matches its record."""
-    path = Path(out_dir) / MANIFEST
+    """True when the manifest matches ``fingerprint`` and every shard and image matches its recorded hash."""
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
     if not path.is_file():
         return False
     manifest = read_json(path)
-    if manifest.get("fingerprint") != fingerprint:
+    if manifest.get("fingerprint") != fingerprint or "images" not in manifest:
         return False
-    shards_ok = all(
-        (out_dir / n).is_file() and sha256_file(out_dir / n) == h for n, h in manifest["shards"].items()
-    )
-    return shards_ok and all((out_dir / r["image"]).is_file() for r in manifest["rows"])
+    files = {**manifest["shards"], **manifest["images"]}
+    if set(manifest["images"]) != {r["image"] for r in manifest["rows"]}:
+        return False
+    return all((out_dir / n).is_file() and sha256_file(out_dir / n) == h for n, h in files.items())
 
 
 def load_rollouts(out_dir: Path) -> Rollouts:

@@ -1,33 +1,63 @@
-"""The reward table: every rollout image scored once by the task reward."""
+"""The reward table: every rollout image scored once by the task reward.
+
+Scoring is split by rollout shard so that shards can be scored on separate workers; the table
+is put back in (prompt_index, member) order, so it is the same bytes whoever scored which shard.
+A reader that fails on an image scores it 0 and keeps the error in its row instead of ending the
+run; :func:`check_errors` fails the stage once the share of such images passes a threshold.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
-from gdro_core.tasks.ocr import Reader, ocr_reward
 from gdro_core.data.store import atomic_write
+from gdro_core.tasks.ocr import Reader, ocr_reward
 
 Progress = Callable[[int, int], None]
+COLUMNS = ["read", "reward", "exact", "similarity", "error"]
+ORDER = ["prompt_index", "member"]
+
+
+class ScoringError(RuntimeError):
+    """Too many images could not be scored."""
+
+
+def _read_each(reader: Reader, images: list[Image.Image]) -> list[tuple[str, str]]:
+    """Read a batch; if the batch fails, read its images one by one so one bad image costs only itself."""
+    try:
+        return [(text, "") for text in reader.read(images)]
+    except Exception:  # noqa: BLE001 - any reader failure is isolated to the image that causes it
+        out = []
+        for im in images:
+            try:
+                out.append((reader.read([im])[0], ""))
+            except Exception as err:  # noqa: BLE001 - recorded in the image's row, counted by check_errors
+                out.append(("", f"{type(err).__name__}: {err}"))
+        return out
 
 
 def score_images(
     images: list[Image.Image], targets: list[str], reader: Reader, substring_full_credit: bool, batch_size: int,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
-    """Columns read, reward, exact, similarity for each (image, target)."""
+    """Columns read, reward, exact, similarity, error for each (image, target); unreadable images score 0."""
     records = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        for read, target in zip(reader.read(chunk), targets[start : start + batch_size]):
+        for (read, error), target in zip(_read_each(reader, chunk), targets[start : start + batch_size]):
             s = ocr_reward(read, target, substring_full_credit)
-            records.append({"read": s.read, "reward": s.reward, "exact": s.exact, "similarity": s.similarity})
+            reward, similarity = (0.0, 0.0) if error else (s.reward, s.similarity)
+            records.append(
+                {"read": s.read, "reward": reward, "exact": s.exact and not error, "similarity": similarity,
+                 "error": error}
+            )
         if progress:
             progress(min(start + batch_size, len(images)), len(images))
-    return pd.DataFrame.from_records(records, columns=["read", "reward", "exact", "similarity"])
+    return pd.DataFrame.from_records(records, columns=COLUMNS)
 
 
 def score_rollouts(rows: list[dict], rollout_dir: Path, reader: Reader, substring_full_credit: bool, batch_size: int,
@@ -43,6 +73,34 @@ def score_task_rollouts(rows: list[dict], rollout_dir: Path, task, progress: Pro
     images = [Image.open(Path(rollout_dir) / r["image"]) for r in rows]
     scores = task.reward(images, [task.record(r["prompt"], r["target"]) for r in rows], progress)
     return pd.concat([pd.DataFrame.from_records(rows), scores.reset_index(drop=True)], axis=1)
+
+
+def split_rows(manifest: dict) -> list[list[dict]]:
+    """The manifest's rows in chunks of one rollout shard's size (the unit of scoring work)."""
+    rows = manifest["rows"]
+    size = -(-len(rows) // max(1, len(manifest["shards"])))
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def merge_tables(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """One table in (prompt_index, member) order, whatever order the parts were scored in."""
+    table = pd.concat(list(parts), ignore_index=True)
+    return table.sort_values(ORDER, kind="stable").reset_index(drop=True)
+
+
+def check_errors(table: pd.DataFrame, max_share: float) -> int:
+    """The number of images the reader failed on; raise once their share exceeds ``max_share``."""
+    if "error" not in table:  # a task whose reward records no per-image errors
+        return 0
+    failed = table["error"].astype(bool)
+    n = int(failed.sum())
+    if n and n / len(table) > max_share:
+        first = table.loc[failed, "error"].iloc[0]
+        raise ScoringError(
+            f"the reader failed on {n} of {len(table)} images ({n / len(table):.1%} > reward.max_error_share "
+            f"{max_share:.1%}); first error: {first}. Fix the reader, or raise reward.max_error_share"
+        )
+    return n
 
 
 def write_table(table: pd.DataFrame, path: Path) -> Path:

@@ -13,6 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# Suffix of every temporary file: `.dvcignore` ignores it, so a write killed half-way never changes
+# DVC's hash of an output directory, and a later run can find and remove it.
+TMP_SUFFIX = ".gdro-tmp"
+
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -57,7 +61,7 @@ def explain_full_disk(path: Path) -> Iterator[None]:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Let ``write`` fill a temp file beside ``path``, then rename it into place (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         with explain_full_disk(path):

@@ -1,0 +1,186 @@
+"""Rollout and scoring shards as independent jobs, and the Prefect task runner that spreads them.
+
+A job carries everything its worker needs (plain, picklable values), runs the same library
+functions as the serial path (:func:`~gdro_core.data.rollout.write_shard`,
+:func:`~gdro_core.data.scoring.score_task_rollouts`) and writes only its own files, so any number of
+workers gives the same bytes as one process. Each worker process loads its model or reader once
+(an ``lru_cache`` per process) and reuses it for every job it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from gdro_core.data.rollout import Shard, shard_is_valid, write_shard
+from gdro_core.data.scoring import score_task_rollouts
+from gdro_core.data.store import read_json
+from gdro_core.params import Params, Scale
+
+RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "prefect-ray")}
+
+
+class FanoutError(RuntimeError):
+    """A task runner that cannot be started as configured; the message says what to install or set."""
+
+
+@dataclass(frozen=True)
+class RolloutJob:
+    """One rollout shard and how to sample it."""
+
+    shard: Shard
+    source: str
+    base_dir: str
+    world: Any  # the params section sizing the built-in model's images (gdro_core.tasks.world_of)
+    device: str
+    dtype: str
+    per_prompt: int
+    steps: int
+    guidance: float
+    out_dir: str
+    fingerprint: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One chunk of rollout rows and the params (as JSON) of the task that scores them."""
+
+    rows: tuple[dict, ...]
+    rollout_dir: str
+    params_json: str
+    threads: int
+
+
+def worker_count(scale: Scale) -> int:
+    """Workers for a cluster runner: as set, else one per visible GPU, else one."""
+    if scale.workers:
+        return scale.workers
+    return torch.cuda.device_count() or 1
+
+
+def worker_threads(scale: Scale, workers: int) -> int:
+    """Torch threads per worker: as set, else the machine's cores shared evenly between the workers."""
+    return scale.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def worker_device(device: str) -> str:
+    """The device of this worker: with several GPUs, a Dask LocalCluster worker takes the GPU of its index.
+
+    Ray gives each task its own GPU (``num_gpus=1``), and workers started by hand on a cluster are
+    given theirs through ``CUDA_VISIBLE_DEVICES``; both then see one GPU only.
+    """
+    from gdro_core.models.base import pick_device
+
+    dev = pick_device(device)
+    if dev.type != "cuda" or dev.index is not None or torch.cuda.device_count() < 2:
+        return str(dev)
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return str(dev)
+    return f"cuda:{int(name) % torch.cuda.device_count()}" if str(name).isdigit() else str(dev)
+
+
+@lru_cache(maxsize=1)
+def worker_model(source: str, base_dir: str, world: Any, device: str, dtype: str, fingerprint: str):
+    """The frozen base, loaded once per worker process (the fingerprint keys a changed base)."""
+    from gdro_core.models import load_flow_model
+
+    return load_flow_model(source, base_dir, world, worker_device(device), dtype)
+
+
+@lru_cache(maxsize=1)
+def worker_task(params_json: str):
+    """The params' task (and so its reader), built once per worker process."""
+    from gdro_core.tasks import make_task
+
+    return make_task(Params.model_validate_json(params_json))
+
+
+def run_rollout_job(job: RolloutJob) -> dict:
+    """Sample one shard unless it already verifies (a retried job finds its work done); return its record."""
+    torch.set_num_threads(job.threads)
+    out = Path(job.out_dir)
+    if shard_is_valid(out, job.shard, job.fingerprint):
+        return read_json(out / job.shard.record)
+    model = worker_model(job.source, job.base_dir, job.world, job.device, job.dtype, job.fingerprint)
+    return write_shard(model, job.shard, job.per_prompt, job.steps, job.guidance, out, job.fingerprint)
+
+
+def run_score_job(job: ScoreJob) -> pd.DataFrame:
+    """Score one chunk of rows with this worker's task (the stage's own entry point, score_task_rollouts)."""
+    torch.set_num_threads(job.threads)
+    return score_task_rollouts(list(job.rows), Path(job.rollout_dir), worker_task(job.params_json))
+
+
+def task_runner(scale: Scale):
+    """The Prefect task runner ``scale`` names: a Dask or Ray one (local cluster, or the given address)."""
+    if scale.runner not in RUNNER_PACKAGES:
+        raise FanoutError(f"scale.runner {scale.runner!r} runs in this process; it has no task runner")
+    module, package = RUNNER_PACKAGES[scale.runner]
+    try:
+        __import__(module)
+    except ImportError:
+        raise FanoutError(
+            f"scale.runner is {scale.runner!r} but {package} is not installed: `pip install -e '.[scale]'` "
+            "(or set scale.runner: local)"
+        ) from None
+    workers = worker_count(scale)
+    if scale.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if scale.address:
+            return DaskTaskRunner(address=scale.address)
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            # One single-threaded process per worker: one model per process, one shard at a time. Every
+            # server on loopback; the dashboard on a free port, so that two clusters never collide.
+            cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
+        )
+    from prefect_ray import RayTaskRunner
+
+    if scale.address:
+        return RayTaskRunner(address=scale.address)
+    return RayTaskRunner(
+        init_kwargs={"num_cpus": workers, "num_gpus": torch.cuda.device_count(), "include_dashboard": False,
+                     "_node_ip_address": "127.0.0.1"}
+    )
+
+
+def ray_task_options() -> dict:
+    """Ray task options: one GPU per task when the cluster has GPUs (Ray then hides the others from it)."""
+    import ray
+
+    return {"num_gpus": 1} if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else {}
+
+
+def run_jobs(scale: Scale, task, jobs: list, progress: Callable[[int, int], None] | None = None) -> list:
+    """Submit the Prefect ``task`` once per job to the runner ``scale`` names; results in job order."""
+    if not jobs:
+        return []
+    with task_runner(scale) as runner:
+        options = nullcontext()
+        if scale.runner == "ray":
+            from prefect_ray.context import remote_options
+
+            options = remote_options(**ray_task_options())
+        with options:
+            futures = [runner.submit(task, parameters={"job": job}) for job in jobs]
+        results = []
+        for i, future in enumerate(futures, 1):
+            results.append(future.result())
+            if progress:
+                progress(i, len(jobs))
+    return results

@@ -1,0 +1,164 @@
+"""Rollout and score fanned out over Dask and Ray give the serial run's files, byte for byte."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import yaml
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from conftest import TINY
+from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job
+from gdro_core.data.prompts import read_prompts
+from gdro_core.data.rollout import plan_shards, prepare_rollouts, write_manifest
+from gdro_core.layout import Layout
+from gdro_core.params import Scale, parse_params
+
+# Four prompts, one per shard: four rollout shards and four scoring chunks to spread over 2 workers.
+CONFIG = {**TINY, "sampler": {**TINY["sampler"], "batch_size": TINY["rollout"]["images_per_prompt"]}}
+
+
+def _needs(module: str, package: str) -> None:
+    """Skip, saying so, only when the runner's package is not installed (any other import error fails)."""
+    pytest.importorskip(module, reason=f"{package} is not installed: `pip install -e '.[scale]'`",
+                        exc_type=ModuleNotFoundError)
+
+
+def _outputs(root: Path, scored: bool = True) -> dict[str, bytes]:
+    """Every file the rollout (and score) stages wrote, by path relative to the project."""
+    files = sorted(p for p in (root / "data" / "rollouts").rglob("*") if p.is_file())
+    files += [root / "data" / "rewards.parquet"] if scored else []
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory, prefect_server):
+    """Prompts and a small random base, then rollout + score in this process (scale.runner: local)."""
+    from flows.prompts import prompts_flow
+    from gdro_core.models.builtin import build_builtin_pipeline
+
+    root = tmp_path_factory.mktemp("serial")
+    (root / "params.yaml").write_text(yaml.safe_dump(CONFIG))
+    p = parse_params(CONFIG)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GDRO_ROOT", str(root))
+    prompts_flow(params_path="params.yaml")
+    build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0).save_pretrained(root / "models" / "base")
+    _run(root, {})
+    mp.undo()
+    return root
+
+
+def _run(root: Path, overrides: dict) -> None:
+    from flows.rollout import rollout_flow
+    from flows.score import score_flow
+
+    rollout_flow(params_path="params.yaml", overrides=overrides)
+    score_flow(params_path="params.yaml", overrides=overrides)
+
+
+def _copy_inputs(serial: Path, dest: Path) -> Path:
+    dest.mkdir()
+    shutil.copy(serial / "params.yaml", dest / "params.yaml")
+    shutil.copytree(serial / "data" / "prompts", dest / "data" / "prompts")
+    shutil.copytree(serial / "models" / "base", dest / "models" / "base")
+    return dest
+
+
+def _assert_same(serial: Path, other: Path) -> None:
+    want, got = _outputs(serial), _outputs(other)
+    assert sorted(got) == sorted(want)
+    assert len([k for k in want if k.endswith(".safetensors")]) == 4 and len([k for k in want if k.endswith(".png")]) == 16
+    different = [k for k in want if got[k] != want[k]]
+    assert not different, f"fanned-out outputs differ from the serial run: {different}"
+
+
+def test_dask_local_cluster_matches_serial_run(serial, tmp_path, monkeypatch):
+    _needs("prefect_dask", "prefect-dask")
+    root = _copy_inputs(serial, tmp_path / "dask")
+    monkeypatch.setenv("GDRO_ROOT", str(root))
+    _run(root, {"scale.runner": "dask", "scale.workers": 2, "scale.threads_per_worker": 1})
+    _assert_same(serial, root)
+
+
+def test_ray_local_cluster_matches_serial_run(serial, tmp_path, monkeypatch):
+    _needs("prefect_ray", "prefect-ray")
+    root = _copy_inputs(serial, tmp_path / "ray")
+    monkeypatch.setenv("GDRO_ROOT", str(root))
+    _run(root, {"scale.runner": "ray", "scale.workers": 2, "scale.threads_per_worker": 1})
+    _assert_same(serial, root)
+
+
+
+@task(cache_policy=NO_CACHE)
+def _dies_once(job):
+    """Shard 1's worker process is killed the first time it runs it (a marker file says it happened)."""
+    marker = Path(job.out_dir).parent / "killed.txt"
+    if job.shard.index == 1 and not marker.exists():
+        marker.write_text("killed")
+        os._exit(1)
+    return run_rollout_job(job)
+
+
+def test_a_killed_dask_worker_shard_is_redone_elsewhere(serial, tmp_path):
+    _needs("prefect_dask", "prefect-dask")
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    from flows.rollout import rollout_fingerprint
+
+    root = _copy_inputs(serial, tmp_path / "killed")
+    lay = Layout(root=root, params=parse_params(CONFIG))
+    fp, out, p = rollout_fingerprint(lay), lay.rollout_dir, lay.params
+    shards = plan_shards(read_prompts(lay.prompts("train")), 4, p.rollout.seed, 1)
+    prepare_rollouts(out)
+    jobs = [RolloutJob(shard=s, source="builtin", base_dir=str(lay.base_dir), world=p.world, device="cpu",
+                       dtype="float32", per_prompt=4, steps=p.sampler.steps, guidance=p.sampler.guidance,
+                       out_dir=str(out), fingerprint=fp, threads=1)
+            for s in shards]
+
+    @flow
+    def fan_out():
+        return run_jobs(Scale(runner="dask", workers=2, threads_per_worker=1), _dies_once, jobs)
+
+    records = fan_out()
+    assert (tmp_path / "killed" / "data" / "killed.txt").read_text() == "killed"  # a worker did die
+    assert [r["shard"] for r in records] == [s.name for s in shards]
+    write_manifest(out, shards, 4, fp)
+    assert _outputs(root, scored=False) == _outputs(serial, scored=False)
+
+
+class _ChokesOnOne:
+    """An OCR reader that raises on one rollout image and reads every other as "1"."""
+
+    def read(self, images):
+        if any(im.filename.endswith("00001_002.png") for im in images):
+            raise RuntimeError("recognizer crashed")
+        return ["1"] * len(images)
+
+
+def test_score_goes_on_past_a_reader_error_until_the_threshold(serial, tmp_path, monkeypatch):
+    import pandas as pd
+
+    import flows.score
+    from flows.score import score_flow
+    from gdro_core.data.scoring import ScoringError
+
+    root = _copy_inputs(serial, tmp_path / "flaky")
+    shutil.copytree(serial / "data" / "rollouts", root / "data" / "rollouts")
+    monkeypatch.setenv("GDRO_ROOT", str(root))
+    from gdro_core.tasks.ocr_task import OcrTask
+
+    monkeypatch.setattr(flows.score, "make_task", lambda params: OcrTask(params, reader=_ChokesOnOne()))
+    score_flow(params_path="params.yaml", overrides={"reward.max_error_share": 0.1})
+    table = pd.read_parquet(root / "data" / "rewards.parquet")
+    bad = table[(table["prompt_index"] == 1) & (table["member"] == 2)].iloc[0]
+    assert bad["reward"] == 0.0 and bad["error"] == "RuntimeError: recognizer crashed"
+    assert (table["error"] != "").sum() == 1 and len(table) == 16
+
+    (root / "data" / "rewards.parquet").unlink()
+    with pytest.raises(ScoringError, match="1 of 16 images"):
+        score_flow(params_path="params.yaml", overrides={"reward.max_error_share": 0.05})
+    assert not (root / "data" / "rewards.parquet").exists()  # no table to cache when the stage fails
