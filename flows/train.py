@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
-import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -23,7 +22,7 @@ from gdro_core.training.online_grpo import encode_prompts, task_reward, train_on
 from gdro_core.data.pool import open_rollouts
 from gdro_core.models.offload import PreEncoded, offload_unused
 from gdro_core.training.launch import launched
-from gdro_core.data.scoring import reward_matrix
+from gdro_core.data.scoring import read_table, reward_matrix
 from gdro_core.data.store import fingerprint, read_json, sha256_file
 from gdro_core.tracking.runs import metric_logger, stage_run
 from gdro_core.training.kept_adapter import keep_adapter
@@ -47,7 +46,7 @@ def _offline_inputs(lay: Layout):
     """The lazily read rollout pool, its reward table and the base model (shared by every process)."""
     p = lay.params
     data = open_rollouts(lay.rollout_dir)
-    rewards = reward_matrix(pd.read_parquet(lay.rewards), *data.shape)
+    rewards = reward_matrix(read_table(lay.rewards, data.fingerprint), *data.shape)
     model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
     return data, rewards, model
 

@@ -70,6 +70,7 @@ class RolloutPool:
             raise RolloutError(f"no rollouts at {self.dir} (missing {MANIFEST}): run `gdro rollout` first")
         manifest = read_json(self.dir / MANIFEST)
         self.rows: list[dict] = manifest["rows"]
+        self.fingerprint: str = manifest["fingerprint"]
         self.shards = list(manifest["shards"])
         if not self.shards:
             raise RolloutError(f"{self.dir / MANIFEST} lists no shards: rerun `gdro rollout`")

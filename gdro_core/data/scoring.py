@@ -103,8 +103,38 @@ def check_errors(table: pd.DataFrame, max_share: float) -> int:
     return n
 
 
-def write_table(table: pd.DataFrame, path: Path) -> Path:
-    return atomic_write(Path(path), lambda p: table.to_parquet(p, index=False))
+ROLLOUT_KEY = b"gdro.rollout_fingerprint"
+
+
+class RewardTableError(ValueError):
+    """A reward table that does not belong to the rollouts beside it."""
+
+
+def write_table(table: pd.DataFrame, path: Path, rollout_fingerprint: str = "") -> Path:
+    """The reward table as parquet, stamped with the fingerprint of the rollouts it scored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), ROLLOUT_KEY: rollout_fingerprint.encode()})
+    return atomic_write(Path(path), lambda p: pq.write_table(arrow, p))
+
+
+def read_table(path: Path, rollout_fingerprint: str) -> pd.DataFrame:
+    """The reward table, refused unless it scored exactly the rollouts with ``rollout_fingerprint``."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise RewardTableError(f"no reward table at {path}: run `gdro score` first")
+    arrow = pq.read_table(path)
+    scored = (arrow.schema.metadata or {}).get(ROLLOUT_KEY, b"").decode()
+    if scored != rollout_fingerprint:
+        raise RewardTableError(
+            f"{path} scored other rollouts ({scored[:12] or 'unknown'}) than the ones now in the rollout directory "
+            f"({rollout_fingerprint[:12]}): run `gdro score` (or `dvc repro score`) to score them"
+        )
+    return arrow.to_pandas()
 
 
 def reward_matrix(table: pd.DataFrame, n_prompts: int, per_prompt: int):
