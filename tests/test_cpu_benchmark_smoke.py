@@ -42,7 +42,8 @@ def make_project(root: Path) -> Layout:
     manifest = generate_rollouts(model, read_prompts(lay.prompts("train")), p.rollout.images_per_prompt, p.rollout.seed,
                                  p.sampler.steps, p.sampler.guidance, 2, lay.rollout_dir, "tiny")
     reader = make_reader(p.reward.backend, p.reward.upscale, p.reward.pad, p.world.alphabet)
-    write_table(score_rollouts(manifest["rows"], lay.rollout_dir, reader, False, p.reward.batch_size), lay.rewards)
+    write_table(score_rollouts(manifest["rows"], lay.rollout_dir, reader, False, p.reward.batch_size), lay.rewards,
+                manifest["fingerprint"])
     return lay
 
 

@@ -55,3 +55,14 @@ def test_code_hash_follows_the_stage_deps(tmp_path):
     assert code_hash("train", tmp_path) == before
     (tmp_path / "gdro_core" / "a.py").write_text("x = 2\n")
     assert code_hash("train", tmp_path) != before
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_params_name_params_yaml_keys(stage):
+    from gdro_core.params import Params
+
+    for entry in STAGES[stage].get("params", []):
+        key = entry if isinstance(entry, str) else next(iter(entry))
+        if key == "params.yaml":
+            continue
+        assert key.split(".")[0] in Params.model_fields, f"stage {stage!r} lists {key!r} under params: not a param"
