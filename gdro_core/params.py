@@ -42,6 +42,9 @@ class Tracking(Section):
     request_retries: int = Field(
         1, ge=0, description="Retries of a failed MLflow request; a failed metric log is counted, never fatal."
     )
+    metric_pause: float = Field(
+        60.0, ge=0, description="Seconds metric logging pauses (metrics counted and skipped) after a failed log."
+    )
 
 
 class World(Section):

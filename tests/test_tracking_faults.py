@@ -43,7 +43,7 @@ def test_a_failed_metric_log_is_counted_and_training_goes_on(monkeypatch, caplog
         raise mlflow.exceptions.MlflowException("connection refused")
 
     monkeypatch.setattr(mlflow, "log_metrics", down)
-    log = metric_logger()
+    log = metric_logger(pause=0.0)
     log(1, {"loss": 1.0})
     log(2, {"loss": 0.5})
     assert log.failures["count"] == 2
