@@ -514,8 +514,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents, 1):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"cannot set '{dotted}': '{'.'.join(parents[:depth])}' is a value "
+                                  f"({node!r}), not a section; set '{'.'.join(parents[:depth])}' itself")
         node[leaf] = value
     return parse_params(data, str(path))
 
