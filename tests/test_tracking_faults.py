@@ -66,25 +66,61 @@ def test_a_run_left_running_by_a_dead_process_ends_killed_and_its_training_conti
         assert fresh.info.run_id != stale_id  # a finished training is never continued
 
 
-def test_one_writer_per_stage_output_and_a_dead_owner_is_taken_over(tmp_path):
+HOLDER = """
+import sys, time
+from gdro_core.tracking.locks import stage_lock
+with stage_lock(sys.argv[1], "train", {"paths.adapter_dir": "models/adapter"}):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_one_writer_per_stage_output_and_a_dead_owner_is_taken_over(tmp_path, caplog):
     outputs = {"paths.adapter_dir": "models/adapter"}
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
-        path = lock_path(tmp_path, "train", outputs)
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename}))
+        assert other.stdout.readline().strip() == "held"
         with pytest.raises(LockError, match=f"pid {other.pid}.*wait for it"):
             with stage_lock(tmp_path, "train", outputs):
                 pass
     finally:
-        other.kill()
+        other.kill()  # as kill -9 does: no cleanup, the lock file stays behind
         other.wait()
+    path = lock_path(tmp_path, "train", outputs)
+    assert json.loads(path.read_text())["pid"] == other.pid
     with stage_lock(tmp_path, "train", outputs) as held:  # its owner is dead now
         assert json.loads(held.read_text())["pid"] == os.getpid()
+        with stage_lock(tmp_path, "train", outputs):  # nested in one process: re-entrant
+            pass
+        assert held.exists()
+    assert f"pid {other.pid}" in caplog.text and "taking over" in caplog.text
     assert not path.exists()
     with stage_lock(tmp_path, "train", {"paths.adapter_dir": "models/sweeps/a"}):
         with stage_lock(tmp_path, "train", outputs):  # other outputs: another lock
             pass
+
+
+def test_two_runs_started_at_once_never_both_hold_the_lock(tmp_path):
+    """Many processes racing for one lock (a stale one left by a killed run among them): exactly one wins."""
+    path = lock_path(tmp_path, "train", {"paths.adapter_dir": "models/adapter"})
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": 999999999, "host": os.uname().nodename}))  # left by a killed run
+    racer = """
+import sys, time
+from gdro_core.tracking.locks import LockError, stage_lock
+time.sleep(float(sys.argv[2]) - time.time())
+try:
+    with stage_lock(sys.argv[1], "train", {"paths.adapter_dir": "models/adapter"}):
+        print("won", flush=True)
+        time.sleep(3)
+except LockError:
+    print("refused", flush=True)
+"""
+    go = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", racer, str(tmp_path), go], stdout=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert results == ["refused"] * 5 + ["won"]
 
 
 @pytest.fixture()
