@@ -165,6 +165,12 @@ def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`gdro.stage` = 'train'")
     assert list(runs["status"]) == ["FINISHED"]  # the killed run was continued, not duplicated
     assert not (mlflow.search_runs(search_all_experiments=True)["status"] == "RUNNING").any()
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:  # the Prefect flow run of the killed command is not left Running
+        killed = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"gdro.pid:{proc.pid}"])))
+    assert [r.state.type.value for r in killed] == ["CRASHED"]
 
 
 def test_a_temporary_server_orphaned_by_a_killed_command_is_stopped_and_others_are_left_alone():
