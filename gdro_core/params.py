@@ -6,11 +6,11 @@ is an error naming the key, never a silent default.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -67,6 +67,10 @@ class World(Section):
         return self
 
 
+PROMPT_FILES = "prompt_files"
+"""The directory of user prompt sets; a DVC dependency of the prompts stage."""
+
+
 class Prompts(Section):
     n_train: int = Field(
         128, ge=1, description="Training prompts; more strings with fewer images each generalise better to unseen ones."
@@ -96,6 +100,17 @@ class Prompts(Section):
             if '"{text}"' not in t:
                 raise ValueError(f"template {t!r} must contain the quoted placeholder \"{{text}}\"")
         return self
+
+    @field_validator("source")
+    @classmethod
+    def _tracked_source(cls, source: str) -> str:
+        parts = PurePosixPath(source.replace("\\", "/")).parts
+        if source and (len(parts) < 2 or parts[0] != PROMPT_FILES or ".." in parts):
+            raise ValueError(
+                f"must be a directory under {PROMPT_FILES}/ (e.g. {PROMPT_FILES}/ocr), the prompt files DVC tracks: "
+                "copy your train.txt and test.txt there"
+            )
+        return source
 
 
 class BuiltinModel(Section):

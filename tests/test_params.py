@@ -72,3 +72,13 @@ def test_an_override_below_a_value_names_the_key_instead_of_crashing(tmp_path):
         load_params(f, {"train.beta.x": 1})
     with pytest.raises(ParamsError, match=r"unknown key 'train.betta'"):
         load_params(f, {"train.betta": 1})
+
+
+@pytest.mark.parametrize("source", ["/home/me/ocr", "../ocr", "prompt_files/../../ocr", "ocr", "prompt_files"])
+def test_a_prompt_source_dvc_cannot_track_is_refused(source):
+    with pytest.raises(ParamsError, match=r"'prompts.source'.*under prompt_files/.*copy your train.txt"):
+        parse_params({"prompts": {"source": source}})
+
+
+def test_a_prompt_source_under_prompt_files_is_accepted():
+    assert parse_params({"prompts": {"source": "prompt_files/ocr"}}).prompts.source == "prompt_files/ocr"
