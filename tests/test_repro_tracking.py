@@ -59,6 +59,15 @@ def test_a_server_gone_at_the_end_of_a_stage_does_not_fail_it_and_the_next_run_r
     assert not list((tmp_path / PENDING_DIR).glob("*.json"))
 
 
+def test_an_unended_run_of_another_store_is_dropped(tmp_path):
+    (tmp_path / PENDING_DIR).mkdir(parents=True)
+    marker = tmp_path / PENDING_DIR / "0123.json"
+    marker.write_text(json.dumps({"run_id": "0" * 32, "status": "FINISHED", "end_time": 0}))
+    with stage_run(parse_params(TINY), tmp_path, "prompts", ("prompts",)):
+        pass
+    assert not marker.exists()
+
+
 def test_a_failing_stage_still_ends_failed_with_its_error(tmp_path):
     params = parse_params(TINY)
     with pytest.raises(RuntimeError, match="boom"):

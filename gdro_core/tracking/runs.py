@@ -23,6 +23,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
+from gdro_core.data.store import write_json
 from gdro_core.params import Params, section_dict
 from gdro_core.tracking.locks import pid_alive, stage_lock
 
@@ -118,7 +119,11 @@ def _end_pending_runs(root: Path) -> None:
     for marker in sorted((Path(root) / PENDING_DIR).glob("*.json")):
         pending = json.loads(marker.read_text())
         with tracking_optional(f"end run {pending['run_id']}"):
-            mlflow.MlflowClient().set_terminated(pending["run_id"], pending["status"], pending["end_time"])
+            try:
+                mlflow.MlflowClient().set_terminated(pending["run_id"], pending["status"], pending["end_time"])
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # in another store (tracking.uri changed): drop it
+                    raise
             marker.unlink()
 
 
@@ -127,8 +132,6 @@ def _end_run(root: Path, run_id: str, status: str) -> None:
         mlflow.end_run(status)  # pops the active run before it calls the server
     except TRACKING_FAULTS as err:
         log.warning("could not end MLflow run %s as %s (%s): the next stage run records it", run_id, status, err)
-        from gdro_core.data.store import write_json
-
         write_json(Path(root) / PENDING_DIR / f"{run_id}.json",
                    {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
 
