@@ -15,7 +15,7 @@ from gdro_core.layout import Layout
 from gdro_core.tasks import channels_of, make_task, world_of
 from gdro_core.training.pretrain import pretrain
 from gdro_core.data.store import fingerprint, write_json
-from gdro_core.tracking.runs import metric_logger, stage_run
+from gdro_core.tracking.runs import metric_logger, stage_run, tracking_optional
 
 
 @task(cache_policy=NO_CACHE)
@@ -28,7 +28,8 @@ def pretrain_builtin(lay: Layout) -> None:
     if p.task != "ocr":  # OCR keeps its fingerprint, so existing checkpoints still resume
         parts += [p.task, p.geneval.model_dump(exclude={"detector", "metadata_dir", "reward"})]
     fp = fingerprint(parts)
-    pretrain(pipe, world, p.prompts.templates, p.pretrain, lay.checkpoints("base", fp), metric_logger(logger.info),
+    log = metric_logger(logger.info, p.tracking.metric_pause)
+    pretrain(pipe, world, p.prompts.templates, p.pretrain, lay.checkpoints("base", fp), log,
              batch=make_task(p).pretrain_batch)
     tmp = lay.base_dir.with_name(".base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -44,7 +45,8 @@ def base_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None
     with stage_run(p, lay.root, "base", ("task", "model", "world", "pretrain", "geneval")):
         if p.model.source == "builtin":
             pretrain_builtin(lay)
-            mlflow.log_artifacts(str(lay.base_dir), "base")
+            with tracking_optional("log the base model"):
+                mlflow.log_artifacts(str(lay.base_dir), "base")
         else:
             lay.base_dir.mkdir(parents=True, exist_ok=True)
             write_json(lay.base_dir / "source.json", {"source": p.model.source})

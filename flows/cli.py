@@ -174,6 +174,24 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int | None:
     return subprocess.call(torchrun_command(n, "flows.cli", argv)) if n > 1 else None
 
 
+def run_flow(flow, args: argparse.Namespace) -> None:
+    """Run a stage's flow tagged with this process, after ending flow runs that killed `gdro` commands left Running."""
+    from prefect import tags
+
+    from flows.context import crash_orphaned_flow_runs, run_tags
+
+    try:
+        crashed = crash_orphaned_flow_runs()
+    except Exception as err:  # noqa: BLE001 - bookkeeping of old runs never stops a new one
+        print(f"gdro: could not check for flow runs left Running by killed commands: {err}", file=sys.stderr)
+    else:
+        if crashed:
+            print(f"gdro: marked {len(crashed)} flow run(s) left Running by a killed gdro command as Crashed",
+                  file=sys.stderr)
+    with tags(*run_tags()):
+        flow(params_path=args.params, overrides=parse_overrides(args.overrides))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -207,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             code = run_data_parallel(args, argv if argv is not None else sys.argv[1:])
             if code is not None:
                 return code
-        flow(params_path=args.params, overrides=parse_overrides(args.overrides))
+        run_flow(flow, args)
     except Exception as err:
         if not is_expected(err):
             raise

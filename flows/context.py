@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,3 +21,40 @@ def load_layout(params_path: str = "params.yaml", overrides: dict[str, Any] | No
     path = Path(params_path)
     # no global seeding: every draw takes an explicit generator, so parallel sweep threads do not interleave
     return Layout(root=root, params=load_params(path if path.is_absolute() else root / path, overrides))
+
+
+PID_TAG, HOST_TAG = "gdro.pid:", "gdro.host:"
+
+
+def run_tags() -> list[str]:
+    """Tags a `gdro` command gives its flow runs: which process runs them, so a later command can tell a killed one."""
+    return ["gdro", f"{PID_TAG}{os.getpid()}", f"{HOST_TAG}{socket.gethostname()}"]
+
+
+def crash_orphaned_flow_runs() -> list[str]:
+    """Flow runs left Running by a `gdro` process of this host that is gone (kill -9) end Crashed.
+
+    Prefect marks a crash it sees; a killed process sees nothing, so the next command does it.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from gdro_core.tracking.locks import pid_alive
+
+    crashed = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])),
+            tags=FlowRunFilterTags(all_=["gdro", f"{HOST_TAG}{socket.gethostname()}"]),
+        ))
+        for run in runs:
+            pids = [int(t.removeprefix(PID_TAG)) for t in run.tags if t.startswith(PID_TAG)]
+            if pids and pids[0] != os.getpid() and not pid_alive(pids[0]):
+                client.set_flow_run_state(run.id, Crashed(message=f"its process (pid {pids[0]}) was killed"),
+                                          force=True)
+                crashed.append(str(run.id))
+    return crashed

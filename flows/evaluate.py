@@ -20,7 +20,7 @@ from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
 from gdro_core.tracking.registry import register_adapter
 from gdro_core.data.store import atomic_write, write_json
-from gdro_core.tracking.runs import stage_run
+from gdro_core.tracking.runs import stage_run, tracking_optional
 
 
 @task(cache_policy=NO_CACHE)
@@ -64,12 +64,13 @@ def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
         write_json(lay.metrics, metrics)
         atomic_write(lay.reports_dir / "samples.png", lambda f: out["grid"].save(f, format="PNG"))
         atomic_write(lay.reports_dir / "eval_scores.csv", lambda f: out["scores"].to_csv(f, index=False))
-        mlflow.log_metrics({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items()})
-        mlflow.log_artifact(str(lay.reports_dir / "samples.png"))
-        version = register_adapter(p, lay.adapter_dir, lay.base_dir, metrics, data_version(lay))
-        if version is not None:
-            best, metric = set_champion(mlflow.MlflowClient(), version.name, p.registry.rank_by, p.registry.alias)
-            get_run_logger().info("registered %s version %s; %s is version %s (by %s)",
-                                  version.name, version.version, p.registry.alias, best, metric)
+        with tracking_optional("log the metrics and register the adapter"):  # metrics.json is written already
+            mlflow.log_metrics({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items()})
+            mlflow.log_artifact(str(lay.reports_dir / "samples.png"))
+            version = register_adapter(p, lay.adapter_dir, lay.base_dir, metrics, data_version(lay))
+            if version is not None:
+                best, metric = set_champion(mlflow.MlflowClient(), version.name, p.registry.rank_by, p.registry.alias)
+                get_run_logger().info("registered %s version %s; %s is version %s (by %s)",
+                                      version.name, version.version, p.registry.alias, best, metric)
         get_run_logger().info("metrics: %s", metrics)
         return metrics

@@ -24,7 +24,7 @@ from gdro_core.models.offload import PreEncoded, offload_unused
 from gdro_core.training.launch import launched
 from gdro_core.data.scoring import read_table, reward_matrix
 from gdro_core.data.store import fingerprint, read_json, sha256_file
-from gdro_core.tracking.runs import metric_logger, stage_run
+from gdro_core.tracking.runs import metric_logger, stage_run, tracking_optional
 from gdro_core.training.kept_adapter import keep_adapter
 from gdro_core.training.loop import train
 
@@ -60,7 +60,7 @@ def fit_adapter(lay: Layout) -> dict:
             "`accelerate launch --num_processes N -m flows.cli train`; the pipeline and sweep flows train in one process"
         )
     logger = get_run_logger()
-    log = metric_logger(logger.info)
+    log = metric_logger(logger.info, p.tracking.metric_pause)
     data, rewards, model = _offline_inputs(lay)
     ckpt = lay.checkpoints("train", train_fingerprint(lay))
     task = make_task(p)
@@ -108,11 +108,12 @@ def train_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | Non
         key = ""  # no rollouts or rewards yet: fit_adapter says what to run first
     with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge"), resume_key=key):
         summary = fit_adapter(lay)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
-        mlflow.log_artifacts(str(lay.adapter_dir), "adapter")
-        for name in ("train_curves.png", "train_curve.csv"):
-            if (lay.reports_dir / name).is_file():
-                mlflow.log_artifact(str(lay.reports_dir / name))
+        with tracking_optional("log the summary and the adapter"):  # the adapter is saved: tracking cannot lose it
+            mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+            mlflow.log_artifacts(str(lay.adapter_dir), "adapter")
+            for name in ("train_curves.png", "train_curve.csv"):
+                if (lay.reports_dir / name).is_file():
+                    mlflow.log_artifact(str(lay.reports_dir / name))
         if summary.get("hacking_trend"):
             get_run_logger().warning("reward rises while the corrected score falls: possible reward hacking")
         get_run_logger().info("adapter (step %s) saved to %s", summary["kept_step"], lay.adapter_dir)

@@ -6,11 +6,11 @@ is an error naming the key, never a silent default.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -42,6 +42,9 @@ class Tracking(Section):
     request_retries: int = Field(
         1, ge=0, description="Retries of a failed MLflow request; a failed metric log is counted, never fatal."
     )
+    metric_pause: float = Field(
+        60.0, ge=0, description="Seconds metric logging pauses (metrics counted and skipped) after a failed log."
+    )
 
 
 class World(Section):
@@ -62,6 +65,10 @@ class World(Section):
         if len(set(self.alphabet)) != len(self.alphabet) or not self.alphabet:
             raise ValueError("alphabet must be non-empty with no repeated characters")
         return self
+
+
+PROMPT_FILES = "prompt_files"
+"""The directory of user prompt sets; a DVC dependency of the prompts stage."""
 
 
 class Prompts(Section):
@@ -93,6 +100,17 @@ class Prompts(Section):
             if '"{text}"' not in t:
                 raise ValueError(f"template {t!r} must contain the quoted placeholder \"{{text}}\"")
         return self
+
+    @field_validator("source")
+    @classmethod
+    def _tracked_source(cls, source: str) -> str:
+        parts = PurePosixPath(source.replace("\\", "/")).parts
+        if source and (len(parts) < 2 or parts[0] != PROMPT_FILES or ".." in parts):
+            raise ValueError(
+                f"must be a directory under {PROMPT_FILES}/ (e.g. {PROMPT_FILES}/ocr), the prompt files DVC tracks: "
+                "copy your train.txt and test.txt there"
+            )
+        return source
 
 
 class BuiltinModel(Section):
@@ -511,8 +529,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents, 1):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"cannot set '{dotted}': '{'.'.join(parents[:depth])}' is a value "
+                                  f"({node!r}), not a section; set '{'.'.join(parents[:depth])}' itself")
         node[leaf] = value
     return parse_params(data, str(path))
 

@@ -63,3 +63,22 @@ def test_a_tab_in_params_yaml_names_the_file_the_line_and_the_fix(tmp_path):
     bad.write_text("train:\n  beta: 6\n\tgamma: 0.5\n")
     with pytest.raises(ParamsError, match=r"params.yaml line 3, column 1 .*indent with spaces"):
         load_params(bad)
+
+
+def test_an_override_below_a_value_names_the_key_instead_of_crashing(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  beta: 3.0\n")
+    with pytest.raises(ParamsError, match=r"cannot set 'train.beta.x': 'train.beta' is a value \(3.0\)"):
+        load_params(f, {"train.beta.x": 1})
+    with pytest.raises(ParamsError, match=r"unknown key 'train.betta'"):
+        load_params(f, {"train.betta": 1})
+
+
+@pytest.mark.parametrize("source", ["/home/me/ocr", "../ocr", "prompt_files/../../ocr", "ocr", "prompt_files"])
+def test_a_prompt_source_dvc_cannot_track_is_refused(source):
+    with pytest.raises(ParamsError, match=r"'prompts.source'.*under prompt_files/.*copy your train.txt"):
+        parse_params({"prompts": {"source": source}})
+
+
+def test_a_prompt_source_under_prompt_files_is_accepted():
+    assert parse_params({"prompts": {"source": "prompt_files/ocr"}}).prompts.source == "prompt_files/ocr"

@@ -43,7 +43,7 @@ def test_a_failed_metric_log_is_counted_and_training_goes_on(monkeypatch, caplog
         raise mlflow.exceptions.MlflowException("connection refused")
 
     monkeypatch.setattr(mlflow, "log_metrics", down)
-    log = metric_logger()
+    log = metric_logger(pause=0.0)
     log(1, {"loss": 1.0})
     log(2, {"loss": 0.5})
     assert log.failures["count"] == 2
@@ -66,25 +66,61 @@ def test_a_run_left_running_by_a_dead_process_ends_killed_and_its_training_conti
         assert fresh.info.run_id != stale_id  # a finished training is never continued
 
 
-def test_one_writer_per_stage_output_and_a_dead_owner_is_taken_over(tmp_path):
+HOLDER = """
+import sys, time
+from gdro_core.tracking.locks import stage_lock
+with stage_lock(sys.argv[1], "train", {"paths.adapter_dir": "models/adapter"}):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_one_writer_per_stage_output_and_a_dead_owner_is_taken_over(tmp_path, caplog):
     outputs = {"paths.adapter_dir": "models/adapter"}
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
-        path = lock_path(tmp_path, "train", outputs)
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename}))
+        assert other.stdout.readline().strip() == "held"
         with pytest.raises(LockError, match=f"pid {other.pid}.*wait for it"):
             with stage_lock(tmp_path, "train", outputs):
                 pass
     finally:
-        other.kill()
+        other.kill()  # as kill -9 does: no cleanup, the lock file stays behind
         other.wait()
+    path = lock_path(tmp_path, "train", outputs)
+    assert json.loads(path.read_text())["pid"] == other.pid
     with stage_lock(tmp_path, "train", outputs) as held:  # its owner is dead now
         assert json.loads(held.read_text())["pid"] == os.getpid()
+        with stage_lock(tmp_path, "train", outputs):  # nested in one process: re-entrant
+            pass
+        assert held.exists()
+    assert f"pid {other.pid}" in caplog.text and "taking over" in caplog.text
     assert not path.exists()
     with stage_lock(tmp_path, "train", {"paths.adapter_dir": "models/sweeps/a"}):
         with stage_lock(tmp_path, "train", outputs):  # other outputs: another lock
             pass
+
+
+def test_two_runs_started_at_once_never_both_hold_the_lock(tmp_path):
+    """Many processes racing for one lock (a stale one left by a killed run among them): exactly one wins."""
+    path = lock_path(tmp_path, "train", {"paths.adapter_dir": "models/adapter"})
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": 999999999, "host": os.uname().nodename}))  # left by a killed run
+    racer = """
+import sys, time
+from gdro_core.tracking.locks import LockError, stage_lock
+time.sleep(float(sys.argv[2]) - time.time())
+try:
+    with stage_lock(sys.argv[1], "train", {"paths.adapter_dir": "models/adapter"}):
+        print("won", flush=True)
+        time.sleep(3)
+except LockError:
+    print("refused", flush=True)
+"""
+    go = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", racer, str(tmp_path), go], stdout=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert results == ["refused"] * 5 + ["won"]
 
 
 @pytest.fixture()
@@ -129,6 +165,12 @@ def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`gdro.stage` = 'train'")
     assert list(runs["status"]) == ["FINISHED"]  # the killed run was continued, not duplicated
     assert not (mlflow.search_runs(search_all_experiments=True)["status"] == "RUNNING").any()
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:  # the Prefect flow run of the killed command is not left Running
+        killed = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"gdro.pid:{proc.pid}"])))
+    assert [r.state.type.value for r in killed] == ["CRASHED"]
 
 
 def test_a_temporary_server_orphaned_by_a_killed_command_is_stopped_and_others_are_left_alone():

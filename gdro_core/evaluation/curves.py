@@ -23,13 +23,19 @@ def hacking_trend(curve: pd.DataFrame, window: int) -> bool:
 
 
 def best_step(curve: pd.DataFrame, keep: str) -> int:
-    """The checkpoint to keep: best corrected score (ties: the later) or the last one."""
+    """The checkpoint to keep: best corrected score (ties: the later) or the last one.
+
+    Checkpoints without a corrected score (every judge answer missing) are passed over; with none scored, the last.
+    """
     trained = curve[curve["step"] > 0].sort_values("step")
     if trained.empty:
         raise ValueError("no trained checkpoint was evaluated: lower evaluate.checkpoint_every or raise train.steps")
     if keep == "last":
         return int(trained["step"].iloc[-1])
-    return int(trained.loc[trained["corrected"][::-1].idxmax(), "step"])
+    scored = trained[trained["corrected"].notna()]  # a checkpoint the judge never answered for has no corrected score
+    if scored.empty:
+        return int(trained["step"].iloc[-1])
+    return int(scored.loc[scored["corrected"][::-1].idxmax(), "step"])
 
 
 def plot_curves(curve: pd.DataFrame, path: Path, title: str = "") -> Path:

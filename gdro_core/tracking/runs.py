@@ -8,9 +8,11 @@ cannot be logged mid-training is counted and skipped rather than stalling or kil
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import time
 import traceback
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
+from gdro_core.data.store import write_json
 from gdro_core.params import Params, section_dict
 from gdro_core.tracking.locks import pid_alive, stage_lock
 
@@ -94,16 +98,56 @@ def _unfinished_run(experiment_id: str, resume_key: str) -> str | None:
     return runs[0].info.run_id if runs and runs[0].info.status in ("KILLED", "FAILED") else None
 
 
+PENDING_DIR = ".gdro/unended_runs"
+"""Runs whose end could not be recorded (tracking server down at the end of a stage): ended by the next stage run."""
+
+TRACKING_FAULTS = (MlflowException, OSError)
+"""What an unreachable or failing tracking server raises (requests' errors are OSErrors)."""
+
+
+@contextmanager
+def tracking_optional(what: str) -> Iterator[None]:
+    """Bookkeeping in MLflow that must never fail a stage whose outputs are written: a fault is a warning."""
+    try:
+        yield
+    except TRACKING_FAULTS as err:
+        log.warning("could not %s in MLflow (%s); the stage's outputs are written and it goes on", what, err)
+
+
+def _end_pending_runs(root: Path) -> None:
+    """Record the end of runs a previous stage could not end because the tracking server was down then."""
+    for marker in sorted((Path(root) / PENDING_DIR).glob("*.json")):
+        pending = json.loads(marker.read_text())
+        with tracking_optional(f"end run {pending['run_id']}"):
+            try:
+                mlflow.MlflowClient().set_terminated(pending["run_id"], pending["status"], pending["end_time"])
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # in another store (tracking.uri changed): drop it
+                    raise
+            marker.unlink()
+
+
+def _end_run(root: Path, run_id: str, status: str) -> None:
+    try:
+        mlflow.end_run(status)  # pops the active run before it calls the server
+    except TRACKING_FAULTS as err:
+        log.warning("could not end MLflow run %s as %s (%s): the next stage run records it", run_id, status, err)
+        write_json(Path(root) / PENDING_DIR / f"{run_id}.json",
+                   {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
+
+
 @contextmanager
 def stage_run(
     params: Params, root: Path, stage: str, sections: tuple[str, ...], nested: bool = False, resume_key: str = "",
 ) -> Iterator:
     """An MLflow run for one stage; an exception is logged as ``error.txt`` and the run ends FAILED.
 
-    Holds the workspace's lock for the stage and its outputs, so two runs cannot write the same files.
+    Holds the workspace's lock for the stage and its outputs, so two runs cannot write the same files. Once the
+    run has started, a tracking server that goes away never fails the stage: its end is recorded later.
     """
     with stage_lock(root, stage, section_dict(params, "paths")):
         experiment_id = configure(params, root)
+        _end_pending_runs(root)
         mark_stale_runs(experiment_id)
         nested = nested or mlflow.active_run() is not None  # inside a sweep's config run: nest live
         resume = _unfinished_run(experiment_id, resume_key) if resume_key else None
@@ -112,35 +156,45 @@ def stage_run(
             tags[RESUME_TAG] = resume_key
         if resume is not None:
             log.info("continuing MLflow run %s of the interrupted %s", resume, stage)
-            run_ctx = mlflow.start_run(run_id=resume, nested=nested, tags=tags)
+            run = mlflow.start_run(run_id=resume, nested=nested, tags=tags)
         else:
-            run_ctx = mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=nested, tags=tags)
-        with run_ctx as run:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=nested, tags=tags)
+        status = RunStatus.to_string(RunStatus.FINISHED)
+        try:
             if resume is None:
                 mlflow.log_params(section_dict(params, *sections))
-            try:
-                yield run
-            except BaseException:
+            yield run
+        except BaseException as err:
+            status = RunStatus.to_string(RunStatus.KILLED if isinstance(err, KeyboardInterrupt) else RunStatus.FAILED)
+            with tracking_optional("record the error"):
                 mlflow.log_text(traceback.format_exc(), "error.txt")
-                raise
+            raise
+        finally:
+            _end_run(root, run.info.run_id, status)
 
 
-def metric_logger(echo=None):
+def metric_logger(echo=None, pause: float = 60.0):
     """A ``(step, metrics)`` callback that logs to MLflow and echoes a line (e.g. to Prefect's logger).
 
     A metric MLflow cannot take (server gone, network down) is counted and skipped: tracking never stops training.
+    After a failure, metrics are skipped (and counted) for ``pause`` seconds before the server is tried again, so
+    a server that is gone costs one request timeout per pause, not one per step.
     """
-    failures = {"count": 0}
+    failures = {"count": 0, "skipped": 0, "retry_at": 0.0}
 
     def _log(step: int, metrics: dict[str, float]) -> None:
         if echo is not None:
             echo(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if time.monotonic() < failures["retry_at"]:
+            failures["skipped"] += 1
+            return
         try:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         except Exception as err:  # noqa: BLE001 - any tracking failure is non-fatal by design
             failures["count"] += 1
-            log.warning("could not log step %d metrics to MLflow (%d failed so far), training goes on: %s",
-                        step, failures["count"], err)
+            failures["retry_at"] = time.monotonic() + pause
+            log.warning("could not log step %d metrics to MLflow (%d failed, %d skipped so far), training goes on; "
+                        "next try in %.0f s: %s", step, failures["count"], failures["skipped"], pause, err)
 
     _log.failures = failures
     return _log

@@ -1,0 +1,154 @@
+"""A tracking server that goes away mid-stage never stalls or fails the stage: metrics pause, the run's end is
+recorded by the next stage run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.exceptions import MlflowException
+
+from conftest import TINY
+from gdro_core.params import parse_params
+from gdro_core.tracking.runs import PENDING_DIR, metric_logger, stage_run, tracking_optional
+
+
+def test_after_a_failed_metric_log_metrics_pause_instead_of_retrying_every_step(monkeypatch):
+    calls = []
+
+    def down(metrics, step):
+        calls.append(step)
+        raise MlflowException("connection refused")
+
+    monkeypatch.setattr(mlflow, "log_metrics", down)
+    log = metric_logger(pause=3600.0)
+    for step in range(1, 11):
+        log(step, {"loss": 1.0 / step})
+    assert calls == [1]  # one request to the dead server, not one per step
+    assert log.failures["count"] == 1 and log.failures["skipped"] == 9
+
+
+def test_a_server_gone_at_the_end_of_a_stage_does_not_fail_it_and_the_next_run_records_the_end(tmp_path, monkeypatch):
+    params = parse_params(TINY)
+    real = mlflow.MlflowClient.set_terminated
+
+    def down(self, *args, **kwargs):
+        raise MlflowException("API request failed: connection refused")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", down)
+    with stage_run(params, tmp_path, "train", ("train",)) as run:
+        with tracking_optional("log the adapter"):
+            raise MlflowException("connection refused")  # post-training bookkeeping: a warning, not a failure
+        done = run.info.run_id
+    assert mlflow.active_run() is None  # the run is off the stack: a next stage starts its own
+    assert mlflow.get_run(done).info.status == "RUNNING"
+    assert list((tmp_path / PENDING_DIR).glob("*.json"))
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", real)  # the server is back
+    with stage_run(params, tmp_path, "evaluate", ("evaluate",)):
+        pass
+    assert mlflow.get_run(done).info.status == "FINISHED"  # ended as it ended, not marked KILLED
+    assert not list((tmp_path / PENDING_DIR).glob("*.json"))
+
+
+def test_an_unended_run_of_another_store_is_dropped(tmp_path):
+    (tmp_path / PENDING_DIR).mkdir(parents=True)
+    marker = tmp_path / PENDING_DIR / "0123.json"
+    marker.write_text(json.dumps({"run_id": "0" * 32, "status": "FINISHED", "end_time": 0}))
+    with stage_run(parse_params(TINY), tmp_path, "prompts", ("prompts",)):
+        pass
+    assert not marker.exists()
+
+
+def test_a_failing_stage_still_ends_failed_with_its_error(tmp_path):
+    params = parse_params(TINY)
+    with pytest.raises(RuntimeError, match="boom"):
+        with stage_run(params, tmp_path, "train", ("train",)) as run:
+            raise RuntimeError("boom")
+    assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
+    assert "boom" in mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
+
+
+def test_tracking_optional_lets_programming_errors_through():
+    with pytest.raises(KeyError):
+        with tracking_optional("log"):
+            raise KeyError("a bug, not a tracking fault")
+
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_the_tracking_server_stopping_mid_train_loses_no_training(tmp_path, prefect_server):
+    """Before: training blocked at the next metric log and died minutes later, losing the steps since its checkpoint."""
+    from prefect.settings import PREFECT_API_URL
+
+    params = {**TINY, "train": {**TINY["train"], "steps": 16, "checkpoint_every": 2},
+              "evaluate": {**TINY["evaluate"], "checkpoint_every": 8}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GDRO_ROOT": str(tmp_path),
+           "PREFECT_API_URL": PREFECT_API_URL.value()}
+    for stage in ("prompts", "base", "rollout", "score"):
+        out = subprocess.run([BIN / "gdro", stage], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+
+    url = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_for(lambda: healthy(url), 120, "the MLflow server")
+        train = subprocess.Popen([BIN / "gdro", "train", "--set", f"tracking.uri={url}"], cwd=tmp_path, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: list(tmp_path.glob("checkpoints/train/*/step-0000002")) or train.poll() is not None,
+                 300, "the first checkpoint")
+        assert train.poll() is None, "training finished before the server could be stopped"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    started = time.monotonic()
+    log, _ = train.communicate(timeout=300)
+    assert train.returncode == 0, log[-3000:]
+    assert "training goes on" in log
+    assert time.monotonic() - started < 120  # no minutes of retries per metric
+    summary = json.loads((tmp_path / "reports" / "train_summary.json").read_text())
+    assert summary["kept_step"] in (8, 16)  # training ran to its end
+    assert (tmp_path / "models" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+    # the run could not be ended on the dead server; the next stage run (local store) records its end
+    pending = list((tmp_path / PENDING_DIR).glob("*.json"))
+    assert len(pending) == 1
+    run_id = json.loads(pending[0].read_text())["run_id"]
+    with stage_run(parse_params(params), tmp_path, "evaluate", ("evaluate",)):
+        pass
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
