@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
+from gdro_core.models.identity import base_fingerprint
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
 from gdro_core.data.rollout import generate_rollouts
@@ -27,6 +28,7 @@ def rollout_fingerprint(lay: Layout) -> str:
             "sampler": p.sampler.model_dump(),
             "rollout": p.rollout.model_dump(),
             "model": p.model.source,
+            "base_fingerprint": base_fingerprint(p.model.source, lay.base_dir),
         }
     )
 
@@ -35,7 +37,8 @@ def rollout_fingerprint(lay: Layout) -> str:
 def sample_pools(lay: Layout) -> dict:
     p = lay.params
     logger = get_run_logger()
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
+    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
+                            shift=p.sampler.shift, guidance=p.sampler.guidance)
     prompts = make_task(p).read_prompts(lay.prompts("train"))
     per_batch = max(1, p.sampler.batch_size // p.rollout.images_per_prompt)
     return generate_rollouts(

@@ -48,7 +48,8 @@ def _offline_inputs(lay: Layout):
     p = lay.params
     data = open_rollouts(lay.rollout_dir)
     rewards = reward_matrix(pd.read_parquet(lay.rewards), *data.shape)
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
+    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
+                            shift=p.sampler.shift, guidance=p.sampler.guidance)
     return data, rewards, model
 
 
