@@ -26,13 +26,14 @@ def predict_params(params: Params) -> dict[str, int | float]:
 
 
 def signature(params: Params):
-    """Input: a ``prompt`` string column; params: ``seed`` (image i uses seed + i), ``steps``, ``guidance``."""
+    """Input: prompt strings (a list, or a one-column frame); params: ``seed`` (image i uses seed + i), ``steps``,
+    ``guidance``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     types = {"seed": "long", "steps": "long", "guidance": "double"}
     specs = [ParamSpec(k, types[k], v) for k, v in predict_params(params).items()]
-    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), params=ParamSchema(specs))
+    return ModelSignature(inputs=Schema([ColSpec("string")]), params=ParamSchema(specs))
 
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
@@ -52,7 +53,9 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         from gdro_core.models.sampling import sample
 
-        prompts = list(model_input["prompt"] if isinstance(model_input, pd.DataFrame) else model_input)
+        if isinstance(model_input, pd.DataFrame):
+            model_input = model_input["prompt"] if "prompt" in model_input else model_input.iloc[:, 0]
+        prompts = [str(p) for p in model_input]
         unknown = set(params or {}) - set(predict_params(self.params))
         if unknown:
             raise ValueError(f"unknown predict params {sorted(unknown)}: use seed, steps and guidance")
