@@ -218,3 +218,38 @@ def test_registered_model_takes_seed_steps_guidance_and_refuses_another_base(che
     finally:
         shutil.rmtree(source)
         shutil.copytree(backup, source)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_online_flow_grpo_and_offline_gdro_train_every_family(checkpoints, variant, tmp_path, one_thread):
+    from gdro_core.data.prompts import OcrPrompt
+    from gdro_core.data.rollout import Rollouts
+    from gdro_core.models.lora import lora_state
+    from gdro_core.training.loop import train
+    from gdro_core.training.online_grpo import encode_prompts, train_online
+
+    cfg = parse_params({"train": {"grpo_prompts_per_iteration": 2, "grpo_group_size": 2, "grpo_sample_steps": 2,
+                                  "steps": 2, "checkpoint_every": 1, "log_every": 1, "lr": 1e-2, "group_size": 2,
+                                  "groups_per_step": 2, "lora": {"rank": 2, "alpha": 4.0}},
+                        "rollout": {"images_per_prompt": 2}}).train
+    prompts = [OcrPrompt(text, text.split('"')[1]) for text in PROMPTS]
+
+    def brightness(images, targets):
+        return torch.tensor([float(np.asarray(im, dtype=np.float32).mean() / 255) for im in images])
+
+    model = load_flow_model(str(checkpoints[variant]), "", WORLD, "cpu")
+    cond, null = encode_prompts(model, prompts, batch_size=2)
+    logs = []
+    weights = train_online(model, prompts, cond, null, brightness, cfg, tmp_path / "online",
+                           lambda s, m: logs.append(m), guidance=2.0)
+    assert len(logs) == 2 and all(np.isfinite(m["train/loss"]) for m in logs)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+    model = load_flow_model(str(checkpoints[variant]), "", WORLD, "cpu")
+    latents = torch.stack([sample(model, {k: v[i:i + 1].expand(2, *v.shape[1:]) for k, v in cond.items()}, null,
+                                  [10 * i, 10 * i + 1], 2, 1.0) for i in range(2)])
+    data = Rollouts(latents, cond, [])
+    logs = []
+    train(model, data, torch.tensor([[1.0, 0.0], [0.2, 0.7]]), cfg, tmp_path / "offline", lambda s, m: logs.append(m))
+    assert len(logs) == 2 and all(np.isfinite(m["train/loss"]) for m in logs)
+    assert any(v.abs().sum() > 0 for k, v in lora_state(model.transformer).items() if "lora_B" in k)
