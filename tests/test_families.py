@@ -6,6 +6,7 @@ pipeline's ``load_lora_weights`` with their alpha, and the registered model and 
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,6 +15,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
 
 from gdro_core.models import load_flow_model
 from gdro_core.models.base import ModelError, velocity
@@ -39,7 +41,8 @@ def pipeline_images(source: Path, variant: str, guidance: float, steps: int) -> 
     pipe = DiffusionPipeline.from_pretrained(source)
     pipe.set_progress_bar_config(disable=True)
     # FLUX.1-schnell has no guidance embedding: its classifier-free guidance is FluxPipeline's true CFG
-    kw = {"true_cfg_scale": guidance, "negative_prompt": ""} if variant == "flux-schnell" else {"guidance_scale": guidance}
+    kw = ({"true_cfg_scale": guidance, "negative_prompt": ""} if variant == "flux-schnell"
+          else {"guidance_scale": guidance})
     out = pipe(PROMPTS, num_inference_steps=steps, height=WORLD.height, width=WORLD.width, output_type="pil",
                generator=[torch.Generator().manual_seed(s) for s in SEEDS], **kw).images
     return np.stack([np.asarray(im) for im in out]).astype(int)
@@ -92,15 +95,15 @@ def test_adapter_round_trips_with_alpha_through_load_lora_weights(checkpoints, v
     with torch.no_grad():
         trained = velocity(model, x, t, cond)
     path = model.save_adapter(tmp_path / "adapter")
-    metadata = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["lora_adapter_metadata"])
+    with safe_open(str(path), "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+        saved = {k.removeprefix("transformer.") for k in f.keys()}
     assert (metadata["transformer.r"], metadata["transformer.lora_alpha"]) == (4, 12.0)
     assert json.loads((tmp_path / "adapter" / "base.json").read_text())["family"] == model.family
 
     # the family's own pipeline loads it with no missing or unexpected key, at the trained alpha
     pipe = DiffusionPipeline.from_pretrained(source)
     pipe.load_lora_weights(tmp_path / "adapter", adapter_name="loaded")
-    with __import__("safetensors").safe_open(str(path), "pt") as f:
-        saved = {k.removeprefix("transformer.") for k in f.keys()}
     assert set(get_peft_model_state_dict(pipe.transformer, adapter_name="loaded")) == saved
     assert pipe.transformer.peft_config["loaded"].lora_alpha == 12.0
     fresh = type(model)(pipe, WORLD.height, WORLD.width, source)
@@ -206,8 +209,6 @@ def test_registered_model_takes_seed_steps_guidance_and_refuses_another_base(che
 
     # the checkpoint at that path changed: the registered model refuses it instead of loading the adapter onto it
     save_tiny_pipeline(variant, checkpoints[variant].parent / f"{variant}-changed", seed=9)
-    import shutil
-
     backup = tmp_path / "backup"
     shutil.copytree(source, backup)
     try:
@@ -253,3 +254,21 @@ def test_online_flow_grpo_and_offline_gdro_train_every_family(checkpoints, varia
     train(model, data, torch.tensor([[1.0, 0.0], [0.2, 0.7]]), cfg, tmp_path / "offline", lambda s, m: logs.append(m))
     assert len(logs) == 2 and all(np.isfinite(m["train/loss"]) for m in logs)
     assert any(v.abs().sum() > 0 for k, v in lora_state(model.transformer).items() if "lora_B" in k)
+
+
+def test_base_fingerprint_follows_the_checkpoint_content_not_its_path(checkpoints, tmp_path):
+    from gdro_core.models.families import base_identity
+    from gdro_core.models.identity import base_fingerprint
+
+    source = checkpoints["flux-schnell"]
+    copy = shutil.copytree(source, tmp_path / "moved")
+    assert base_fingerprint(str(copy)) == base_fingerprint(str(source))
+    expected = {"family": "flux", "source": str(copy), "fingerprint": base_fingerprint(str(source))}
+    assert base_identity(str(copy)) == expected
+    weights = next((copy / "transformer").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert base_fingerprint(str(copy)) != base_fingerprint(str(source))
+    with pytest.raises(ModelError, match="not in the local cache|neither a local directory"):
+        base_fingerprint("no-such-org/no-such-model")

@@ -48,8 +48,10 @@ def velocity(model: FlowModel, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
     return model.velocity(x, t, cond)
 
 
-def guided_velocity(model: FlowModel, x: Tensor, t: Tensor, cond: Condition, null: Condition, guidance: float) -> Tensor:
-    """The velocity the sampler follows at guidance scale ``guidance`` (CFG or embedded, as the family does); float32."""
+def guided_velocity(
+    model: FlowModel, x: Tensor, t: Tensor, cond: Condition, null: Condition, guidance: float
+) -> Tensor:
+    """The velocity the sampler follows at scale ``guidance`` (CFG or embedded, as the family does); float32."""
     return model.guided_velocity(x, t, cond, null, guidance)
 
 

@@ -63,7 +63,8 @@ class DiffusersFlowModel:
         n = x.shape[0]
         t = t.to(self.device, torch.float32).expand(n)
         if guidance > 1.0:
-            v_c, v_u = self.velocity(torch.cat([x, x]), torch.cat([t, t]), concat(cond, expand(null, n))).float().chunk(2)
+            both = concat(cond, expand(null, n))
+            v_c, v_u = self.velocity(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)
             return v_u + guidance * (v_c - v_u)
         return self.velocity(x, t, cond).float()
 

@@ -26,7 +26,7 @@ def sd3_velocity(model, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
 
 
 def sd3_timesteps(model, scheduler, steps: int) -> None:
-    """As StableDiffusion3Pipeline: ``steps`` timesteps, mu from the latent size when the scheduler shifts dynamically."""
+    """As StableDiffusion3Pipeline: ``steps`` timesteps; mu from the latent size if the scheduler shifts dynamically."""
     kwargs = {}
     if scheduler.config.get("use_dynamic_shifting", False):
         patch = model.transformer.config.patch_size

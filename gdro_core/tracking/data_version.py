@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gdro_core.layout import Layout
 from gdro_core.data.store import read_json
+from gdro_core.models.base import ModelError
 from gdro_core.models.identity import base_fingerprint
 
 
@@ -28,6 +29,14 @@ def dvc_md5(path: Path) -> str:
     return str(obj.hash_info.value)
 
 
+def _base_fingerprint(lay: Layout) -> str:
+    """The base checkpoint's fingerprint; '' when it cannot be found (as :func:`dvc_md5` for a missing path)."""
+    try:
+        return base_fingerprint(lay.params.model.source, lay.base_dir)
+    except ModelError:
+        return ""
+
+
 def data_version(lay: Layout) -> dict[str, str]:
     """``data.*`` tags: DVC hashes of prompts, rollouts, reward table and base model, the base checkpoint's
     fingerprint (weights content hash or hub revision) and the rollout fingerprint."""
@@ -37,6 +46,6 @@ def data_version(lay: Layout) -> dict[str, str]:
         "data.rollouts": dvc_md5(lay.rollout_dir),
         "data.rewards": dvc_md5(lay.rewards),
         "data.base": dvc_md5(lay.base_dir),
-        "data.base_fingerprint": base_fingerprint(lay.params.model.source, lay.base_dir),
+        "data.base_fingerprint": _base_fingerprint(lay),
         "data.rollout_fingerprint": read_json(manifest)["fingerprint"] if manifest.is_file() else "",
     }

@@ -62,7 +62,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         chosen = {**predict_params(self.params), **{k: v for k, v in (params or {}).items() if v is not None}}
         seed, steps, guidance = int(chosen["seed"]), int(chosen["steps"]), float(chosen["guidance"])
         if steps < 1 or guidance < 0:
-            raise ValueError(f"predict params need steps >= 1 and guidance >= 0 (got steps={steps}, guidance={guidance})")
+            raise ValueError(f"predict params need steps >= 1 and guidance >= 0 (got {steps=}, {guidance=})")
         cond, null = self.model.encode(prompts), self.model.encode([""])
         latents = sample(self.model, cond, null, [seed + i for i in range(len(prompts))], steps, guidance)
         return [np.asarray(im) for im in self.model.decode(latents)]
