@@ -55,5 +55,6 @@ def rollout_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | N
         manifest = sample_pools(lay)
         mlflow.log_metric("rollout_images", len(manifest["rows"]))
         mlflow.log_param("rollout_fingerprint", manifest["fingerprint"])
+        mlflow.set_tag("data.base_fingerprint", base_fingerprint(lay.params.model.source, lay.base_dir))
         get_run_logger().info("%d rollout images in %s", len(manifest["rows"]), lay.rollout_dir)
         return len(manifest["rows"])

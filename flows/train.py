@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
+from gdro_core.models.family import BASE_FILE
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
@@ -110,6 +111,7 @@ def train_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | Non
         key = ""  # no rollouts or rewards yet: fit_adapter says what to run first
     with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge"), resume_key=key):
         summary = fit_adapter(lay)
+        mlflow.set_tag("data.base_fingerprint", read_json(lay.adapter_dir / BASE_FILE)["fingerprint"])
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_artifacts(str(lay.adapter_dir), "adapter")
         for name in ("train_curves.png", "train_curve.csv"):
