@@ -443,8 +443,9 @@ class Params(Section):
         from gdro_core.models.base import ModelError
         from gdro_core.models.families import check_size
 
+        world = self.geneval.world if self.task == "geneval" else self.world  # the task's images (tasks.world_of)
         try:
-            check_size(self.model.source, self.world.height, self.world.width, self.model.builtin)
+            check_size(self.model.source, world.height, world.width, self.model.builtin)
         except ModelError as err:
             raise ValueError(str(err)) from None
         return self

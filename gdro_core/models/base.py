@@ -8,6 +8,7 @@ branches on the family.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Protocol
 
@@ -53,6 +54,13 @@ def guided_velocity(
 ) -> Tensor:
     """The velocity the sampler follows at scale ``guidance`` (CFG or embedded, as the family does); float32."""
     return model.guided_velocity(x, t, cond, null, guidance)
+
+
+def with_transformer(model: FlowModel, transformer: torch.nn.Module) -> FlowModel:
+    """A shallow view of ``model`` whose velocity runs through ``transformer`` (e.g. a DDP wrapper of its own)."""
+    view = copy.copy(model)
+    view.transformer = transformer
+    return view
 
 
 def pick_device(name: str) -> torch.device:
