@@ -75,6 +75,12 @@ class TinyFlowModel:
         )
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
+    def velocity(self, x, t, cond, guidance=None):
+        """The SD3 family's velocity call (what :func:`gdro_core.models.base.velocity` dispatches to)."""
+        from gdro_core.models.sd3 import sd3_velocity
+
+        return sd3_velocity(self, x, t, cond)
+
 
 def rss_mib() -> float:
     """Current resident set size."""

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.models.builtin import build_builtin_pipeline
+from gdro_core.models.families import base_identity
 from gdro_core.layout import Layout
 from gdro_core.tasks import channels_of, make_task, world_of
 from gdro_core.training.pretrain import pretrain
@@ -49,6 +50,6 @@ def base_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None
                 mlflow.log_artifacts(str(lay.base_dir), "base")
         else:
             lay.base_dir.mkdir(parents=True, exist_ok=True)
-            write_json(lay.base_dir / "source.json", {"source": p.model.source})
+            write_json(lay.base_dir / "source.json", base_identity(p.model.source))
         get_run_logger().info("base model ready at %s", lay.base_dir)
         return str(lay.base_dir)

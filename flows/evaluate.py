@@ -15,7 +15,6 @@ from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.models import load_flow_model
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
-from gdro_core.models.lora import load_adapter
 from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
 from gdro_core.tracking.registry import register_adapter
@@ -32,11 +31,12 @@ def score_models(lay: Layout) -> dict:
     records = [q for q in prompts for _ in range(p.evaluate.images_per_prompt)]
     targets = [q.target for q in records]
     judge = make_task_judge(task, p.judge)
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
+    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
+                            shift=p.sampler.shift, guidance=p.sampler.guidance)
     images, metrics, tables = {}, {}, []
     for name in ("base", "trained"):
         if name == "trained":
-            load_adapter(model.transformer, lay.adapter_dir)
+            model.load_adapter(lay.adapter_dir)
         images[name] = generate(
             model, prompts, p.evaluate.images_per_prompt, p.evaluate.seed, p.sampler.steps, p.sampler.guidance,
             p.sampler.batch_size,

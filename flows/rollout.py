@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
+from gdro_core.models.identity import base_fingerprint
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
 from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job, worker_count, worker_threads
@@ -31,6 +32,7 @@ def rollout_fingerprint(lay: Layout) -> str:
             "sampler": p.sampler.model_dump(),
             "rollout": p.rollout.model_dump(),
             "model": p.model.source,
+            "base_fingerprint": base_fingerprint(p.model.source, lay.base_dir),
         }
     )
 
@@ -46,7 +48,8 @@ def sample_pools(lay: Layout, fp: str) -> dict:
     """All shards in this process with the model loaded once (scale.runner: local)."""
     p = lay.params
     logger = get_run_logger()
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
+    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
+                            shift=p.sampler.shift, guidance=p.sampler.guidance)
     prompts = make_task(p).read_prompts(lay.prompts("train"))
     return generate_rollouts(
         model, prompts, p.rollout.images_per_prompt, p.rollout.seed, p.sampler.steps, p.sampler.guidance,
@@ -94,5 +97,6 @@ def rollout_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | N
             manifest = fan_out_pools(lay, fp)
         mlflow.log_metric("rollout_images", len(manifest["rows"]))
         mlflow.log_param("rollout_fingerprint", manifest["fingerprint"])
+        mlflow.set_tag("data.base_fingerprint", base_fingerprint(lay.params.model.source, lay.base_dir))
         get_run_logger().info("%d rollout images in %s", len(manifest["rows"]), lay.rollout_dir)
         return len(manifest["rows"])

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
+from gdro_core.models.family import BASE_FILE
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
@@ -47,7 +48,8 @@ def _offline_inputs(lay: Layout):
     p = lay.params
     data = open_rollouts(lay.rollout_dir)
     rewards = reward_matrix(read_table(lay.rewards, data.fingerprint), *data.shape)
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype)
+    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
+                            shift=p.sampler.shift, guidance=p.sampler.guidance)
     return data, rewards, model
 
 
@@ -109,6 +111,7 @@ def train_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | Non
     with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge"), resume_key=key):
         summary = fit_adapter(lay)
         with tracking_optional("log the summary and the adapter"):  # the adapter is saved: tracking cannot lose it
+            mlflow.set_tag("data.base_fingerprint", read_json(lay.adapter_dir / BASE_FILE)["fingerprint"])
             mlflow.log_metrics({k: float(v) for k, v in summary.items()})
             mlflow.log_artifacts(str(lay.adapter_dir), "adapter")
             for name in ("train_curves.png", "train_curve.csv"):

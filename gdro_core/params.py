@@ -161,7 +161,11 @@ class Pretrain(Section):
 class Sampler(Section):
     steps: int = Field(20, ge=1, description="Euler ODE steps (FlowMatchEulerDiscreteScheduler).")
     guidance: float = Field(1.0, ge=0, description="Classifier-free guidance scale; <= 1 disables CFG.")
-    shift: float = Field(1.0, gt=0, description="Scheduler timestep shift.")
+    shift: float | None = Field(
+        None, gt=0,
+        description="Timestep shift; null = the checkpoint's own (its scheduler's shift, FLUX.1-dev's dynamic shift, "
+        "1 for the built-in model); a number replaces it with that static shift.",
+    )
     batch_size: int = Field(64, ge=1)
 
 
@@ -216,7 +220,9 @@ class Lora(Section):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        default_factory=list,
+        description="Transformer modules the LoRA adapts; [] = the model family's default (SD3: attention "
+        "projections; FLUX: attention, feed-forward and the single blocks' proj_mlp/proj_out).",
     )
 
 
@@ -479,6 +485,19 @@ class Params(Section):
     sweep: Sweep = Sweep()
     registry: Registry = Registry()
     scale: Scale = Scale()
+
+    @model_validator(mode="after")
+    def _size_fits_model(self) -> Params:
+        """Image sides must be a multiple the model family can take (patch size, VAE factor x patch)."""
+        from gdro_core.models.base import ModelError
+        from gdro_core.models.families import check_size
+
+        world = self.geneval.world if self.task == "geneval" else self.world  # the task's images (tasks.world_of)
+        try:
+            check_size(self.model.source, world.height, world.width, self.model.builtin)
+        except ModelError as err:
+            raise ValueError(str(err)) from None
+        return self
 
     @model_validator(mode="after")
     def _group_fits_pool(self) -> Params:

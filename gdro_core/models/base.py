@@ -1,11 +1,15 @@
 """What every model family exposes to rollout, training and evaluation.
 
 Training, rollout and evaluation see only :class:`FlowModel`: encode prompts once, predict a
-velocity, decode latents. Each family (``builtin``, ``sd3``, ...) implements it in its own module.
+velocity, decode latents. Each family (``builtin``, ``sd3``, ``flux``) implements it in its own module
+(the shared parts live in :mod:`gdro_core.models.family`); nothing outside ``gdro_core.models``
+branches on the family.
 """
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +27,7 @@ class ModelError(ValueError):
 
 
 class FlowModel(Protocol):
+    family: str
     transformer: torch.nn.Module
     scheduler: FlowMatchEulerDiscreteScheduler
     latent_shape: tuple[int, int, int]
@@ -31,17 +36,31 @@ class FlowModel(Protocol):
 
     def encode(self, prompts: list[str]) -> Condition: ...
     def decode(self, latents: Tensor) -> list[Image.Image]: ...
+    def velocity(self, x: Tensor, t: Tensor, cond: Condition, guidance: float | None = None) -> Tensor: ...
+    def guided_velocity(self, x: Tensor, t: Tensor, cond: Condition, null: Condition, guidance: float) -> Tensor: ...
+    def sampling_scheduler(self, steps: int) -> FlowMatchEulerDiscreteScheduler: ...
+    def save_adapter(self, out_dir: Path) -> Path: ...
+    def load_adapter(self, path: Path) -> None: ...
+    def identity(self) -> dict[str, str]: ...
 
 
 def velocity(model: FlowModel, x: Tensor, t: Tensor, cond: Condition) -> Tensor:
-    """v_θ(x_t, t, c) for t in [0, 1]; SD3 transformers take the timestep scaled to [0, 1000]."""
-    return model.transformer(
-        hidden_states=x.to(model.dtype),
-        encoder_hidden_states=cond["encoder_hidden_states"].to(model.dtype),
-        pooled_projections=cond["pooled_projections"].to(model.dtype),
-        timestep=(t * 1000).to(model.dtype),
-        return_dict=False,
-    )[0]
+    """v_θ(x_t, t, c) for t in [0, 1] on latents in the family's natural (B, C, H, W) form."""
+    return model.velocity(x, t, cond)
+
+
+def guided_velocity(
+    model: FlowModel, x: Tensor, t: Tensor, cond: Condition, null: Condition, guidance: float
+) -> Tensor:
+    """The velocity the sampler follows at scale ``guidance`` (CFG or embedded, as the family does); float32."""
+    return model.guided_velocity(x, t, cond, null, guidance)
+
+
+def with_transformer(model: FlowModel, transformer: torch.nn.Module) -> FlowModel:
+    """A shallow view of ``model`` whose velocity runs through ``transformer`` (e.g. a DDP wrapper of its own)."""
+    view = copy.copy(model)
+    view.transformer = transformer
+    return view
 
 
 def pick_device(name: str) -> torch.device:

@@ -7,14 +7,20 @@ checkpoints, with a character-level CLIP text encoder built in code, so nothing 
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import (
+    DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+)
 from PIL import Image
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from gdro_core.models.base import Condition, ModelError
+from gdro_core.models.family import DiffusersFlowModel
+from gdro_core.models.sd3 import SD3_TARGETS, sd3_timesteps, sd3_velocity
 from gdro_core.params import BuiltinModel, World
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -38,7 +44,7 @@ class TextRenderPipeline(DiffusionPipeline):
 
 
 def build_builtin_pipeline(
-    cfg: BuiltinModel, world: World, shift: float, seed: int, channels: int = 1
+    cfg: BuiltinModel, world: World, shift: float | None, seed: int, channels: int = 1
 ) -> TextRenderPipeline:
     """A freshly initialised built-in model sized for the world's images (``channels``: 1 grayscale, 3 RGB)."""
     torch.manual_seed(seed)
@@ -75,33 +81,62 @@ def build_builtin_pipeline(
     )
     return TextRenderPipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0 if shift is None else shift),
         text_encoder=CLIPTextModelWithProjection(text_config),
         tokenizer=tokenizer,
     )
 
 
-class BuiltinModelAdapter:
-    """Pixel-space built-in model: latents are the images in [-1, 1]."""
+class BuiltinModelAdapter(DiffusersFlowModel):
+    """Pixel-space built-in model: latents are the images in [-1, 1]; guidance is classifier-free."""
 
-    def __init__(self, pipe: TextRenderPipeline, world_shape: tuple[int, int]):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.scheduler = pipe.scheduler
-        self.latent_shape = (pipe.transformer.config.in_channels, *world_shape)
-        self.device = pipe.transformer.device
-        self.dtype = pipe.transformer.dtype
+    family = "builtin"
+    pipeline_class = StableDiffusion3Pipeline
+    transformer_class = SD3Transformer2DModel
+    lora_targets = SD3_TARGETS
+
+    def __init__(self, pipe: TextRenderPipeline, world_shape: tuple[int, int], base_dir: Path | None = None,
+                 shift: float | None = None, guidance: float | None = None):
+        super().__init__(pipe, (pipe.transformer.config.in_channels, *world_shape), "builtin", base_dir,
+                         shift, guidance)
+
+    @staticmethod
+    def size_multiple(cfg: BuiltinModel) -> tuple[int, str]:
+        return cfg.patch_size, f"model.builtin.patch_size={cfg.patch_size}"
 
     def encode(self, prompts: list[str]) -> Condition:
+        """CLIP conditioning; gradients only while the text encoder is being trained (pretraining)."""
+        encoder = self.pipe.text_encoder
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
         tok = self.pipe.tokenizer(
-            prompts, padding="max_length", max_length=self.pipe.text_encoder.config.max_position_embeddings,
+            prompts, padding="max_length", max_length=encoder.config.max_position_embeddings,
             truncation=True, return_tensors="pt",
         )
-        out = self.pipe.text_encoder(input_ids=tok.input_ids.to(self.device))
+        with torch.set_grad_enabled(trains):
+            out = encoder(input_ids=tok.input_ids.to(self.device))
         return {"encoder_hidden_states": out.last_hidden_state, "pooled_projections": out.text_embeds}
 
+    def velocity(self, x: Tensor, t: Tensor, cond: Condition, guidance: float | None = None) -> Tensor:
+        return sd3_velocity(self, x, t, cond)
+
+    def set_timesteps(self, scheduler, steps: int) -> None:
+        sd3_timesteps(self, scheduler, steps)
+
     def decode(self, latents: Tensor) -> list[Image.Image]:
-        arr = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        arr = ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
         if arr.shape[1] == 1:
             return [Image.fromarray(a[0], mode="L") for a in arr]
         return [Image.fromarray(a.transpose(1, 2, 0), mode="RGB") for a in arr]
+
+    def encode_images(self, images: list[Image.Image]) -> Tensor:
+        mode = "L" if self.latent_shape[0] == 1 else "RGB"
+        arr = np.stack([np.asarray(im.convert(mode), dtype=np.float32).reshape(*im.size[::-1], -1) for im in images])
+        return (torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1).to(self.device)
+
+    def identity(self) -> dict[str, str]:
+        if self._identity is None and self.base_dir is None:
+            from gdro_core.models.identity import state_fingerprint
+
+            modules = {"transformer": self.transformer, "text_encoder": self.pipe.text_encoder}
+            self._identity = {"family": self.family, "source": self.source, "fingerprint": state_fingerprint(modules)}
+        return super().identity()

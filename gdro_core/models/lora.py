@@ -1,4 +1,9 @@
-"""LoRA adapters on the transformer through peft; the reference model is the adapter disabled."""
+"""LoRA adapters on the transformer through peft; the reference model is the adapter disabled.
+
+Adapters are saved in the family's own diffusers LoRA format (keys prefixed ``transformer.``), with
+the adapter's settings (rank, alpha, target modules) as diffusers' LoRA adapter metadata, so
+``pipe.load_lora_weights(dir)`` and :func:`load_lora` rebuild exactly the adapter that was trained.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,35 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from gdro_core.params import Lora
 
 ADAPTER = "gdro"
+WEIGHTS = "pytorch_lora_weights.safetensors"
+PREFIX = "transformer"
+
+
+def default_targets(transformer: torch.nn.Module) -> list[str]:
+    """The family's default LoRA target modules for this transformer."""
+    from gdro_core.models.families import family_for_transformer
+
+    return list(family_for_transformer(transformer).lora_targets)
 
 
 def add_lora(transformer: torch.nn.Module, cfg: Lora) -> list[torch.nn.Parameter]:
-    """Attach a fresh adapter (B = 0, so the policy starts equal to the reference); return its parameters."""
-    missing = [m for m in cfg.target_modules if not any(n.endswith(m) for n, _ in transformer.named_modules())]
+    """Attach a fresh adapter (B = 0, so the policy starts equal to the reference); return its parameters.
+
+    An empty ``cfg.target_modules`` means the family's default targets.
+    """
+    targets = list(cfg.target_modules) or default_targets(transformer)
+    missing = [m for m in targets if not any(n.endswith(m) for n, _ in transformer.named_modules())]
     if missing:
         raise ValueError(f"train.lora.target_modules {missing} match no module of the transformer")
     transformer.requires_grad_(False)
     transformer.add_adapter(
-        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                    init_lora_weights=True),
         adapter_name=ADAPTER,
     )
@@ -54,22 +71,58 @@ def set_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor])
         raise ValueError(f"adapter weights do not fit this transformer: unexpected keys {unexpected[:3]}...")
 
 
-WEIGHTS = "pytorch_lora_weights.safetensors"
+def adapter_metadata(transformer: torch.nn.Module) -> dict:
+    """The adapter's LoraConfig as diffusers' ``transformer_lora_adapter_metadata`` (rank, alpha, targets...)."""
+    return transformer.peft_config[ADAPTER].to_dict()
 
 
-def save_adapter(transformer: torch.nn.Module, out_dir: Path) -> Path:
-    """Diffusers' SD3 LoRA format (keys prefixed ``transformer.``): ``pipe.load_lora_weights(dir)`` loads it."""
-    StableDiffusion3Pipeline.save_lora_weights(
-        out_dir, transformer_lora_layers=lora_state(transformer), weight_name=WEIGHTS, safe_serialization=True
+def save_lora(transformer: torch.nn.Module, out_dir: Path, pipeline_class: type) -> Path:
+    """``pipeline_class.save_lora_weights`` with the adapter settings as metadata; returns the weights file."""
+    pipeline_class.save_lora_weights(
+        out_dir, transformer_lora_layers=lora_state(transformer), weight_name=WEIGHTS, safe_serialization=True,
+        transformer_lora_adapter_metadata=adapter_metadata(transformer),
     )
     return Path(out_dir) / WEIGHTS
 
 
-def load_adapter(transformer: torch.nn.Module, path: Path) -> None:
-    """Attach a saved adapter to ``transformer`` under the training adapter's name."""
+def save_adapter(transformer: torch.nn.Module, out_dir: Path) -> Path:
+    """:func:`save_lora` in the format of the transformer's family."""
+    from gdro_core.models.families import family_for_transformer
+
+    return save_lora(transformer, out_dir, family_for_transformer(transformer).pipeline_class)
+
+
+def load_lora(transformer: torch.nn.Module, path: Path) -> None:
+    """Attach a saved adapter under the training adapter's name, with the rank/alpha/targets saved beside it.
+
+    Every saved key must fit a module of this transformer and every adapted module must be in the file:
+    an adapter trained for another architecture is an error, not a warning.
+    """
+    from safetensors import safe_open
+
     path = Path(path)
-    if not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(f"no adapter weights at {path / WEIGHTS}: run `gdro train` first")
-    transformer.load_lora_adapter(str(path), prefix="transformer", weight_name=WEIGHTS, adapter_name=ADAPTER)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"no adapter weights at {weights}: run `gdro train` first")
+    with safe_open(str(weights), "pt") as f:
+        saved = {k.removeprefix(f"{PREFIX}.") for k in f.keys() if k.startswith(f"{PREFIX}.")}
+        has_metadata = "lora_adapter_metadata" in (f.metadata() or {})
+    if not has_metadata:
+        raise ValueError(f"{weights} has no LoRA adapter metadata (rank, alpha, targets): it was saved by an older "
+                         "version; retrain it (`gdro train`) so that it loads as it was trained")
+    if ADAPTER in getattr(transformer, "peft_config", {}):
+        transformer.delete_adapters(ADAPTER)
+    transformer.load_lora_adapter(str(path), prefix=PREFIX, weight_name=WEIGHTS, adapter_name=ADAPTER)
     if ADAPTER not in getattr(transformer, "peft_config", {}):
-        raise ValueError(f"{path / WEIGHTS} holds no LoRA weights for this transformer")
+        raise ValueError(f"{weights} holds no LoRA weights for this transformer")
+    loaded = set(lora_state(transformer))
+    if saved != loaded:
+        transformer.delete_adapters(ADAPTER)
+        extra, missing = sorted(saved - loaded), sorted(loaded - saved)
+        raise ValueError(f"the adapter at {weights} does not fit this transformer (unexpected keys {extra[:3]}, "
+                         f"missing keys {missing[:3]}): it was trained for another base model")
+
+
+def load_adapter(transformer: torch.nn.Module, path: Path) -> None:
+    """Alias of :func:`load_lora` (the transformer-level loader; models load theirs with ``model.load_adapter``)."""
+    load_lora(transformer, path)

@@ -1,12 +1,22 @@
-"""Deterministic ODE sampling with diffusers' FlowMatch Euler scheduler and classifier-free guidance."""
+"""Deterministic ODE sampling with diffusers' FlowMatch Euler scheduler, exactly as each family's pipeline samples.
+
+The initial noise of image ``i`` is drawn from its own ``torch.Generator().manual_seed(seeds[i])`` on the CPU
+in float32, in the latents' natural (C, H, W) form, which is what StableDiffusion3Pipeline and FluxPipeline
+draw when given ``generator=[torch.Generator().manual_seed(s) for s in seeds]`` (FLUX packs after drawing).
+Timesteps come from the family (:meth:`FlowModel.sampling_scheduler`), guidance from the family
+(classifier-free, or FLUX.1-dev's embedded guidance), so the same seeds, steps and guidance give the
+pipeline's images.
+"""
 
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
-from gdro_core.models.base import Condition, FlowModel, velocity
+from gdro_core.models.base import Condition, FlowModel, guided_velocity
+from gdro_core.models.family import concat, expand  # noqa: F401 - re-exported for callers
+
+__all__ = ["concat", "expand", "initial_noise", "sample"]
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
@@ -14,32 +24,16 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-def expand(cond: Condition, n: int) -> Condition:
-    """Repeat a single-row condition (e.g. the empty prompt) to ``n`` rows."""
-    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
-
-
-def concat(a: Condition, b: Condition) -> Condition:
-    return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
 @torch.no_grad()
 def sample(
-    model: FlowModel, cond: Condition, null_cond: Condition, seeds: list[int], steps: int, guidance: float
+    model: FlowModel, cond: Condition, null_cond: Condition, seeds: list[int], steps: int, guidance: float,
+    latents: Tensor | None = None,
 ) -> Tensor:
-    """Clean latents x_0 from noise x_1 by Euler steps of the probability-flow ODE."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps, device=model.device)
-    x = initial_noise(seeds, model.latent_shape).to(model.device, torch.float32)
-    n = x.shape[0]
-    use_cfg = guidance > 1.0
-    both = concat(cond, expand(null_cond, n)) if use_cfg else cond
-    for t in scheduler.timesteps:
-        tt = (t / 1000).expand(n)
-        if use_cfg:
-            v_c, v_u = velocity(model, torch.cat([x, x]), torch.cat([tt, tt]), both).float().chunk(2)
-            v = v_u + guidance * (v_c - v_u)
-        else:
-            v = velocity(model, x, tt, both).float()
+    """Clean latents x_0 from noise x_1 by Euler steps of the probability-flow ODE (``latents``: x_1 given)."""
+    scheduler = model.sampling_scheduler(steps)
+    x = initial_noise(seeds, model.latent_shape) if latents is None else latents
+    x = x.to(model.device, torch.float32)
+    for i, t in enumerate(scheduler.timesteps):
+        v = guided_velocity(model, x, scheduler.sigmas[i].to(model.device), cond, null_cond, guidance)
         x = scheduler.step(v, t, x, return_dict=False)[0]
     return x

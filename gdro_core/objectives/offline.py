@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gdro_core.models.base import Condition, FlowModel, velocity
+from gdro_core.models.base import Condition, FlowModel, velocity, with_transformer
 from gdro_core.objectives.group_loss import dpo_loss, plackett_luce_loss, sort_groups
 from gdro_core.objectives.implicit_reward import flow_matching_error, implicit_reward, interpolate, ranking_counts
 from gdro_core.models.lora import reference
@@ -79,7 +79,7 @@ def group_objective(
         if gen is None:
             raise ValueError("group_objective needs either draws or a generator")
         draws = draw_randomness(rewards, tuple(x0.shape[2:]), cfg, gen)
-    forward = model if policy is None else _Through(policy, model.device, model.dtype)
+    forward = model if policy is None else with_transformer(model, policy)
     order = draws.order
     rewards = torch.gather(rewards, 1, order)
     x0 = x0[torch.arange(groups).unsqueeze(1), order]
@@ -124,12 +124,3 @@ def group_objective(
     if parts["ranking_pairs"] > 0:
         parts["ranking_accuracy"] = parts["ranking_hits"] / parts["ranking_pairs"]
     return total, parts
-
-
-@dataclass(frozen=True)
-class _Through:
-    """A FlowModel view whose transformer is a wrapper (DDP) of the real one, for :func:`velocity`."""
-
-    transformer: torch.nn.Module
-    device: torch.device
-    dtype: torch.dtype

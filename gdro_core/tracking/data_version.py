@@ -11,6 +11,8 @@ from pathlib import Path
 
 from gdro_core.layout import Layout
 from gdro_core.data.store import read_json
+from gdro_core.models.base import ModelError
+from gdro_core.models.identity import base_fingerprint
 
 
 def dvc_md5(path: Path) -> str:
@@ -27,13 +29,23 @@ def dvc_md5(path: Path) -> str:
     return str(obj.hash_info.value)
 
 
+def _base_fingerprint(lay: Layout) -> str:
+    """The base checkpoint's fingerprint; '' when it cannot be found (as :func:`dvc_md5` for a missing path)."""
+    try:
+        return base_fingerprint(lay.params.model.source, lay.base_dir)
+    except ModelError:
+        return ""
+
+
 def data_version(lay: Layout) -> dict[str, str]:
-    """``data.*`` tags: DVC hashes of prompts, rollouts, reward table and base model, and the rollout fingerprint."""
+    """``data.*`` tags: DVC hashes of prompts, rollouts, reward table and base model, the base checkpoint's
+    fingerprint (weights content hash or hub revision) and the rollout fingerprint."""
     manifest = lay.rollout_dir / "manifest.json"
     return {
         "data.prompts": dvc_md5(lay.prompts_dir),
         "data.rollouts": dvc_md5(lay.rollout_dir),
         "data.rewards": dvc_md5(lay.rewards),
         "data.base": dvc_md5(lay.base_dir),
+        "data.base_fingerprint": _base_fingerprint(lay),
         "data.rollout_fingerprint": read_json(manifest)["fingerprint"] if manifest.is_file() else "",
     }

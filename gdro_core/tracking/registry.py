@@ -1,4 +1,9 @@
-"""The MLflow model registry entry of a trained adapter: a pyfunc that renders images from prompts."""
+"""The MLflow model registry entry of a trained adapter: a pyfunc that renders images from prompts.
+
+The registered model records the base it needs (family, source, fingerprint: ``base.json`` beside the
+adapter, and ``base.*`` version tags) and refuses to load onto another. ``predict`` takes ``seed``,
+``steps`` and ``guidance`` as params, declared in its signature.
+"""
 
 from __future__ import annotations
 
@@ -15,28 +20,51 @@ from gdro_core.params import Params, parse_params, section_dict
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "pandas", "mlflow"]
 
 
+def predict_params(params: Params) -> dict[str, int | float]:
+    """The ``predict`` params a user may set, with their defaults from the registered params."""
+    return {"seed": params.evaluate.seed, "steps": params.sampler.steps, "guidance": params.sampler.guidance}
+
+
+def signature(params: Params):
+    """Input: prompt strings (a list, or a one-column frame); params: ``seed`` (image i uses seed + i), ``steps``,
+    ``guidance``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    types = {"seed": "long", "steps": "long", "guidance": "double"}
+    specs = [ParamSpec(k, types[k], v) for k, v in predict_params(params).items()]
+    return ModelSignature(inputs=Schema([ColSpec("string")]), params=ParamSchema(specs))
+
+
 class AdapterModel(mlflow.pyfunc.PythonModel):
     """Base model + GDRO adapter; ``predict(prompts)`` returns one uint8 image array per prompt."""
 
     def load_context(self, context) -> None:
         from gdro_core.models import load_flow_model
-        from gdro_core.models.lora import load_adapter
         from gdro_core.tasks import world_of
 
         self.params = parse_params(json.loads(Path(context.artifacts["params"]).read_text()), "registered params")
-        source = self.params.model.source
-        base = context.artifacts.get("base", "") if source == "builtin" else source
-        self.model = load_flow_model(source, base, world_of(self.params), self.params.model.device, self.params.model.dtype)
-        load_adapter(self.model.transformer, Path(context.artifacts["adapter"]))
+        m, s = self.params.model, self.params.sampler
+        base = context.artifacts.get("base", "") if m.source == "builtin" else m.source
+        self.model = load_flow_model(m.source, base, world_of(self.params), m.device, m.dtype, shift=s.shift,
+                                     guidance=s.guidance)
+        self.model.load_adapter(Path(context.artifacts["adapter"]))  # refuses a base with another fingerprint
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         from gdro_core.models.sampling import sample
 
-        prompts = list(model_input["prompt"] if isinstance(model_input, pd.DataFrame) else model_input)
-        seed = int((params or {}).get("seed", self.params.evaluate.seed))
-        cfg = self.params.sampler
+        if isinstance(model_input, pd.DataFrame):
+            model_input = model_input["prompt"] if "prompt" in model_input else model_input.iloc[:, 0]
+        prompts = [str(p) for p in model_input]
+        unknown = set(params or {}) - set(predict_params(self.params))
+        if unknown:
+            raise ValueError(f"unknown predict params {sorted(unknown)}: use seed, steps and guidance")
+        chosen = {**predict_params(self.params), **{k: v for k, v in (params or {}).items() if v is not None}}
+        seed, steps, guidance = int(chosen["seed"]), int(chosen["steps"]), float(chosen["guidance"])
+        if steps < 1 or guidance < 0:
+            raise ValueError(f"predict params need steps >= 1 and guidance >= 0 (got {steps=}, {guidance=})")
         cond, null = self.model.encode(prompts), self.model.encode([""])
-        latents = sample(self.model, cond, null, [seed + i for i in range(len(prompts))], cfg.steps, cfg.guidance)
+        latents = sample(self.model, cond, null, [seed + i for i in range(len(prompts))], steps, guidance)
         return [np.asarray(im) for im in self.model.decode(latents)]
 
 
@@ -54,14 +82,19 @@ def log_adapter_model(params: Params, adapter_dir: Path, base_dir: Path, registe
             artifacts=artifacts,
             pip_requirements=REQUIREMENTS,
             registered_model_name=registered_name,
+            signature=signature(params),
             code_paths=[str(Path(__file__).parent)],
         )
 
 
-def version_tags(params: Params, metrics: dict[str, dict[str, float]], data: dict[str, str]) -> dict[str, str]:
-    """Tags of a registered version: its params (``param.*``), evaluate metrics (``metric.*``) and data version."""
+def version_tags(params: Params, metrics: dict[str, dict[str, float]], data: dict[str, str],
+                 base: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags of a registered version: params (``param.*``), metrics (``metric.*``), data version and ``base.*``
+    (family, source, fingerprint of the base it needs)."""
+    base = base or {}
     tags = {f"param.{k}": str(v) for k, v in section_dict(params, "train", "evaluate", "judge").items()}
     tags["param.model.source"] = params.model.source
+    tags.update({f"base.{k}": str(v) for k, v in base.items()})
     tags.update({f"metric.{k}.{m}": f"{float(v):.6g}" for k, d in metrics.items() for m, v in d.items()})
     tags.update(data)
     return tags
@@ -81,14 +114,20 @@ def register_adapter(
 
     Returns the registered ``ModelVersion`` (``None`` when ``tracking.registered_model`` is empty).
     """
+    from gdro_core.data.store import read_json
+    from gdro_core.models.family import BASE_FILE
+
     name = params.tracking.registered_model
+    base_file = Path(adapter_dir) / BASE_FILE
+    base = read_json(base_file) if base_file.is_file() else {}
     mlflow.set_tags(data)
+    mlflow.set_tags({f"base.{k}": str(v) for k, v in base.items()})
     info = log_adapter_model(params, adapter_dir, base_dir, name or None)
     if not name:
         return None
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for key, value in version_tags(params, metrics, data).items():
+    for key, value in version_tags(params, metrics, data, base).items():
         client.set_model_version_tag(name, version, key, value)
     client.update_model_version(name, version, description=version_description(params, metrics))
     return client.get_model_version(name, version)

@@ -9,7 +9,7 @@ from gdro_core.data.store import atomic_write, write_json
 from gdro_core.evaluation.curves import hacking_trend, plot_curves
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.models.base import FlowModel
-from gdro_core.models.lora import save_adapter, set_lora_state
+from gdro_core.models.lora import set_lora_state
 
 
 def keep_adapter(
@@ -24,7 +24,7 @@ def keep_adapter(
     plot_curves(curve, reports_dir / "train_curves.png", title)
     tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model.transformer, tmp)
+    model.save_adapter(tmp)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     tmp.rename(adapter_dir)
     write_json(reports_dir / "train_summary.json", summary)

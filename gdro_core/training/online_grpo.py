@@ -19,17 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import Tensor
 
 from gdro_core.objectives.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
-from gdro_core.models.base import Condition, FlowModel, velocity
+from gdro_core.models.base import Condition, FlowModel
+from gdro_core.models.base import guided_velocity as family_guided_velocity
 from gdro_core.models.lora import lora_state, reference, set_lora_state
 from gdro_core.tasks.ocr import Reader
 from gdro_core.params import Train
 from gdro_core.tasks.base import PromptRecord
-from gdro_core.models.sampling import concat, expand
 from gdro_core.data.scoring import score_images
 from gdro_core.training.loop import Logger, OnCheckpoint, ema_decay, end_of_step, start_training
 
@@ -55,10 +54,8 @@ class Trajectories:
 
 
 def sigma_schedule(model: FlowModel, steps: int) -> Tensor:
-    """σ_0 = 1 > … > σ_steps = 0: the model's FlowMatch Euler schedule (with its shift), as the ODE sampler uses."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps)
-    return scheduler.sigmas.float().cpu()
+    """σ_0 = 1 > … > σ_steps = 0: the family's sampling schedule (with its shift), as the ODE sampler uses."""
+    return model.sampling_scheduler(steps).sigmas.float().cpu()
 
 
 def train_timesteps(steps: int, fraction: float) -> int:
@@ -69,13 +66,9 @@ def train_timesteps(steps: int, fraction: float) -> int:
 def guided_velocity(
     model: FlowModel, x: Tensor, sigma: Tensor, cond: Condition, null: Condition, guidance: float
 ) -> Tensor:
-    """Classifier-free guidance v = v_u + w (v_c − v_u) for w > 1, else v_c; float32."""
-    n = x.shape[0]
-    t = sigma.to(model.device, torch.float32).expand(n)
-    if guidance > 1.0:
-        v_c, v_u = velocity(model, torch.cat([x, x]), torch.cat([t, t]), concat(cond, expand(null, n))).float().chunk(2)
-        return v_u + guidance * (v_c - v_u)
-    return velocity(model, x, t, cond).float()
+    """The family's guided velocity (classifier-free v_u + w (v_c − v_u) for w > 1, or embedded guidance); float32."""
+    return family_guided_velocity(model, x, sigma.to(model.device, torch.float32).expand(x.shape[0]), cond, null,
+                                  guidance)
 
 
 @torch.no_grad()
