@@ -53,7 +53,8 @@ def test_dvc_repro_runs_every_stage_on_a_real_architecture(variant, family, tmp_
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(ROOT / "dvc.yaml", project)
-    shutil.copytree(ROOT / "gdro_core", project / "gdro_core", ignore=shutil.ignore_patterns("__pycache__"))
+    for tree in ("gdro_core", "flows", "prompt_files"):  # every dep path dvc.yaml names
+        shutil.copytree(ROOT / tree, project / tree, ignore=shutil.ignore_patterns("__pycache__"))
     (project / "params.yaml").write_text(yaml.safe_dump(parse_params(family_params(source)).model_dump()))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
            "PREFECT_API_URL": PREFECT_API_URL.value(), "GDRO_ROOT": str(project)}
