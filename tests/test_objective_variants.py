@@ -155,3 +155,19 @@ def test_velocity_norm_ratio_hand_value():
     pol = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # norms 5, 2 -> mean 3.5
     ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # norms 1, 1 -> mean 1
     assert velocity_norm_ratio(pol, ref).item() == pytest.approx(3.5)
+
+
+def test_velocity_norm_probe_is_one_for_a_fresh_adapter_and_moves_when_it_learns(tiny_params, one_thread):
+    from gdro_core.data.prompts import OcrPrompt
+    from gdro_core.evaluation.monitor import velocity_norm_probe
+
+    p = tiny_params
+    model = _model(p)
+    add_lora(model.transformer, p.train.lora)
+    prompts = [OcrPrompt(prompt='"123" on a sign', target="123"), OcrPrompt(prompt='"456" on a sign', target="456")]
+    assert velocity_norm_probe(model, prompts, [0, 1], 2) == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        for n, q in model.transformer.named_parameters():
+            if "lora_B" in n:
+                q.add_(0.5)
+    assert abs(velocity_norm_probe(model, prompts, [0, 1], 2) - 1.0) > 1e-3
