@@ -157,8 +157,9 @@ def measure_offline(model: FlowModel, lay: Layout, reader: Reader, prompts: list
                     total_prompts: int) -> dict[str, float]:
     """Wall and CPU seconds the rollout and score stages take for ``total_prompts``, from ``n_prompts``, scaled."""
     p = lay.params
-    m = max(1, min(n_prompts, len(prompts)))
     per_batch = max(1, p.sampler.batch_size // p.rollout.images_per_prompt)  # as the rollout stage batches
+    # at least one full sampler batch: a half-empty batch costs nearly as much and would double the per-image cost
+    m = max(1, min(max(n_prompts, per_batch), len(prompts)))
     with tempfile.TemporaryDirectory() as tmp:
         watch = Stopwatch()
         manifest = generate_rollouts(
@@ -429,7 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget-steps", type=int, default=0, help="also stop after this many steps (0 = no step budget)")
     ap.add_argument("--eval-every", type=float, default=60.0, help="seconds of a method's clock between evaluations")
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per evaluation")
-    ap.add_argument("--rollout-prompts", type=int, default=8, help="training prompts the offline cost is measured on")
+    ap.add_argument("--rollout-prompts", type=int, default=8,
+                    help="training prompts the offline cost is measured on (at least one full sampler batch)")
     ap.add_argument("--target-deltas", nargs="+", type=float, default=[0.05, 0.10, 0.15, 0.20, 0.25, 0.30],
                     help="reward targets above the base's held-out reward")
     ap.add_argument("--out-dir", type=Path, help="default: <reports_dir>/benchmark")
