@@ -171,3 +171,27 @@ def test_velocity_norm_probe_is_one_for_a_fresh_adapter_and_moves_when_it_learns
             if "lora_B" in n:
                 q.add_(0.5)
     assert abs(velocity_norm_probe(model, prompts, [0, 1], 2) - 1.0) > 1e-3
+
+
+@pytest.mark.parametrize("objective, noise", [("gdro", "prior"), ("offline_dpo", "fresh"), ("dpo", "prior")])
+def test_training_loop_runs_every_variant_and_prior_noise_changes_the_weights(tiny_params, one_thread, tmp_path,
+                                                                              objective, noise):
+    from gdro_core.data.rollout import Rollouts
+    from gdro_core.training.loop import train
+
+    p = tiny_params
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 1, p.world.height, p.world.width, generator=g)
+    model = _model(p)
+    with torch.no_grad():
+        cond = model.encode([f'a sign "{i}{i}{i}"' for i in range(3)])
+    rows = [{"prompt_index": i, "member": m, "seed": image_seed(5, i, m, 4)} for i in range(3) for m in range(4)]
+    data, rewards = Rollouts(latents=latents, cond=cond, rows=rows), torch.rand(3, 4, generator=g)
+    runs = {}
+    for kind in dict.fromkeys(("fresh", noise)):
+        cfg = p.train.model_copy(update={"objective": objective, "noise": kind, "steps": 2})
+        logs = []
+        runs[kind] = train(_model(p), data, rewards, cfg, tmp_path / kind, lambda s, m: logs.append(m))
+        assert len(logs) == 2 and all(math.isfinite(m["train/loss"]) for m in logs)
+    if noise == "prior":
+        assert any(not torch.allclose(runs["fresh"][k], runs["prior"][k]) for k in runs["fresh"] if "lora_B" in k)
