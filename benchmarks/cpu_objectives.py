@@ -446,6 +446,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def build_report(args: argparse.Namespace, p: Params, base: dict[str, float], offline_runs: list[dict],
+                 per_seed: dict[int, dict[str, dict]], deltas: list[float], total: Stopwatch, complete: bool) -> dict:
+    """The report over the seeds (and, for a partial report, the methods) run so far."""
+    done = {s: runs for s, runs in per_seed.items() if runs}
+    names = set.intersection(*(set(runs) for runs in done.values())) if done else set()
+    common = {s: {n: r for n, r in runs.items() if n in names} for s, runs in done.items()}
+    wall, cpu = total.read()
+    return {
+        "complete": complete,
+        "settings": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "device": p.model.device, "torch_threads": torch.get_num_threads(),
+            "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
+        },
+        "offline": {k: mean_sd([o[k] for o in offline_runs])
+                    for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
+        "offline_runs": offline_runs,
+        "base": base,
+        "per_seed": {str(s): v for s, v in done.items()},
+        "aggregate": aggregate(common, base["reward"], deltas, CLOCKS[args.clock]) if names else None,
+        "benchmark_cost": {"wall_s": wall, "cpu_s": cpu},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     root = args.root.resolve()
@@ -493,26 +517,17 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"seed {seed} {name}: {r['steps']} steps, reward {r['final']['reward']:.3f}, corrected "
                       f"{r['final']['corrected']:.3f}, {r['time']['total_s']:.1f} s wall, "
                       f"{r['time']['total_cpu_s']:.1f} s CPU", flush=True)
+                # after every method, so an interrupted run keeps what it measured
+                partial = build_report(args, p, shared.base, offline_runs, per_seed, deltas, total, complete=False)
+                write_json(out_dir / f"{OUT_NAME}.partial.json", partial)
         del base_model
-    wall, cpu = total.read()
-    report = {
-        "settings": {
-            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "device": p.model.device, "torch_threads": torch.get_num_threads(),
-            "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
-        },
-        "offline": {k: mean_sd([o[k] for o in offline_runs])
-                    for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
-        "offline_runs": offline_runs,
-        "base": shared.base,
-        "per_seed": {str(s): v for s, v in per_seed.items()},
-        "aggregate": aggregate(per_seed, shared.base["reward"], deltas, CLOCKS[args.clock]),
-        "benchmark_cost": {"wall_s": wall, "cpu_s": cpu},
-    }
+    report = build_report(args, p, shared.base, offline_runs, per_seed, deltas, total, complete=True)
     write_json(out_dir / f"{OUT_NAME}.json", report)
+    (out_dir / f"{OUT_NAME}.partial.json").unlink(missing_ok=True)
     plot(report, out_dir / f"{OUT_NAME}.png")
     print("\n".join(summary_lines(report)))
-    print(f"benchmark itself: {wall:.0f} s wall, {cpu:.0f} s CPU; written to {out_dir / OUT_NAME}.json and .png")
+    cost = report["benchmark_cost"]
+    print(f"benchmark itself: {cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} s CPU; written to {out_dir / OUT_NAME}.json and .png")
     return report
 
 

@@ -58,6 +58,7 @@ def test_every_method_is_timed_evaluated_and_compared(bench, tmp_path, capsys):
     saved = json.loads((lay.reports_dir / "benchmark" / "cpu_objectives.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert (lay.reports_dir / "benchmark" / "cpu_objectives.png").stat().st_size > 0
+    assert saved["complete"] and not (lay.reports_dir / "benchmark" / "cpu_objectives.partial.json").exists()
     runs = saved["per_seed"]["3"]
     assert set(runs) == set(bench.METHODS) == set(saved["aggregate"]["methods"])
     offline = saved["offline_runs"][0]
