@@ -128,7 +128,8 @@ def test_the_tracking_server_stopping_mid_train_loses_no_training(tmp_path, pref
     )
     try:
         wait_for(lambda: healthy(url), 120, "the MLflow server")
-        train = subprocess.Popen([BIN / "gdro", "train", "--set", f"tracking.uri={url}"], cwd=tmp_path, env=env,
+        train = subprocess.Popen([BIN / "gdro", "train", "--set", f"tracking.uri={url}", "--set",
+                                  "tracking.metric_pause=3600"], cwd=tmp_path, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for(lambda: list(tmp_path.glob("checkpoints/train/*/step-0000002")) or train.poll() is not None,
                  300, "the first checkpoint")
@@ -136,11 +137,10 @@ def test_the_tracking_server_stopping_mid_train_loses_no_training(tmp_path, pref
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-    started = time.monotonic()
     log, _ = train.communicate(timeout=300)
     assert train.returncode == 0, log[-3000:]
+    assert log.count("could not log step") == 1  # one try at the dead server, then metrics pause: no stall per step
     assert "training goes on" in log
-    assert time.monotonic() - started < 120  # no minutes of retries per metric
     summary = json.loads((tmp_path / "reports" / "train_summary.json").read_text())
     assert summary["kept_step"] in (8, 16)  # training ran to its end
     assert (tmp_path / "models" / "adapter" / "pytorch_lora_weights.safetensors").is_file()

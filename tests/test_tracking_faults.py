@@ -167,9 +167,11 @@ def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_
     assert not (mlflow.search_runs(search_all_experiments=True)["status"] == "RUNNING").any()
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:  # the Prefect flow run of the killed command is not left Running
-        killed = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"gdro.pid:{proc.pid}"])))
+        killed = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"gdro.pid:{proc.pid}"])),
+                                        sort=FlowRunSort.ID_DESC, limit=10)
     assert [r.state.type.value for r in killed] == ["CRASHED"]
 
 

@@ -88,3 +88,19 @@ def dir_hash(root: Path, pattern: str = "*") -> str:
         h.update(str(p.relative_to(root)).encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def canonical_safetensors(path: Path) -> Path:
+    """Rewrite a safetensors header with sorted keys, in place: the writer emits its metadata in hash-map order,
+    which differs between processes, so the same weights would not give the same bytes (or DVC hash)."""
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > n:
+            raise ValueError(f"{path}: canonical safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text.ljust(n))  # same length: the tensor offsets stay valid
+    return path

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from gdro_core.data.store import canonical_safetensors
 from gdro_core.params import Lora
 
 ADAPTER = "gdro"
@@ -73,7 +74,8 @@ def set_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor])
 
 def adapter_metadata(transformer: torch.nn.Module) -> dict:
     """The adapter's LoraConfig as diffusers' ``transformer_lora_adapter_metadata`` (rank, alpha, targets...)."""
-    return transformer.peft_config[ADAPTER].to_dict()
+    config = transformer.peft_config[ADAPTER].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}  # sets list in hash order
 
 
 def save_lora(transformer: torch.nn.Module, out_dir: Path, pipeline_class: type) -> Path:
@@ -82,7 +84,7 @@ def save_lora(transformer: torch.nn.Module, out_dir: Path, pipeline_class: type)
         out_dir, transformer_lora_layers=lora_state(transformer), weight_name=WEIGHTS, safe_serialization=True,
         transformer_lora_adapter_metadata=adapter_metadata(transformer),
     )
-    return Path(out_dir) / WEIGHTS
+    return canonical_safetensors(Path(out_dir) / WEIGHTS)  # same weights, same bytes, in any process
 
 
 def save_adapter(transformer: torch.nn.Module, out_dir: Path) -> Path:
