@@ -48,5 +48,5 @@ clean:
 
 .PHONY: bench
 BENCH_ARGS ?=
-bench: setup  ## every objective against wall-clock seconds on the default world (after `make demo`); e.g. BENCH_ARGS="--budget-seconds 120"
+bench: setup  ## every objective, 3 seeds, CPU + wall seconds on the default world (after `make demo`); e.g. BENCH_ARGS="--train-budget 120"
 	$(BIN)/python benchmarks/cpu_objectives.py $(BENCH_ARGS)

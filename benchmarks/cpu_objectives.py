@@ -1,38 +1,53 @@
-"""Held-out reward and corrected score against wall-clock seconds, for every objective, in one process.
+"""Held-out reward, corrected score and time to reward targets, for every objective, over several seeds.
 
 From the same base model (``models/base``), the same offline data (``data/rollouts``, ``data/rewards.parquet``)
-and the same held-out prompts, each method trains under one budget (``--budget-seconds`` of its own clock,
-and/or ``--budget-steps`` optimiser steps, iterations for Flow-GRPO):
+and the same held-out prompts, each method trains under the same budget *after its own data cost*:
 
-- ``gdro`` (params.yaml's train section), ``gdro_top1`` (``positions: 1``), ``gdro_rank`` (``tau: 0``),
-  ``dpo`` and ``sft_best``: the offline objectives of :mod:`gdro_core.training` on the cached groups;
-- ``flow_grpo``: the online baseline of :mod:`gdro_core.online_grpo`, sampling and scoring as it trains.
+- ``gdro`` (params.yaml's train section), ``gdro_top1`` (``positions: 1``), ``gdro_rank`` (``tau: 0``) and
+  ``gdro_prior`` (``noise: prior``, each image's own rollout noise in the implicit reward);
+- ``dpo``: Diffusion-DPO as its paper and official code define it (the group's best against its worst, no anchor,
+  tied pairs dropped); ``dpo_anchor``: the same plus ``γ`` times the top-1 anchor; ``offline_dpo``: the offline
+  recipe public frameworks ship, best against worst of each prompt's N frozen-model images;
+- ``sft_best``: flow matching on each group's best member;
+- ``flow_grpo``: the online baseline of :mod:`gdro_core.training.online_grpo`, sampling and scoring as it trains.
 
-**Clocks.** A method's clock is wall time spent in its training loop; the benchmark's own work (evaluations
-and the EMA copy it evaluates) is left out. The offline methods also pay for the data they train on: their
-clock starts at the cost of the ``rollout`` and ``score`` stages. That cost is measured here, not read from
-the stage logs: the same rollout (``gdro_core.rollout.generate_rollouts``, same sampler, pool size and
-prompt batching, PNGs and shards written) and scoring (``gdro_core.scoring.score_rollouts``, same reader) are
-re-run on ``--rollout-prompts`` training prompts and scaled linearly to all of them. Each method's time is
-split into generation (offline rollout / online SDE sampling and decoding), scoring (OCR) and training.
+**Clocks.** Every figure is given in two clocks: wall seconds and CPU seconds (this process's CPU time, all
+threads, plus that of any child process). On a shared or loaded machine wall seconds stretch with the load; CPU
+seconds much less so, which is why ``--clock cpu`` (the default) is the clock budgets and evaluations follow. A
+method's clock counts its training loop (and, online, its sampling and scoring); the benchmark's own work
+(evaluations, the EMA copy it evaluates) is left out. The offline methods also pay for their data: their clock
+starts at the cost of the ``rollout`` and ``score`` stages, re-measured for every seed on ``--rollout-prompts``
+training prompts (same sampler, pool size, batching and reader as the stages, PNGs and shards written) and
+scaled linearly to all of them.
 
-**Evaluation.** Every ``--eval-every`` seconds of a method's clock, and when its budget is spent, the EMA of
-its adapter (the schedule of ``train.ema_rate``/``ema_max_decay``, started from the first step's weights)
-is evaluated exactly as ``gdro train`` evaluates checkpoints (:class:`gdro_core.monitor.CheckpointMonitor`:
-ODE sampler, ``evaluate.seed``, OCR reward, judge, corrected score) on the first ``--eval-prompts`` held-out
-prompts. Each curve starts with the base model's scores at the method's starting clock.
+**Budgets.** Each method trains for ``--train-budget`` seconds of the chosen clock *after* its data cost (zero
+for the online method) and/or ``--budget-steps`` steps, so no method goes untrained however long its rollouts
+took.
 
-Writes ``reports/benchmark/cpu_objectives.json`` and ``cpu_objectives.png`` (reward and corrected score
-against seconds, one line per method) and prints each method's final reward and corrected score, the time
-GDRO took to reach Flow-GRPO's final reward and the ratio of Flow-GRPO's time to it. Run after ``make demo``::
+**Targets.** Times are reported to reach base + 0.05, base + 0.10, ... (``--target-deltas``): targets above the
+base, so no method "reaches" one at step 0. GDRO against Flow-GRPO is compared on the time each takes to reach
+Flow-GRPO's final held-out reward, counted only when that reward is at least base + the smallest delta (else
+the comparison is reported as not meaningful, with the reason), and at every common target.
 
-    python benchmarks/cpu_objectives.py                                   # all methods, 600 s each
-    python benchmarks/cpu_objectives.py --budget-seconds 120 --methods gdro flow_grpo --eval-every 20
+**Seeds.** ``--seeds`` runs every method once per seed (LoRA initialisation, group and noise draws, online
+sampling noise); the report gives each figure as mean ± sd over seeds and the GDRO / Flow-GRPO ratio with its
+spread. Every ``--eval-every`` seconds of a method's clock and when its budget is spent, the EMA of its adapter is
+evaluated as ``gdro train`` evaluates checkpoints (:class:`gdro_core.evaluation.monitor.CheckpointMonitor`) on the
+first ``--eval-prompts`` held-out prompts.
+
+Writes ``reports/benchmark/cpu_objectives.json`` and ``cpu_objectives.png`` (reward and corrected score against
+CPU and wall seconds, one colour per method, one line per seed) and prints the table. Run after ``dvc repro score``::
+
+    python benchmarks/cpu_objectives.py --seeds 0 1 2                        # all methods
+    python benchmarks/cpu_objectives.py --methods gdro flow_grpo dpo --seeds 0 1 2 --train-budget 240 --eval-every 40
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import resource
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,36 +55,56 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
-from gdro_core.models import load_flow_model
-
-from gdro_core.models.base import FlowModel
-from gdro_core.evaluation.judge import Judge, make_judge
-from gdro_core.layout import Layout
-from gdro_core.models.lora import lora_state
-from gdro_core.evaluation.monitor import CheckpointMonitor
-from gdro_core.tasks.ocr import Reader, make_reader
-from gdro_core.tasks.ocr_task import OcrTask
-from gdro_core.training.online_grpo import RewardFn, encode_prompts, reader_reward, train_online
-from gdro_core.params import Params, Train, load_params
 from gdro_core.data.prompts import OcrPrompt, read_prompts
 from gdro_core.data.rollout import MANIFEST, Rollouts, generate_rollouts, load_rollouts
 from gdro_core.data.scoring import reward_matrix, score_rollouts
 from gdro_core.data.store import write_json
+from gdro_core.evaluation.judge import Judge, make_judge
+from gdro_core.evaluation.monitor import CheckpointMonitor
+from gdro_core.layout import Layout
+from gdro_core.models import load_flow_model
+from gdro_core.models.base import FlowModel
+from gdro_core.models.lora import lora_state
+from gdro_core.params import Params, Train, load_params
+from gdro_core.tasks.ocr import Reader, reader_from_params
+from gdro_core.tasks.ocr_task import OcrTask
 from gdro_core.training.loop import LoraEma, ema_decay, train
+from gdro_core.training.online_grpo import RewardFn, encode_prompts, reader_reward, train_online
 
 METHODS: dict[str, dict] = {
     "gdro": {},
     "gdro_top1": {"positions": 1},
     "gdro_rank": {"tau": 0.0},
+    "gdro_prior": {"noise": "prior"},
     "dpo": {"objective": "dpo"},
+    "dpo_anchor": {"objective": "dpo_anchor"},
+    "offline_dpo": {"objective": "offline_dpo"},
     "sft_best": {"objective": "sft_best"},
     "flow_grpo": {"objective": "flow_grpo"},
 }
 ONLINE = {"flow_grpo"}
 NEVER = 10**9  # a step count no run reaches: the budget stops every run, and nothing is checkpointed
 OUT_NAME = "cpu_objectives"
-SCORES = ("reward", "corrected")
+SCORES = ("reward", "corrected", "velocity_norm_ratio")
+CLOCKS = {"cpu": "cpu_seconds", "wall": "seconds"}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Stopwatch:
+    """Wall and CPU seconds since ``start``."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), cpu_seconds()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall0, cpu_seconds() - self.cpu0
 
 
 class BudgetReached(Exception):
@@ -78,7 +113,7 @@ class BudgetReached(Exception):
 
 @dataclass
 class Shared:
-    """Everything the methods share: params, layout, data, prompts, reader, judge, base scores, offline cost."""
+    """Everything the methods share: params, layout, data, prompts, reader, judge, base scores."""
 
     lay: Layout
     data: Rollouts
@@ -89,7 +124,6 @@ class Shared:
     judge: Judge
     reward_fn: RewardFn
     base: dict[str, float]
-    offline: dict[str, float]
 
     @property
     def params(self) -> Params:
@@ -121,148 +155,259 @@ def make_monitor(model: FlowModel, shared: Shared, workdir: Path) -> CheckpointM
 
 def measure_offline(model: FlowModel, lay: Layout, reader: Reader, prompts: list[OcrPrompt], n_prompts: int,
                     total_prompts: int) -> dict[str, float]:
-    """Seconds the rollout and score stages take for ``total_prompts``, from a run on ``n_prompts``, scaled."""
+    """Wall and CPU seconds the rollout and score stages take for ``total_prompts``, from ``n_prompts``, scaled."""
     p = lay.params
-    m = max(1, min(n_prompts, len(prompts)))
     per_batch = max(1, p.sampler.batch_size // p.rollout.images_per_prompt)  # as the rollout stage batches
+    # at least one full sampler batch: a half-empty batch costs nearly as much and would double the per-image cost
+    m = max(1, min(max(n_prompts, per_batch), len(prompts)))
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        watch = Stopwatch()
         manifest = generate_rollouts(
             model, prompts[:m], p.rollout.images_per_prompt, p.rollout.seed, p.sampler.steps, p.sampler.guidance,
             per_batch, Path(tmp), "benchmark",
         )
-        t1 = time.perf_counter()
+        gen_wall, gen_cpu = watch.read()
         score_rollouts(manifest["rows"], Path(tmp), reader, p.reward.substring_full_credit, p.reward.batch_size)
-        t2 = time.perf_counter()
+        all_wall, all_cpu = watch.read()
     scale = total_prompts / m
     return {
-        "generation_s": (t1 - t0) * scale, "scoring_s": (t2 - t1) * scale, "measured_prompts": m,
-        "total_prompts": total_prompts, "images_per_prompt": p.rollout.images_per_prompt,
-        "measured_generation_s": t1 - t0, "measured_scoring_s": t2 - t1,
+        "generation_s": gen_wall * scale, "scoring_s": (all_wall - gen_wall) * scale,
+        "generation_cpu_s": gen_cpu * scale, "scoring_cpu_s": (all_cpu - gen_cpu) * scale,
+        "measured_prompts": m, "total_prompts": total_prompts, "images_per_prompt": p.rollout.images_per_prompt,
     }
 
 
 class Tracker:
-    """The training loop's logger: keeps the method's clock, its EMA and its curve; stops it at the budget."""
+    """The training loop's logger: keeps the method's two clocks, its EMA and its curve; stops it at the budget."""
 
     def __init__(self, model: FlowModel, monitor: CheckpointMonitor, cfg: Train, base: dict[str, float],
-                 offset: float, budget_seconds: float, budget_steps: int, eval_every: float):
+                 offset: dict[str, float], args: argparse.Namespace):
         self.model, self.monitor, self.cfg = model, monitor, cfg
-        self.offset, self.budget_seconds, self.budget_steps = offset, budget_seconds, budget_steps
-        self.eval_every = eval_every
-        self.elapsed = self.generation = self.scoring = 0.0
+        self.offset = offset  # {"seconds": wall, "cpu_seconds": cpu} spent before training starts
+        self.key = CLOCKS[args.clock]
+        self.budget = self.offset[self.key] + args.train_budget if args.train_budget > 0 else float("inf")
+        self.budget_steps, self.eval_every = args.budget_steps, args.eval_every
+        self.elapsed = {"seconds": 0.0, "cpu_seconds": 0.0}
+        self.generation = self.scoring = 0.0
         self.steps = 0
         self.ema: LoraEma | None = None
-        self.curve = [{"seconds": offset, "step": 0, **base}]
-        self.next_eval = offset + eval_every if eval_every > 0 else float("inf")
-        self.resumed = time.perf_counter()
+        self.last_parts: dict[str, float] = {}
+        self.curve = [{**offset, "step": 0, **base}]
+        self.next_eval = self.offset[self.key] + self.eval_every if self.eval_every > 0 else float("inf")
+        self.watch = Stopwatch()
 
     def start(self) -> None:
-        self.resumed = time.perf_counter()
+        self.watch = Stopwatch()
 
     def pause(self) -> None:
-        self.elapsed += time.perf_counter() - self.resumed
+        wall, cpu = self.watch.read()
+        self.elapsed["seconds"] += wall
+        self.elapsed["cpu_seconds"] += cpu
 
-    @property
-    def clock(self) -> float:
-        return self.offset + self.elapsed
+    def clock(self, key: str | None = None) -> float:
+        key = key or self.key
+        return self.offset[key] + self.elapsed[key]
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.pause()
         self.steps = step
         self.generation += metrics.get("time/generation_s", 0.0)
         self.scoring += metrics.get("time/scoring_s", 0.0)
+        self.last_parts = metrics
         live = lora_state(self.model.transformer)
         if self.ema is None:
             self.ema = LoraEma(live)
         else:
             self.ema.update(live, ema_decay(step, self.cfg.ema_rate, self.cfg.ema_max_decay))
-        done = self.clock >= self.budget_seconds or (self.budget_steps > 0 and step >= self.budget_steps)
-        if done or self.clock >= self.next_eval:
+        done = self.clock() >= self.budget or (self.budget_steps > 0 and step >= self.budget_steps)
+        if done or self.clock() >= self.next_eval:
             self.monitor(step, self.ema.shadow)
             row = self.monitor.curve[self.monitor.curve["step"] == step].iloc[-1]
-            self.curve.append({"seconds": self.clock, "step": step, **{k: float(row[k]) for k in SCORES}})
-            while self.next_eval <= self.clock:
+            self.curve.append({"seconds": self.clock("seconds"), "cpu_seconds": self.clock("cpu_seconds"),
+                               "step": step, **{k: float(row[k]) for k in SCORES}})
+            while self.next_eval <= self.clock():
                 self.next_eval += self.eval_every
         if done:
             raise BudgetReached
         self.start()
 
 
-def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Path) -> dict:
-    """Train one method from the base under the budget; its curve, step count and time split."""
+def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Path, seed: int,
+               offline: dict[str, float]) -> dict:
+    """Train one method from the base under the budget with ``seed``; its curve, step count and time split."""
     p = shared.params
-    cfg = p.train.model_copy(update={**METHODS[name], "steps": NEVER, "checkpoint_every": NEVER, "log_every": 1})
-    torch.manual_seed(p.seed)  # the same LoRA initialisation for every method
+    update = {**METHODS[name], "steps": NEVER, "checkpoint_every": NEVER, "log_every": 1, "seed": seed}
+    cfg = p.train.model_copy(update=update)
+    torch.manual_seed(seed)  # the same LoRA initialisation for every method of a seed
     model = load_model(shared.lay)
     online = name in ONLINE
-    offline_s = 0.0 if online else shared.offline["generation_s"] + shared.offline["scoring_s"]
-    tracker = Tracker(model, make_monitor(model, shared, workdir / name / "monitor"), cfg, shared.base, offline_s,
-                      args.budget_seconds, args.budget_steps, args.eval_every)
+    offset = ({"seconds": 0.0, "cpu_seconds": 0.0} if online else
+              {"seconds": offline["generation_s"] + offline["scoring_s"],
+               "cpu_seconds": offline["generation_cpu_s"] + offline["scoring_cpu_s"]})
+    run_dir = workdir / f"seed{seed}" / name
+    tracker = Tracker(model, make_monitor(model, shared, run_dir / "monitor"), cfg, shared.base, offset, args)
     tracker.start()
     try:
         if online:
-            t0 = time.perf_counter()
+            watch = Stopwatch()
             cond, null = encode_prompts(model, shared.train_prompts, p.sampler.batch_size)
-            tracker.generation += time.perf_counter() - t0
-            train_online(model, shared.train_prompts, cond, null, shared.reward_fn, cfg, workdir / name / "ckpt",
+            tracker.generation += watch.read()[0]
+            train_online(model, shared.train_prompts, cond, null, shared.reward_fn, cfg, run_dir / "ckpt",
                          tracker, guidance=p.sampler.guidance)
         else:
-            train(model, shared.data, shared.rewards, cfg, workdir / name / "ckpt", tracker)
+            train(model, shared.data, shared.rewards, cfg, run_dir / "ckpt", tracker)
     except BudgetReached:
         pass
     if online:
-        generation, scoring = tracker.generation, tracker.scoring
-        training = tracker.elapsed - generation - scoring
+        time_split = {"generation_s": tracker.generation, "scoring_s": tracker.scoring,
+                      "training_s": tracker.elapsed["seconds"] - tracker.generation - tracker.scoring}
     else:
-        generation, scoring, training = shared.offline["generation_s"], shared.offline["scoring_s"], tracker.elapsed
+        time_split = {"generation_s": offline["generation_s"], "scoring_s": offline["scoring_s"],
+                      "training_s": tracker.elapsed["seconds"]}
+    time_split["total_s"] = tracker.clock("seconds")
+    time_split["total_cpu_s"] = tracker.clock("cpu_seconds")
+    time_split["training_cpu_s"] = tracker.elapsed["cpu_seconds"]
     final = tracker.curve[-1]
     return {
+        "seed": seed,
         "train": {k: v for k, v in cfg.model_dump().items() if k in METHODS[name] or k == "objective"},
         "online": online,
         "steps": tracker.steps,
-        "time": {"generation_s": generation, "scoring_s": scoring, "training_s": training,
-                 "total_s": generation + scoring + training},
+        "time": time_split,
         "final": {k: final[k] for k in SCORES},
+        "last_parts": {k: v for k, v in tracker.last_parts.items() if k.startswith("train/")},
         "curve": tracker.curve,
     }
 
 
-def time_to_reach(curve: list[dict], target: float) -> float | None:
-    """Seconds of the first evaluation whose reward is at least ``target``."""
-    for point in sorted(curve, key=lambda q: q["seconds"]):
+def time_to_reach(curve: list[dict], target: float) -> dict[str, float] | None:
+    """Wall and CPU seconds of the first evaluation whose reward is at least ``target``."""
+    for point in sorted(curve, key=lambda q: q["cpu_seconds"]):
         if point["reward"] >= target - 1e-9:
-            return point["seconds"]
+            return {"seconds": point["seconds"], "cpu_seconds": point["cpu_seconds"], "step": point["step"]}
     return None
 
 
-def compare(methods: dict[str, dict]) -> dict | None:
-    """GDRO's time to Flow-GRPO's final reward, and Flow-GRPO's time to it (its whole run) over GDRO's."""
-    if "gdro" not in methods or "flow_grpo" not in methods:
+def targets_reached(run: dict, base: float, deltas: list[float]) -> dict[str, dict | None]:
+    return {f"{d:+.2f}": time_to_reach(run["curve"], base + d) for d in deltas}
+
+
+def compare(runs: dict[str, dict], base: float, deltas: list[float], key: str) -> dict | None:
+    """One seed's GDRO against Flow-GRPO: time to Flow-GRPO's final reward and to every target, as ratios."""
+    if "gdro" not in runs or "flow_grpo" not in runs:
         return None
-    target = methods["flow_grpo"]["final"]["reward"]
-    grpo_s = methods["flow_grpo"]["curve"][-1]["seconds"]
-    gdro_s = time_to_reach(methods["gdro"]["curve"], target)
-    return {"target_reward": target, "gdro_seconds": gdro_s, "flow_grpo_seconds": grpo_s,
-            "ratio": grpo_s / gdro_s if gdro_s else None}
+    gdro, grpo = runs["gdro"], runs["flow_grpo"]
+    final = grpo["final"]["reward"]
+    out: dict = {"target_reward": final, "clock": key}
+    if final < base + min(deltas) - 1e-9:
+        out["reason"] = (f"Flow-GRPO's final reward {final:.3f} is below base + {min(deltas):.2f} "
+                         f"({base + min(deltas):.3f}): no improvement to race to")
+        out["ratio"] = None
+    else:
+        t_gdro, t_grpo = time_to_reach(gdro["curve"], final), time_to_reach(grpo["curve"], final)
+        out["gdro"], out["flow_grpo"] = t_gdro, t_grpo
+        out["ratio"] = t_grpo[key] / t_gdro[key] if t_gdro and t_grpo else None
+        if t_gdro is None:
+            out["reason"] = "GDRO did not reach Flow-GRPO's final reward within its budget"
+    per_target = {}
+    for d in deltas:
+        a, b = time_to_reach(gdro["curve"], base + d), time_to_reach(grpo["curve"], base + d)
+        per_target[f"{d:+.2f}"] = b[key] / a[key] if a and b else None
+    out["ratio_at_target"] = per_target
+    return out
+
+
+def mean_sd(values: list[float | None]) -> dict:
+    """Mean and sample sd of the values that exist, and how many of them do."""
+    xs = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return {"mean": statistics.fmean(xs) if xs else None,
+            "sd": statistics.stdev(xs) if len(xs) > 1 else (0.0 if xs else None), "n": len(xs), "of": len(values)}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]], base: float, deltas: list[float], key: str) -> dict:
+    """Per method: final scores, steps and time to each target as mean ± sd over seeds."""
+    names = list(next(iter(per_seed.values())))
+    out = {}
+    for name in names:
+        runs = [per_seed[s][name] for s in per_seed]
+        entry = {k: mean_sd([r["final"][k] for r in runs]) for k in SCORES}
+        entry["steps"] = mean_sd([float(r["steps"]) for r in runs])
+        entry["total_cpu_s"] = mean_sd([r["time"]["total_cpu_s"] for r in runs])
+        entry["total_s"] = mean_sd([r["time"]["total_s"] for r in runs])
+        reached = [targets_reached(r, base, deltas) for r in runs]
+        entry["time_to_target"] = {
+            t: {clock: mean_sd([(x[t] or {}).get(clock) for x in reached]) for clock in CLOCKS.values()}
+            for t in reached[0]
+        }
+        out[name] = entry
+    comps = [compare(per_seed[s], base, deltas, key) for s in per_seed]
+    comps = [c for c in comps if c is not None]
+    ratio = None
+    if comps:
+        ratio = {"to_flow_grpo_final": mean_sd([c["ratio"] for c in comps]),
+                 "reasons": sorted({c["reason"] for c in comps if c.get("reason")}),
+                 "at_target": {t: mean_sd([c["ratio_at_target"][t] for c in comps]) for t in comps[0]["ratio_at_target"]},
+                 "clock": key}
+    return {"methods": out, "gdro_vs_flow_grpo": ratio, "per_seed_comparison": comps}
+
+
+def fmt(stat: dict, digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return f"n/a (0/{stat['of']})"
+    text = f"{stat['mean']:.{digits}f}±{stat['sd']:.{digits}f}"
+    return text + (f" ({stat['n']}/{stat['of']})" if stat["n"] < stat["of"] else "")
+
+
+def summary_lines(report: dict) -> list[str]:
+    agg, key = report["aggregate"], report["settings"]["clock"]
+    clock = CLOCKS[key]
+    targets = list(next(iter(agg["methods"].values()))["time_to_target"])
+    lines = [f"mean ± sd over seeds {report['settings']['seeds']}; times in {key} seconds "
+             f"(offline methods include their rollout + scoring cost); (n/N) = seeds that reached it",
+             f"{'method':<12} {'steps':>11} {'reward':>13} {'corrected':>13} {'v-ratio':>11} "
+             + " ".join(f"{'to base' + t:>18}" for t in targets)]
+    for name, e in agg["methods"].items():
+        lines.append(f"{name:<12} {fmt(e['steps'], 0):>11} {fmt(e['reward']):>13} {fmt(e['corrected']):>13} "
+                     f"{fmt(e['velocity_norm_ratio'], 2):>11} "
+                     + " ".join(f"{fmt(e['time_to_target'][t][clock], 0):>18}" for t in targets))
+    lines.append(f"{'base':<12} {'0':>11} {report['base']['reward']:>13.3f} {report['base']['corrected']:>13.3f}")
+    off = report["offline"]
+    lines.append("offline data cost per seed: generation " + fmt(off["generation_s"], 1) + " s wall, "
+                 + fmt(off["generation_cpu_s"], 1) + " s CPU; scoring " + fmt(off["scoring_s"], 1) + " s wall, "
+                 + fmt(off["scoring_cpu_s"], 1) + " s CPU")
+    r = agg["gdro_vs_flow_grpo"]
+    if r is None:
+        lines.append("ratio flow_grpo / gdro: n/a (run both gdro and flow_grpo to compare them)")
+    else:
+        lines.append(f"time to Flow-GRPO's final reward, flow_grpo / gdro ({key} s): {fmt(r['to_flow_grpo_final'], 2)}")
+        for reason in r["reasons"]:
+            lines.append(f"  not counted: {reason}")
+        lines.append("at each target: " + ", ".join(f"base{t}: {fmt(s, 2)}" for t, s in r["at_target"].items()))
+    return lines
 
 
 def plot(report: dict, path: Path) -> Path:
-    """Reward and corrected score against seconds, one line per method, the base dashed."""
+    """Reward and corrected score against CPU and wall seconds, one colour per method, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, SCORES):
-        for name, result in report["methods"].items():
-            curve = pd.DataFrame(result["curve"])
-            ax.plot(curve["seconds"], curve[key], marker="o", markersize=3, label=name)
-        ax.axhline(report["base"][key], linestyle="--", color="grey", label="base")
-        ax.set_xlabel("wall-clock seconds (offline methods start at their rollout + scoring cost)")
-        ax.set_title(f"held-out {key}")
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(next(iter(report["per_seed"].values())))
+    for row, key in enumerate(("reward", "corrected")):
+        for col, (clock, label) in enumerate((("cpu_seconds", "CPU seconds"), ("seconds", "wall seconds"))):
+            ax = axes[row, col]
+            for i, name in enumerate(names):
+                for j, runs in enumerate(report["per_seed"].values()):
+                    curve = pd.DataFrame(runs[name]["curve"])
+                    ax.plot(curve[clock], curve[key], marker="o", markersize=2, color=colours[i % len(colours)],
+                            alpha=0.8, label=name if j == 0 else None)
+            ax.axhline(report["base"][key], linestyle="--", color="grey", label="base")
+            ax.set_xlabel(f"{label} (offline methods start at their rollout + scoring cost)")
+            ax.set_title(f"held-out {key}")
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -270,55 +415,66 @@ def plot(report: dict, path: Path) -> Path:
     return path
 
 
-def summary_lines(report: dict) -> list[str]:
-    lines = [f"{'method':<10} {'steps':>7} {'reward':>7} {'corrected':>9} "
-             f"{'gen s':>8} {'score s':>8} {'train s':>8} {'total s':>8}"]
-    for name, r in report["methods"].items():
-        t = r["time"]
-        lines.append(
-            f"{name:<10} {r['steps']:>7} {r['final']['reward']:>7.3f} {r['final']['corrected']:>9.3f} "
-            f"{t['generation_s']:>8.1f} {t['scoring_s']:>8.1f} {t['training_s']:>8.1f} {t['total_s']:>8.1f}"
-        )
-    lines.append(f"{'base':<10} {0:>7} {report['base']['reward']:>7.3f} {report['base']['corrected']:>9.3f}")
-    c = report["comparison"]
-    if c is None:
-        lines.append("ratio flow_grpo / gdro: n/a (run both gdro and flow_grpo to compare them)")
-    elif c["gdro_seconds"] is None:
-        lines.append(f"time to Flow-GRPO's final reward {c['target_reward']:.3f}: gdro not reached within its budget, "
-                     f"flow_grpo {c['flow_grpo_seconds']:.1f} s")
-        lines.append("ratio flow_grpo / gdro: n/a (gdro did not reach it)")
-    else:
-        lines.append(f"time to Flow-GRPO's final reward {c['target_reward']:.3f}: gdro {c['gdro_seconds']:.1f} s, "
-                     f"flow_grpo {c['flow_grpo_seconds']:.1f} s")
-        lines.append(f"ratio flow_grpo / gdro: {c['ratio']:.2f}")
-    return lines
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("."), help="project root (holds params.yaml and the DVC outputs)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file, relative to --root")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="params override, e.g. --set reward.reader_mode=recognizer (repeatable)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    ap.add_argument("--budget-seconds", type=float, default=360.0,
-                    help="each method's clock budget; an offline method's clock starts at the rollout + scoring cost "
-                         "(about 220 s here), so it must exceed that "
-                         "(the default keeps all six methods under 30 min on 2 CPU cores)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run of every method per seed")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="the clock budgets and evaluations follow")
+    ap.add_argument("--train-budget", type=float, default=360.0,
+                    help="seconds of --clock each method trains after its own data cost (0 = step budget only)")
     ap.add_argument("--budget-steps", type=int, default=0, help="also stop after this many steps (0 = no step budget)")
     ap.add_argument("--eval-every", type=float, default=60.0, help="seconds of a method's clock between evaluations")
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per evaluation")
-    ap.add_argument("--rollout-prompts", type=int, default=8, help="training prompts the offline cost is measured on")
+    ap.add_argument("--rollout-prompts", type=int, default=8,
+                    help="training prompts the offline cost is measured on (at least one full sampler batch)")
+    ap.add_argument("--target-deltas", nargs="+", type=float, default=[0.05, 0.10, 0.15, 0.20, 0.25, 0.30],
+                    help="reward targets above the base's held-out reward")
     ap.add_argument("--out-dir", type=Path, help="default: <reports_dir>/benchmark")
     args = ap.parse_args(argv)
-    if args.budget_seconds <= 0:
-        ap.error("--budget-seconds must be positive")
+    if args.train_budget <= 0 and args.budget_steps <= 0:
+        ap.error("give a positive --train-budget or --budget-steps: otherwise no method would stop")
+    if min(args.target_deltas) <= 0:
+        ap.error("--target-deltas must be positive: a target at or below the base is met before any training")
+    for item in args.overrides:
+        if "=" not in item:
+            ap.error(f"--set {item!r}: expected KEY=VALUE, e.g. reward.reader_mode=recognizer")
     return args
+
+
+def build_report(args: argparse.Namespace, p: Params, base: dict[str, float], offline_runs: list[dict],
+                 per_seed: dict[int, dict[str, dict]], deltas: list[float], total: Stopwatch, complete: bool) -> dict:
+    """The report over the seeds (and, for a partial report, the methods) run so far."""
+    done = {s: runs for s, runs in per_seed.items() if runs}
+    names = set.intersection(*(set(runs) for runs in done.values())) if done else set()
+    common = {s: {n: r for n, r in runs.items() if n in names} for s, runs in done.items()}
+    wall, cpu = total.read()
+    return {
+        "complete": complete,
+        "settings": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "device": p.model.device, "torch_threads": torch.get_num_threads(),
+            "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
+        },
+        "offline": {k: mean_sd([o[k] for o in offline_runs])
+                    for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
+        "offline_runs": offline_runs,
+        "base": base,
+        "per_seed": {str(s): v for s, v in done.items()},
+        "aggregate": aggregate(common, base["reward"], deltas, CLOCKS[args.clock]) if names else None,
+        "benchmark_cost": {"wall_s": wall, "cpu_s": cpu},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     root = args.root.resolve()
-    params = load_params(args.params if args.params.is_absolute() else root / args.params)
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
+    params = load_params(args.params if args.params.is_absolute() else root / args.params, overrides)
     lay = Layout(root=root, params=params)
     missing = missing_outputs(lay)
     if missing:
@@ -330,46 +486,48 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out_dir or lay.reports_dir / "benchmark"
     data = load_rollouts(lay.rollout_dir)
     rewards = reward_matrix(pd.read_parquet(lay.rewards), *data.latents.shape[:2])
-    reader = make_reader(p.reward.backend, p.reward.upscale, p.reward.pad,
-                         p.world.alphabet if p.reward.restrict_to_alphabet else None)  # as the score stage reads
+    reader = reader_from_params(p)  # as the score stage reads
     train_prompts = read_prompts(lay.prompts("train"))
     eval_prompts = read_prompts(lay.prompts("test"))[: args.eval_prompts]
+    deltas = sorted(args.target_deltas)
+    total = Stopwatch()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         base_model = load_model(lay)
         shared = Shared(lay, data, rewards, train_prompts, eval_prompts, reader, make_judge(p.world, p.judge),
-                       reader_reward(reader, p.reward.substring_full_credit, p.reward.batch_size), {}, {})
+                        reader_reward(reader, p.reward.substring_full_credit, p.reward.batch_size), {})
         base_monitor = make_monitor(base_model, shared, workdir / "base")
         base_monitor.evaluate_base()  # also warms up the sampler and the reader before anything is timed
         shared.base = {k: float(base_monitor.curve[k].iloc[0]) for k in SCORES}
         print(f"base: reward {shared.base['reward']:.3f}, corrected {shared.base['corrected']:.3f}", flush=True)
-        shared.offline = measure_offline(base_model, lay, reader, train_prompts, args.rollout_prompts,
-                                         data.latents.shape[0])
+        per_seed: dict[int, dict[str, dict]] = {}
+        offline_runs = []
+        for seed in args.seeds:
+            offline = measure_offline(base_model, lay, reader, train_prompts, args.rollout_prompts,
+                                      data.latents.shape[0])
+            offline_runs.append(offline)
+            print(f"seed {seed}: offline rollout + score ({offline['total_prompts']} prompts x "
+                  f"{offline['images_per_prompt']} images, measured on {offline['measured_prompts']}): "
+                  f"{offline['generation_s']:.1f} + {offline['scoring_s']:.1f} s wall, "
+                  f"{offline['generation_cpu_s']:.1f} + {offline['scoring_cpu_s']:.1f} s CPU", flush=True)
+            per_seed[seed] = {}
+            for name in args.methods:
+                r = run_method(name, shared, args, workdir, seed, offline)
+                per_seed[seed][name] = r
+                print(f"seed {seed} {name}: {r['steps']} steps, reward {r['final']['reward']:.3f}, corrected "
+                      f"{r['final']['corrected']:.3f}, {r['time']['total_s']:.1f} s wall, "
+                      f"{r['time']['total_cpu_s']:.1f} s CPU", flush=True)
+                # after every method, so an interrupted run keeps what it measured
+                partial = build_report(args, p, shared.base, offline_runs, per_seed, deltas, total, complete=False)
+                write_json(out_dir / f"{OUT_NAME}.partial.json", partial)
         del base_model
-        print(f"offline rollout + score ({shared.offline['total_prompts']} prompts x "
-              f"{shared.offline['images_per_prompt']} images, measured on {shared.offline['measured_prompts']}): "
-              f"{shared.offline['generation_s']:.1f} s + {shared.offline['scoring_s']:.1f} s", flush=True)
-        methods = {}
-        for name in args.methods:
-            methods[name] = run_method(name, shared, args, workdir)
-            r = methods[name]
-            print(f"{name}: {r['steps']} steps, reward {r['final']['reward']:.3f}, "
-                  f"corrected {r['final']['corrected']:.3f}, {r['time']['total_s']:.1f} s", flush=True)
-    report = {
-        "settings": {
-            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "device": p.model.device,
-            "torch_threads": torch.get_num_threads(),
-        },
-        "offline": {**shared.offline, "method": "rollout + score re-run on measured_prompts, scaled linearly"},
-        "base": shared.base,
-        "methods": methods,
-        "comparison": compare(methods),
-    }
+    report = build_report(args, p, shared.base, offline_runs, per_seed, deltas, total, complete=True)
     write_json(out_dir / f"{OUT_NAME}.json", report)
+    (out_dir / f"{OUT_NAME}.partial.json").unlink(missing_ok=True)
     plot(report, out_dir / f"{OUT_NAME}.png")
     print("\n".join(summary_lines(report)))
-    print(f"written to {out_dir / OUT_NAME}.json and .png")
+    cost = report["benchmark_cost"]
+    print(f"benchmark itself: {cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} s CPU; written to {out_dir / OUT_NAME}.json and .png")
     return report
 
 

@@ -188,6 +188,11 @@ class Reward(Section):
         description="Share of images the reader may fail on (each scored 0, its error kept in its row) before "
         "`score` fails.",
     )
+    reader_mode: Literal["full", "recognizer"] = Field(
+        "full",
+        description="easyocr: 'full' detects text boxes (CRAFT) then reads them; 'recognizer' reads the ink's "
+        "bounding box as one line (built-in world only: its images are single lines of text).",
+    )
 
 
 class Scale(Section):
@@ -227,8 +232,10 @@ class Lora(Section):
 
 
 class Train(Section):
-    objective: Literal["gdro", "dpo", "sft_best", "flow_grpo"] = Field(
-        "gdro", description="Loss over the offline groups, or 'flow_grpo', the online baseline (steps = iterations)."
+    objective: Literal["gdro", "dpo", "dpo_anchor", "offline_dpo", "sft_best", "flow_grpo"] = Field(
+        "gdro",
+        description="Loss over the offline groups (dpo: Diffusion-DPO, gamma ignored, tied pairs dropped; dpo_anchor: "
+        "dpo + gamma * anchor; offline_dpo: best vs worst of each prompt's N), or 'flow_grpo', the online baseline.",
     )
     group_size: int = Field(6, ge=2, description="k members drawn from each prompt's pool per step.")
     groups_per_step: int = Field(8, ge=1)
@@ -243,6 +250,9 @@ class Train(Section):
     logit_std: float = 1.0
     draws_per_group: int = Field(1, ge=1, description="(t, ε) draws per group per step, averaged.")
     member_sampling: Literal["random", "stratified"] = "random"
+    noise: Literal["fresh", "prior"] = Field(
+        "fresh", description="ε of the implicit reward: fresh per group, or each image's own rollout noise (prior)."
+    )
     grpo_prompts_per_iteration: int = Field(4, ge=1, description="flow_grpo: training prompts sampled per iteration.")
     grpo_group_size: int = Field(6, ge=2, description="flow_grpo: images per prompt per iteration (one group).")
     grpo_sample_steps: int = Field(10, ge=1, description="flow_grpo: SDE sampler steps of each rollout.")

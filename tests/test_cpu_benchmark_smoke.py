@@ -41,54 +41,100 @@ def make_project(root: Path) -> Layout:
     model = load_flow_model("builtin", lay.base_dir, p.world, "cpu", "float32")
     manifest = generate_rollouts(model, read_prompts(lay.prompts("train")), p.rollout.images_per_prompt, p.rollout.seed,
                                  p.sampler.steps, p.sampler.guidance, 2, lay.rollout_dir, "tiny")
-    reader = make_reader(p.reward.backend, p.reward.upscale, p.reward.pad, p.world.alphabet)
-    write_table(score_rollouts(manifest["rows"], lay.rollout_dir, reader, False, p.reward.batch_size), lay.rewards,
-                manifest["fingerprint"])
+    reader = make_reader(p.reward.backend, p.reward.upscale, p.reward.pad, p.world.alphabet, p.reward.reader_mode)
+    table = score_rollouts(manifest["rows"], lay.rollout_dir, reader, False, p.reward.batch_size)
+    # a random-weight base reads as nothing (all rewards 0): spread them so every objective has preferences
+    table["reward"] = [(7 * i % 5) / 4 for i in range(len(table))]
+    write_table(table, lay.rewards, manifest["fingerprint"])
     return lay
 
 
 def test_every_method_is_timed_evaluated_and_compared(bench, tmp_path, capsys):
     lay = make_project(tmp_path)
-    report = bench.main(["--root", str(tmp_path), "--budget-seconds", "60", "--budget-steps", "2", "--eval-every", "0",
-                         "--eval-prompts", "2", "--rollout-prompts", "2"])
+    report = bench.main(["--root", str(tmp_path), "--seeds", "3", "--train-budget", "0", "--budget-steps", "2",
+                         "--eval-every", "0", "--eval-prompts", "2", "--rollout-prompts", "2"])
     out = capsys.readouterr().out
 
     saved = json.loads((lay.reports_dir / "benchmark" / "cpu_objectives.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert (lay.reports_dir / "benchmark" / "cpu_objectives.png").stat().st_size > 0
-    assert set(saved["methods"]) == set(bench.METHODS)
-    offline = saved["offline"]
-    assert offline["generation_s"] > 0 and offline["scoring_s"] > 0
-    assert offline["measured_prompts"] == 2 and offline["total_prompts"] == PARAMS["prompts"]["n_train"]
-    for name, r in saved["methods"].items():
+    assert saved["complete"] and not (lay.reports_dir / "benchmark" / "cpu_objectives.partial.json").exists()
+    runs = saved["per_seed"]["3"]
+    assert set(runs) == set(bench.METHODS) == set(saved["aggregate"]["methods"])
+    offline = saved["offline_runs"][0]
+    assert min(offline[k] for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")) > 0
+    per_batch = PARAMS["sampler"]["batch_size"] // PARAMS["rollout"]["images_per_prompt"]
+    n_train = PARAMS["prompts"]["n_train"]
+    assert offline["measured_prompts"] == min(max(2, per_batch), n_train)  # never less than one full sampler batch
+    assert offline["total_prompts"] == n_train
+    for name, r in runs.items():
         t = r["time"]
-        assert t["generation_s"] > 0 and t["scoring_s"] > 0 and t["training_s"] > 0, name
-        assert t["total_s"] == pytest.approx(t["generation_s"] + t["scoring_s"] + t["training_s"])
-        assert r["steps"] == 2  # the step budget stopped it
+        assert r["seed"] == 3 and r["steps"] == 2, name  # the step budget stopped every method, none untrained
+        assert t["generation_s"] > 0 and t["scoring_s"] > 0 and t["training_s"] > 0 and t["training_cpu_s"] > 0
         curve = r["curve"]
         assert [q["step"] for q in curve] == [0, 2]  # the base, then the final evaluation
-        assert curve[0]["reward"] == saved["base"]["reward"]
+        assert curve[0]["reward"] == saved["base"]["reward"] and curve[0]["velocity_norm_ratio"] == 1.0
         assert curve[-1]["seconds"] == pytest.approx(t["total_s"])
+        assert curve[-1]["cpu_seconds"] == pytest.approx(t["total_cpu_s"])
         if r["online"]:
-            assert curve[0]["seconds"] == 0.0
-        else:  # an offline method's clock starts at the cost of its rollouts and rewards
+            assert curve[0]["seconds"] == 0.0 and curve[0]["cpu_seconds"] == 0.0
+        else:  # an offline method's clocks start at the cost of its rollouts and rewards
             assert curve[0]["seconds"] == pytest.approx(offline["generation_s"] + offline["scoring_s"])
-            assert (t["generation_s"], t["scoring_s"]) == (offline["generation_s"], offline["scoring_s"])
-        for key in ("reward", "corrected"):
+            assert curve[0]["cpu_seconds"] == pytest.approx(offline["generation_cpu_s"] + offline["scoring_cpu_s"])
+            assert t["total_s"] == pytest.approx(t["generation_s"] + t["scoring_s"] + t["training_s"])
+        for key in ("reward", "corrected", "velocity_norm_ratio"):
             assert r["final"][key] == curve[-1][key]
-    assert saved["methods"]["gdro_top1"]["train"] == {"objective": "gdro", "positions": 1}
-    assert saved["methods"]["flow_grpo"]["train"] == {"objective": "flow_grpo"}
+            assert saved["aggregate"]["methods"][name][key]["mean"] == pytest.approx(curve[-1][key])
+    assert runs["gdro_top1"]["train"] == {"objective": "gdro", "positions": 1}
+    assert runs["gdro_prior"]["train"] == {"objective": "gdro", "noise": "prior"}
+    assert runs["dpo"]["train"] == {"objective": "dpo"}
+    assert runs["flow_grpo"]["train"] == {"objective": "flow_grpo"}
+    assert "train/pairs_kept" in runs["dpo"]["last_parts"] and "train/velocity_norm_ratio" in runs["gdro"]["last_parts"]
+    assert "time to Flow-GRPO's final reward" in out and "base+0.05" in out
 
-    c = saved["comparison"]
-    assert c["target_reward"] == saved["methods"]["flow_grpo"]["final"]["reward"]
-    assert c["flow_grpo_seconds"] == pytest.approx(saved["methods"]["flow_grpo"]["time"]["total_s"])
-    ratio_line = next(line for line in out.splitlines() if line.startswith("ratio flow_grpo / gdro:"))
-    if c["gdro_seconds"] is None:
-        assert "n/a" in ratio_line
-    else:
-        assert c["ratio"] == pytest.approx(c["flow_grpo_seconds"] / c["gdro_seconds"])
-        assert ratio_line == f"ratio flow_grpo / gdro: {c['ratio']:.2f}"
-    assert "time to Flow-GRPO's final reward" in out
+
+def _run(curve_points):
+    return {"curve": [{"seconds": 2 * c, "cpu_seconds": c, "step": i, "reward": r} for i, (c, r) in enumerate(curve_points)],
+            "final": {"reward": curve_points[-1][1]}}
+
+
+def test_targets_lie_above_the_base_and_a_flow_grpo_below_base_plus_delta_is_not_raced_to(bench):
+    base = 0.40
+    gdro = _run([(100, base), (150, 0.46), (200, 0.52)])
+    grpo = _run([(0, base), (100, 0.38), (300, 0.43)])  # ends below base + 0.05
+    c = bench.compare({"gdro": gdro, "flow_grpo": grpo}, base, [0.05, 0.10], "cpu_seconds")
+    assert c["ratio"] is None and "below base + 0.05" in c["reason"]
+    assert c["ratio_at_target"] == {"+0.05": None, "+0.10": None}
+    assert bench.targets_reached(gdro, base, [0.05, 0.10])["+0.05"] == {"seconds": 300, "cpu_seconds": 150, "step": 1}
+
+
+def test_ratio_is_flow_grpos_time_over_gdros_to_flow_grpos_final_reward(bench):
+    base = 0.40
+    gdro = _run([(100, base), (150, 0.47), (200, 0.56)])
+    grpo = _run([(0, base), (200, 0.46), (400, 0.55), (500, 0.55)])
+    c = bench.compare({"gdro": gdro, "flow_grpo": grpo}, base, [0.05, 0.10], "cpu_seconds")
+    assert c["target_reward"] == 0.55
+    assert c["ratio"] == pytest.approx(400 / 200)  # Flow-GRPO first reached 0.55 at 400 s, GDRO at 200 s
+    assert c["ratio_at_target"] == {"+0.05": pytest.approx(200 / 150), "+0.10": pytest.approx(400 / 200)}
+
+
+def test_aggregate_gives_mean_and_sd_over_seeds(bench):
+    base = 0.40
+    runs = {s: {"gdro": {**_run([(100, base), (200, 0.40 + d)]), "steps": 5,
+                         "time": {"total_cpu_s": 200.0, "total_s": 400.0}},
+                "flow_grpo": {**_run([(0, base), (300, 0.46)]), "steps": 3,
+                              "time": {"total_cpu_s": 300.0, "total_s": 600.0}}}
+            for s, d in ((0, 0.10), (1, 0.20), (2, 0.30))}
+    for seed in runs.values():
+        for r in seed.values():
+            r["final"] |= {"corrected": 0.0, "velocity_norm_ratio": 1.0}
+    agg = bench.aggregate(runs, base, [0.05, 0.25], "cpu_seconds")
+    reward = agg["methods"]["gdro"]["reward"]
+    assert reward["mean"] == pytest.approx(0.60) and reward["sd"] == pytest.approx(0.10) and reward["n"] == 3
+    late = agg["methods"]["gdro"]["time_to_target"]["+0.25"]["cpu_seconds"]
+    assert (late["mean"], late["n"], late["of"]) == (200, 1, 3)  # only the seed that gained 0.30 reached +0.25
+    ratio = agg["gdro_vs_flow_grpo"]["to_flow_grpo_final"]
+    assert ratio["mean"] == pytest.approx(1.5) and ratio["sd"] == pytest.approx(0.0) and ratio["n"] == 3
 
 
 def test_missing_pipeline_outputs_say_what_to_run(bench, tmp_path):

@@ -2,9 +2,10 @@
 
 import random
 
+import numpy as np
 import pytest
 
-from gdro_core.tasks.ocr import EasyOcrReader, normalise, ocr_reward
+from gdro_core.tasks.ocr import EasyOcrReader, ink_box, normalise, ocr_reward, prepare
 from gdro_core.data.prompts import random_strings
 from gdro_core.tasks.text_render import render_text
 
@@ -54,3 +55,31 @@ def test_easyocr_reads_clean_renders(default_params):
     reads = EasyOcrReader(r.upscale, r.pad, w.alphabet).read(images)
     mean = sum(ocr_reward(a, t).reward for a, t in zip(reads, targets)) / len(targets)
     assert mean >= 0.95, list(zip(reads, targets))
+
+
+def test_ink_box_is_the_ink_bounding_box_grown_by_the_margin():
+    grey = np.full((20, 40), 255, dtype=np.uint8)
+    grey[5:15, 10:30] = 0  # ink rows 5..14 (height 10), columns 10..29
+    assert ink_box(grey, 0.25, 0.0) == [10, 30, 5, 15]
+    assert ink_box(grey, 0.25, 0.2) == [8, 32, 3, 17]  # grown by 0.2 x height = 2 px on every side
+    assert ink_box(np.full((20, 40), 128, dtype=np.uint8), 0.25, 0.1) == [0, 40, 0, 20]  # blank: whole image
+
+
+def test_unknown_reader_mode_is_rejected():
+    with pytest.raises(ValueError, match="reader_mode"):
+        EasyOcrReader(2, 16, "0123456789", mode="detector")
+
+
+def test_reader_modes_read_the_same_clean_renders(default_params):
+    """Batched full reader, recognizer alone and easyocr's per-image readtext agree on the world's renders."""
+    w, r = default_params.world, default_params.reward
+    targets = ["407", "918", "235", "805", "661"]
+    images = [render_text(t, w.height, w.width, w.font_size) for t in targets]
+    full = EasyOcrReader(r.upscale, r.pad, w.alphabet, mode="full")
+    per_image = []
+    for im in images:
+        parts = full.reader.readtext(prepare(im, r.upscale, r.pad), detail=1, allowlist=w.alphabet, paragraph=False)
+        per_image.append("".join(q[1] for q in sorted(parts, key=lambda q: min(pt[0] for pt in q[0]))))
+    assert full.read(images) == per_image
+    assert EasyOcrReader(r.upscale, r.pad, w.alphabet, mode="recognizer").read(images) == per_image
+    assert [normalise(x) for x in per_image] == targets

@@ -58,6 +58,17 @@ def plackett_luce_loss(s: Tensor, rewards: Tensor, tau: float, positions: int | 
     return (lse - expected).sum(dim=-1).mean()
 
 
-def dpo_loss(s_win: Tensor, s_lose: Tensor) -> Tensor:
-    """Diffusion-DPO: −log σ(s_w − s_l), mean over pairs."""
-    return -F.logsigmoid(s_win - s_lose).mean()
+def dpo_loss(s_win: Tensor, s_lose: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Diffusion-DPO: −log σ(s_w − s_l), mean over the pairs ``keep`` marks (all when ``None``).
+
+    With s = −β(‖v − v_θ‖² − ‖v − v_ref‖²) and squared errors as means over latent elements, s_w − s_l is
+    the official code's ``−0.5 · beta_dpo · (model_diff − ref_diff)`` with ``beta_dpo = 2β``. Dropped pairs
+    (tied rewards: no preference) contribute nothing; with none kept the loss is 0, still attached to ``s``.
+    """
+    losses = -F.logsigmoid(s_win - s_lose)
+    if keep is None:
+        return losses.mean()
+    if keep.shape != losses.shape:
+        raise ValueError(f"keep mask {tuple(keep.shape)} does not match the pairs {tuple(losses.shape)}")
+    keep = keep.to(losses.dtype)
+    return (losses * keep).sum() / keep.sum().clamp(min=1.0)

@@ -28,3 +28,14 @@ def ranking_counts(s: Tensor, rewards: Tensor) -> tuple[float, float]:
     ds = s.unsqueeze(-1) - s.unsqueeze(-2)
     pairs = (rewards.unsqueeze(-1) - rewards.unsqueeze(-2)) > 0
     return float((ds[pairs] > 0).sum()), float(pairs.sum())
+
+
+def velocity_norm_ratio(v_policy: Tensor, v_reference: Tensor) -> Tensor:
+    """Mean ‖v_θ‖ over mean ‖v_ref‖ at the same (x_t, t, c): a cheap reward-hacking signal.
+
+    A policy that drifts toward saturated, oversized or high-contrast images predicts longer velocities
+    than its reference; values well above 1 while the task reward rises deserve a look at the samples.
+    """
+    pol = v_policy.float().flatten(1).norm(dim=1).mean()
+    ref = v_reference.float().flatten(1).norm(dim=1).mean()
+    return pol / ref.clamp(min=1e-12)

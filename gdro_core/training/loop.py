@@ -23,11 +23,11 @@ from gdro_core.data.pool import RolloutPool
 from gdro_core.data.rollout import Rollouts
 from gdro_core.models.base import FlowModel
 from gdro_core.models.lora import add_lora, lora_state, set_lora_state
-from gdro_core.objectives.offline import draw_groups, draw_randomness, group_objective
+from gdro_core.objectives.offline import OFFLINE_OBJECTIVES, draw_members, draw_randomness, group_objective, prior_noise, seed_matrix
 from gdro_core.params import Train
 from gdro_core.training.checkpoint import load_latest, restore_rng, rng_state, save_checkpoint
 
-OFFLINE = ("gdro", "dpo", "sft_best")
+OFFLINE = OFFLINE_OBJECTIVES
 COUNTS = ("ranking_hits", "ranking_pairs")
 """Parts of the objective that are counts (summed), not means over groups."""
 Logger = Callable[[int, dict[str, float]], None]
@@ -220,11 +220,13 @@ def train(
         warn_zero_signal(rewards)
     params, opt, gen, py_rng, ema, start = start_training(model, cfg, ckpt_dir)
     policy = acc.prepare(model.transformer) if n_proc > 1 else model.transformer
+    seeds = seed_matrix(data.rows, *rewards.shape) if cfg.noise == "prior" else None
     model.transformer.train()
     for step in range(start + 1, cfg.steps + 1):
-        prompts, members = draw_groups(rewards, cfg.groups_per_step, cfg.group_size, cfg.member_sampling, gen)
+        prompts, members = draw_members(rewards, cfg, gen)
         group_rewards = rewards[prompts.unsqueeze(1), members]
-        draws = draw_randomness(group_rewards, tuple(data.item_shape), cfg, gen)
+        prior = None if seeds is None else prior_noise(seeds[prompts.unsqueeze(1), members], tuple(data.item_shape))
+        draws = draw_randomness(group_rewards, tuple(data.item_shape), cfg, gen, member_noise=prior)
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for a in range(n_acc):
