@@ -128,6 +128,9 @@ def test_flux_default_targets_include_feed_forward_and_single_block_projections(
                  "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out",
                  "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj"):
         assert name in adapted
+    blocks = len(model.transformer.single_transformer_blocks)
+    assert {f"single_transformer_blocks.{i}.proj_out" for i in range(blocks)} <= adapted
+    assert "proj_out" not in adapted  # the transformer's output layer stays as the base has it
 
 
 def test_flux_dev_uses_dynamic_shift_and_embedded_guidance(checkpoints):

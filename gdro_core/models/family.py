@@ -40,6 +40,11 @@ class DiffusersFlowModel:
     lora_targets: ClassVar[tuple[str, ...]]
     embedded_guidance: bool = False
 
+    @classmethod
+    def default_lora_targets(cls, transformer: torch.nn.Module) -> list[str]:
+        """The LoRA target modules (peft suffixes) when ``train.lora.target_modules`` is empty."""
+        return list(cls.lora_targets)
+
     def __init__(self, pipe, latent_shape: tuple[int, int, int], source: str, base_dir: Path | None = None,
                  shift: float | None = None, guidance: float | None = None):
         self.pipe = pipe

@@ -20,9 +20,11 @@ from gdro_core.models.family import DiffusersFlowModel
 
 FLUX_TARGETS = (
     "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
-    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
 )
-"""As diffusers' FLUX LoRA training script: attention, feed-forward and the single blocks' proj_mlp/proj_out."""
+"""As diffusers' FLUX LoRA training script: attention, feed-forward and the single blocks' proj_mlp (their
+proj_out is named per block in :meth:`FluxModel.default_lora_targets`: a bare ``proj_out`` would also adapt
+the transformer's own output layer)."""
 
 FLUX_DEFAULT_GUIDANCE = 3.5
 """FluxPipeline's default guidance scale: the embedded guidance when none is given."""
@@ -33,6 +35,11 @@ class FluxModel(DiffusersFlowModel):
     pipeline_class = FluxPipeline
     transformer_class = FluxTransformer2DModel
     lora_targets = FLUX_TARGETS
+
+    @classmethod
+    def default_lora_targets(cls, transformer: torch.nn.Module) -> list[str]:
+        blocks = len(transformer.single_transformer_blocks)
+        return [*cls.lora_targets, *(f"single_transformer_blocks.{i}.proj_out" for i in range(blocks))]
 
     def __init__(self, pipe, height: int, width: int, source: str = "", **kwargs):
         f = pipe.vae_scale_factor

@@ -26,7 +26,7 @@ def default_targets(transformer: torch.nn.Module) -> list[str]:
     """The family's default LoRA target modules for this transformer."""
     from gdro_core.models.families import family_for_transformer
 
-    return list(family_for_transformer(transformer).lora_targets)
+    return family_for_transformer(transformer).default_lora_targets(transformer)
 
 
 def add_lora(transformer: torch.nn.Module, cfg: Lora) -> list[torch.nn.Parameter]:
