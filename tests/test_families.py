@@ -146,6 +146,24 @@ def test_flux_dev_uses_dynamic_shift_and_embedded_guidance(checkpoints):
         assert (dev.velocity(x, t, cond, guidance=1.0) - dev.velocity(x, t, cond, guidance=5.0)).abs().max() > 0
 
 
+@pytest.mark.parametrize("variant", ["sd35", "flux-dev"])
+def test_model_from_a_bare_transformer_predicts_as_the_whole_checkpoint(checkpoints, variant):
+    whole = load_flow_model(str(checkpoints[variant]), "", WORLD, "cpu")
+    bare = type(whole).from_transformer(whole.transformer, whole.scheduler, WORLD.height, WORLD.width)
+    assert (bare.family, bare.latent_shape, bare.embedded_guidance) == (
+        whole.family, whole.latent_shape, whole.embedded_guidance)
+    torch.testing.assert_close(bare.sampling_scheduler(4).sigmas, whole.sampling_scheduler(4).sigmas, rtol=0, atol=0)
+    cond, null = whole.encode(PROMPTS[:1]), whole.encode([""])
+    x, t = torch.randn(1, *whole.latent_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3])
+    with torch.no_grad():
+        assert torch.equal(bare.guided_velocity(x, t, cond, null, 4.0), whole.guided_velocity(x, t, cond, null, 4.0))
+    # it has no encoders or VAE, and says so instead of failing inside diffusers
+    with pytest.raises(ModelError, match="from_transformer"):
+        bare.encode(PROMPTS[:1])
+    with pytest.raises(ModelError, match="no vae"):
+        bare.decode(x)
+
+
 def test_sampler_shift_replaces_the_checkpoints_shift(checkpoints):
     own = load_flow_model(str(checkpoints["sd35"]), "", WORLD, "cpu")
     shifted = load_flow_model(str(checkpoints["sd35"]), "", WORLD, "cpu", shift=1.0)

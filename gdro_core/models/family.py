@@ -62,6 +62,28 @@ class DiffusersFlowModel:
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
 
+    @classmethod
+    def from_transformer(cls, transformer: torch.nn.Module, scheduler: FlowMatchEulerDiscreteScheduler, height: int,
+                         width: int, *, shift: float | None = None, guidance: float | None = None):
+        """The family around a bare transformer and scheduler, with no text encoders and no VAE.
+
+        Everything a training step runs works (the velocity, guidance, sampling schedule, LoRA); conditions are
+        given directly instead of encoded (the GPU benchmark builds full-size transformers this way).
+        """
+        names, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
+        parts = dict.fromkeys(names) | {"transformer": transformer, "scheduler": scheduler}
+        return cls(cls.pipeline_class(**parts), height, width, shift=shift, guidance=guidance)
+
+    def component(self, name: str):
+        """A pipeline component; a clear error when the model was built without it (:meth:`from_transformer`)."""
+        part = getattr(self.pipe, name, None)
+        if part is None:
+            raise ModelError(
+                f"this {self.family} model has no {name}: it was built from a transformer alone "
+                "(from_transformer); load the whole checkpoint with load_flow_model to encode prompts or decode latents"
+            )
+        return part
+
     # --- guidance and timesteps -------------------------------------------------------------------------------
     def guided_velocity(self, x: Tensor, t: Tensor, cond: Condition, null: Condition, guidance: float) -> Tensor:
         """Classifier-free guidance v_u + w (v_c − v_u) for w > 1 (one batched pass), else v_c; float32."""
@@ -93,7 +115,7 @@ class DiffusersFlowModel:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:
         """Latents (B, C, H, W) to images, undoing the VAE's scaling and shift."""
-        vae = self.pipe.vae
+        vae = self.component("vae")
         device = next(vae.parameters()).device  # the VAE may be offloaded while the transformer trains
         x = latents.to(device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return self.pipe.image_processor.postprocess(vae.decode(x, return_dict=False)[0], output_type="pil")
@@ -101,7 +123,7 @@ class DiffusersFlowModel:
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> Tensor:
         """Images to latents (the posterior mean), with the VAE's shift and scaling applied."""
-        vae = self.pipe.vae
+        vae = self.component("vae")
         x = self.pipe.image_processor.preprocess(images).to(next(vae.parameters()).device, vae.dtype)
         z = vae.encode(x).latent_dist.mode()
         return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor

@@ -53,6 +53,7 @@ class FluxModel(DiffusersFlowModel):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Condition:
+        self.component("text_encoder")
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 

@@ -57,6 +57,7 @@ class StableDiffusion3Model(DiffusersFlowModel):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Condition:
+        self.component("text_encoder")
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False
         )

@@ -83,11 +83,11 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Train) -> torch.optim.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=True if cfg.optimizer == "adamw_fused" else None)
 
 
-def start_training(model: FlowModel, cfg: Train, ckpt_dir: Path):
+def start_training(model: FlowModel, cfg: Train, ckpt_dir: Path | None):
     """Fresh adapter, optimiser, RNGs and EMA, restored from the newest intact checkpoint in ``ckpt_dir`` if any.
 
-    Every restored tensor goes to the device of the parameter it belongs to. Returns (params, optimiser,
-    generator, python rng, ema, last finished step).
+    Every restored tensor goes to the device of the parameter it belongs to; ``ckpt_dir`` None starts fresh.
+    Returns (params, optimiser, generator, python rng, ema, last finished step).
     """
     params = add_lora(model.transformer, cfg.lora)
     seed_lora_init(model.transformer, cfg.seed)
@@ -98,7 +98,7 @@ def start_training(model: FlowModel, cfg: Train, ckpt_dir: Path):
     live = lora_state(model.transformer)
     ema = LoraEma(live)
     devices = {f"{prefix}.{k}": v.device for k, v in live.items() for prefix in ("lora", "ema")}
-    found = load_latest(ckpt_dir, map_location=devices)
+    found = load_latest(ckpt_dir, map_location=devices) if ckpt_dir is not None else None
     start = 0
     if found is not None:
         weights, state = found
@@ -178,6 +178,56 @@ def _reduce(accelerator: Accelerator, sums: dict[str, float], groups: int) -> di
     return out
 
 
+def train_step(
+    model: FlowModel,
+    data: Rollouts | RolloutPool,
+    rewards: torch.Tensor,
+    cfg: Train,
+    step: int,
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    ema: LoraEma,
+    gen: torch.Generator,
+    accelerator: Accelerator,
+    policy: torch.nn.Module | None = None,
+    seeds: torch.Tensor | None = None,
+) -> tuple[dict[str, float], float]:
+    """Optimiser step number ``step`` of :func:`train` (what ``gdro train`` runs, and what the GPU benchmark times).
+
+    Draws ``groups_per_step`` groups and their (order, t, ε) from ``gen``, backpropagates this process's
+    share in ``gradient_accumulation_steps`` micro-batches through ``policy`` (``model.transformer`` or its
+    DDP wrapper), clips the gradient, steps ``opt`` and updates the EMA. ``seeds`` (P, N) are the images' sampler
+    seeds (:func:`seed_matrix`) that ``train.noise: prior`` regenerates ε from. Returns this process's metric
+    sums (means weighted by groups; counts summed) and the gradient norm before clipping.
+    """
+    policy = model.transformer if policy is None else policy
+    n_proc, rank, n_acc = accelerator.num_processes, accelerator.process_index, cfg.gradient_accumulation_steps
+    micro = cfg.groups_per_step // (n_proc * n_acc)
+    if cfg.noise == "prior" and seeds is None:
+        raise ValueError("train.noise 'prior' needs the rollout seeds: pass seeds=seed_matrix(data.rows, *rewards.shape)")
+    prompts, members = draw_members(rewards, cfg, gen)
+    group_rewards = rewards[prompts.unsqueeze(1), members]
+    prior = None if cfg.noise != "prior" else prior_noise(seeds[prompts.unsqueeze(1), members], tuple(data.item_shape))
+    draws = draw_randomness(group_rewards, tuple(data.item_shape), cfg, gen, member_noise=prior)
+    opt.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    for a in range(n_acc):
+        lo = (rank * n_acc + a) * micro
+        rows = slice(lo, lo + micro)
+        x0, cond = data.take(prompts[rows], members[rows])
+        with accelerator.no_sync(policy) if a < n_acc - 1 else nullcontext():
+            loss, parts = group_objective(model, x0, cond, group_rewards[rows], cfg, draws=draws.rows(rows),
+                                          policy=policy)
+            accelerator.backward(loss / n_acc)
+        for k, v in parts.items():
+            if k != "ranking_accuracy":
+                sums[k] = sums.get(k, 0.0) + (v if k in COUNTS else v * micro)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    opt.step()
+    ema.update(lora_state(model.transformer), ema_decay(step, cfg.ema_rate, cfg.ema_max_decay))
+    return sums, grad_norm
+
+
 def train(
     model: FlowModel,
     data: Rollouts | RolloutPool,
@@ -212,7 +262,6 @@ def train(
             f"process {rank} holds the model on {model.device} but its device is {acc.device}: "
             "set model.device to 'auto' so that each process loads the model onto its own GPU"
         )
-    micro = cfg.groups_per_step // (n_proc * n_acc)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -223,26 +272,7 @@ def train(
     seeds = seed_matrix(data.rows, *rewards.shape) if cfg.noise == "prior" else None
     model.transformer.train()
     for step in range(start + 1, cfg.steps + 1):
-        prompts, members = draw_members(rewards, cfg, gen)
-        group_rewards = rewards[prompts.unsqueeze(1), members]
-        prior = None if seeds is None else prior_noise(seeds[prompts.unsqueeze(1), members], tuple(data.item_shape))
-        draws = draw_randomness(group_rewards, tuple(data.item_shape), cfg, gen, member_noise=prior)
-        opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        for a in range(n_acc):
-            lo = (rank * n_acc + a) * micro
-            rows = slice(lo, lo + micro)
-            x0, cond = data.take(prompts[rows], members[rows])
-            with acc.no_sync(policy) if a < n_acc - 1 else nullcontext():
-                loss, parts = group_objective(model, x0, cond, group_rewards[rows], cfg, draws=draws.rows(rows),
-                                              policy=policy)
-                acc.backward(loss / n_acc)
-            for k, v in parts.items():
-                if k != "ranking_accuracy":
-                    sums[k] = sums.get(k, 0.0) + (v if k in COUNTS else v * micro)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        opt.step()
-        ema.update(lora_state(model.transformer), ema_decay(step, cfg.ema_rate, cfg.ema_max_decay))
+        sums, grad_norm = train_step(model, data, rewards, cfg, step, params, opt, ema, gen, acc, policy, seeds)
         if step % cfg.log_every == 0 or step == cfg.steps:
             metrics = _reduce(acc, sums, cfg.groups_per_step) | {"grad_norm": grad_norm}
             if acc.is_main_process:

@@ -30,7 +30,7 @@ from gdro_core.tasks.ocr import Reader
 from gdro_core.params import Train
 from gdro_core.tasks.base import PromptRecord
 from gdro_core.data.scoring import score_images
-from gdro_core.training.loop import Logger, OnCheckpoint, ema_decay, end_of_step, start_training
+from gdro_core.training.loop import Logger, LoraEma, OnCheckpoint, ema_decay, end_of_step, start_training
 
 RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float] | Tensor]
 """Task reward of each image against its target text."""
@@ -124,6 +124,44 @@ def step_loss(
     return loss, parts
 
 
+def update_policy(
+    model: FlowModel, traj: Trajectories, cond: Condition, null: Condition, rewards: Tensor, sigmas: Tensor,
+    cfg: Train, guidance: float, step: int, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+    ema: LoraEma, gen: torch.Generator,
+) -> dict[str, float]:
+    """The training half of Flow-GRPO iteration ``step`` (what ``train_online`` runs and the GPU benchmark times).
+
+    Advantages within each group of ``grpo_group_size`` consecutive samples, then ``grpo_inner_epochs`` passes
+    over the samples in ``grpo_minibatches`` shuffled minibatches (order drawn from ``gen``), each one optimiser
+    step on the loss of :func:`step_loss` averaged over the first ⌊steps · fraction⌋ denoising steps; then the
+    EMA. ``cond`` holds one row per sample. Returns the loss, its parts and the gradient norm, means over updates.
+    """
+    n_train = train_timesteps(len(sigmas) - 1, cfg.grpo_timestep_fraction)
+    advantages = group_advantages(rewards.view(-1, cfg.grpo_group_size), ADV_EPS, cfg.grpo_global_std)
+    advantages = advantages.flatten().to(model.device)
+    model.transformer.train()
+    sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "abs_log_ratio": 0.0, "grad_norm": 0.0}
+    updates = 0
+    for _ in range(cfg.grpo_inner_epochs):
+        order = torch.randperm(len(rewards), generator=gen)
+        for idx in order.tensor_split(cfg.grpo_minibatches):
+            if not len(idx):
+                continue
+            opt.zero_grad(set_to_none=True)
+            for j in range(n_train):
+                loss, parts = step_loss(model, traj, j, idx.to(model.device), cond, null, advantages, sigmas, cfg,
+                                        guidance)
+                (loss / n_train).backward()
+                sums["loss"] += float(loss.detach()) / n_train
+                for key, v in parts.items():
+                    sums[key] += v / n_train
+            sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            opt.step()
+            updates += 1
+    ema.update(lora_state(model.transformer), ema_decay(step, cfg.ema_rate, cfg.ema_max_decay))
+    return {key: v / max(updates, 1) for key, v in sums.items()}
+
+
 def pick_prompts(n_prompts: int, count: int, gen: torch.Generator) -> Tensor:
     """Distinct prompt indices when ``count`` ≤ the prompts available, else drawn with replacement."""
     if count <= n_prompts:
@@ -185,7 +223,6 @@ def train_online(
         raise ValueError(f"conditioning has {cond['pooled_projections'].shape[0]} rows for {len(prompts)} prompts")
     params, opt, gen, py_rng, ema, start = start_training(model, cfg, ckpt_dir)
     sigmas = sigma_schedule(model, cfg.grpo_sample_steps)
-    n_train = train_timesteps(cfg.grpo_sample_steps, cfg.grpo_timestep_fraction)
     k = cfg.grpo_group_size
     null = {key: v.to(model.device) for key, v in null_cond.items()}
     for step in range(start + 1, cfg.steps + 1):
@@ -200,30 +237,10 @@ def train_online(
         t1 = time.perf_counter()
         rewards = torch.as_tensor(reward_fn(images, [prompts[int(i)].target for i in rows]), dtype=torch.float32)
         t2 = time.perf_counter()
-        advantages = group_advantages(rewards.view(-1, k), ADV_EPS, cfg.grpo_global_std).flatten().to(model.device)
-        model.transformer.train()
-        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "abs_log_ratio": 0.0, "grad_norm": 0.0}
-        updates = 0
-        for _ in range(cfg.grpo_inner_epochs):
-            order = torch.randperm(len(rows), generator=gen)
-            for idx in order.tensor_split(cfg.grpo_minibatches):
-                if not len(idx):
-                    continue
-                opt.zero_grad(set_to_none=True)
-                for j in range(n_train):
-                    loss, parts = step_loss(model, traj, j, idx.to(model.device), batch, null, advantages, sigmas, cfg,
-                                            guidance)
-                    (loss / n_train).backward()
-                    sums["loss"] += float(loss.detach()) / n_train
-                    for key, v in parts.items():
-                        sums[key] += v / n_train
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-                opt.step()
-                updates += 1
-        ema.update(lora_state(model.transformer), ema_decay(step, cfg.ema_rate, cfg.ema_max_decay))
+        means = update_policy(model, traj, batch, null, rewards, sigmas, cfg, guidance, step, params, opt, ema, gen)
         t3 = time.perf_counter()
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = {f"train/{key}": v / max(updates, 1) for key, v in sums.items()}
+            metrics = {f"train/{key}": v for key, v in means.items()}
             metrics |= {"train/reward": float(rewards.mean()), "train/reward_std": float(rewards.std(unbiased=False))}
             metrics |= {"time/generation_s": t1 - t0, "time/scoring_s": t2 - t1, "time/training_s": t3 - t2}
             log(step, metrics)
