@@ -1,17 +1,25 @@
 """Cost of one offline GDRO step against one online Flow-GRPO iteration, at full model size.
 
 SD3.5-Medium- and FLUX.1-dev-sized transformers are built from their published configs with random
-weights (timing, memory and FLOPs do not depend on the weights), a rank-32 LoRA on the attention
-projections, bf16 on a CUDA device. For each model, on one group of k images (default 6) at 512 px:
+weights (timing, memory and FLOPs do not depend on the weights) and wrapped in their model family
+(:meth:`gdro_core.models.family.DiffusersFlowModel.from_transformer`: the family's own velocity call,
+FLUX packing and guidance embedding, timestep scaling and sampling schedule), with the adapter, optimiser
+and EMA of ``gdro train`` (:func:`gdro_core.training.loop.start_training`), bf16 on a CUDA device. For each
+model, on one group of k images (default 6) at 512 px:
 
-- GDRO: policy forward + backward on the k members and a reference forward (adapter off, no grad),
-  one (t, ε) shared by the group, the Plackett-Luce loss plus the top-1 anchor, an AdamW step.
-- Flow-GRPO: sampling the k images with the SDE sampler (forward only, CFG for SD3), then training on
-  the first ⌊steps · fraction⌋ denoising steps (policy forward + backward, CFG for SD3 when
-  ``--train-cfg``, plus a reference forward for the KL term when ``--kl-beta`` > 0), one AdamW step.
+- GDRO: one call of :func:`gdro_core.training.loop.train_step`, the step ``gdro train`` runs, on one group:
+  policy forward + backward on the k members and a reference forward (adapter off, no grad), one (t, ε)
+  shared by the group, the Plackett-Luce loss plus the top-1 anchor, gradient clipping, the optimiser step
+  and the EMA update.
+- Flow-GRPO: one iteration of :func:`gdro_core.training.online_grpo.train_online` on one prompt: sampling
+  the k images with its SDE sampler (``sample_trajectories``, CFG for SD3, the guidance embedding for
+  FLUX.1-dev), then its training half (``update_policy``: the first ⌊steps · fraction⌋ denoising steps,
+  policy forward + backward through the same guidance, a reference forward for the KL term when
+  ``--kl-beta`` > 0, ``--grpo-minibatches`` optimiser steps, the EMA update).
 
 Both leave out the text encoders, the VAE and the reward model, which the two methods share (GDRO
-pays them once, offline, at rollout time). Run on a GPU machine::
+pays them once, offline, at rollout time): conditions are random tensors of the families' shapes. Run on
+a GPU machine::
 
     python benchmarks/gpu_train_step.py --gradient-checkpointing     # writes reports/gpu_benchmark.json
     python benchmarks/gpu_train_step.py --toy                        # tiny configs, CPU, float32, seconds
@@ -27,21 +35,26 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, get_args
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+from accelerate import Accelerator
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from gdro_core.objectives.flow_grpo import gaussian_kl, group_advantages, grpo_loss, sde_step, step_log_prob
-from gdro_core.objectives.group_loss import plackett_luce_loss
-from gdro_core.objectives.implicit_reward import flow_matching_error, implicit_reward, interpolate
-from gdro_core.models.lora import add_lora, reference
-from gdro_core.params import Lora, Train
-from gdro_core.objectives.timesteps import sample_timesteps
+from gdro_core.data.rollout import Rollouts
+from gdro_core.models.base import Condition
+from gdro_core.models.family import DiffusersFlowModel
+from gdro_core.models.flux import FluxModel
+from gdro_core.models.sd3 import StableDiffusion3Model
+from gdro_core.params import Lora, Model, Train
+from gdro_core.training.loop import LoraEma, make_accelerator, start_training, train_step
+from gdro_core.training.online_grpo import (
+    Trajectories, sample_trajectories, sigma_schedule, train_timesteps, update_policy,
+)
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (SD3Transformer2DModel, MMDiT-X)
 SD3_5_MEDIUM = {
@@ -59,6 +72,8 @@ SD3_5_MEDIUM = {
     "dual_attention_layers": list(range(13)),
     "qk_norm": "rms_norm",
 }
+# ... and scheduler/scheduler_config.json
+SD3_5_MEDIUM_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 
 # black-forest-labs/FLUX.1-dev, transformer/config.json (FluxTransformer2DModel)
 FLUX_1_DEV = {
@@ -72,6 +87,16 @@ FLUX_1_DEV = {
     "pooled_projection_dim": 768,
     "guidance_embeds": True,
     "axes_dims_rope": [16, 56, 56],
+}
+# ... and scheduler/scheduler_config.json (the shift depends on the image size)
+FLUX_1_DEV_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
 }
 
 # The same architectures shrunk to 2 layers and small widths, for the CPU smoke run.
@@ -104,9 +129,8 @@ FLUX_TOY = {
     "axes_dims_rope": [4, 6, 6],
 }
 
-VAE_FACTOR = 8  # both families' VAEs downsample 8x
-LATENT_CHANNELS = 16  # both families' VAEs have 16 latent channels
-FLUX_PACK = 2  # FLUX packs 2x2 latent patches into one 64-channel token
+VAE_FACTOR = 8  # both families' VAEs downsample 8x (what their pipelines assume without a VAE)
+FLUX_PACK = 2  # FLUX packs 2x2 latent patches into one token
 GIB = 2**30
 MIN_RANKED = 2  # the fewest members a ranking loss takes
 T = TypeVar("T")
@@ -117,8 +141,9 @@ class ModelSpec:
     """One transformer to benchmark; ``text_tokens`` is the length of the text-encoder sequence."""
 
     name: str
-    family: str  # "sd3" or "flux"
+    family: type[DiffusersFlowModel]
     config: dict
+    scheduler: dict
     text_tokens: int
 
     @property
@@ -132,25 +157,14 @@ class ModelSpec:
 
 # SD3: 77 CLIP tokens + 256 T5 tokens (the pipeline's default max_sequence_length); FLUX.1-dev: 512 T5 tokens.
 FULL_SPECS = {
-    "sd3.5-medium": ModelSpec("sd3.5-medium", "sd3", SD3_5_MEDIUM, text_tokens=77 + 256),
-    "flux.1-dev": ModelSpec("flux.1-dev", "flux", FLUX_1_DEV, text_tokens=512),
+    "sd3.5-medium": ModelSpec("sd3.5-medium", StableDiffusion3Model, SD3_5_MEDIUM, SD3_5_MEDIUM_SCHEDULER, 77 + 256),
+    "flux.1-dev": ModelSpec("flux.1-dev", FluxModel, FLUX_1_DEV, FLUX_1_DEV_SCHEDULER, 512),
 }
 TOY_TEXT_TOKENS = 8
 TOY_SPECS = {
-    "sd3.5-medium": ModelSpec("sd3.5-medium", "sd3", SD3_TOY, text_tokens=TOY_TEXT_TOKENS),
-    "flux.1-dev": ModelSpec("flux.1-dev", "flux", FLUX_TOY, text_tokens=TOY_TEXT_TOKENS),
+    "sd3.5-medium": ModelSpec("sd3.5-medium", StableDiffusion3Model, SD3_TOY, SD3_5_MEDIUM_SCHEDULER, TOY_TEXT_TOKENS),
+    "flux.1-dev": ModelSpec("flux.1-dev", FluxModel, FLUX_TOY, FLUX_1_DEV_SCHEDULER, TOY_TEXT_TOKENS),
 }
-
-
-@dataclass
-class Batch:
-    """Inputs for one group: clean latents in the model's own layout, conditioning, rewards (best first)."""
-
-    x0: Tensor
-    cond: dict[str, Tensor]
-    null_cond: dict[str, Tensor]
-    rewards: Tensor
-    extra: dict[str, Tensor] = field(default_factory=dict)  # FLUX: img_ids, txt_ids, guidance
 
 
 # ---------------------------------------------------------------- model and inputs
@@ -167,26 +181,13 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """Randomly initialised transformer, created directly on ``device`` in ``dtype``."""
+    """Randomly initialised transformer of the family's class, created directly on ``device`` in ``dtype``."""
     torch.manual_seed(seed)
-    cls = SD3Transformer2DModel if spec.family == "sd3" else FluxTransformer2DModel
     with torch.device(device), default_dtype(dtype):
-        transformer = cls(**spec.config)
+        transformer = spec.family.transformer_class(**spec.config)
     if any(p.dtype != dtype for p in transformer.parameters()):
         transformer.to(dtype=dtype)
     return transformer
-
-
-def build_transformer(
-    spec: ModelSpec, device: torch.device, dtype: torch.dtype, lora: Lora, gradient_checkpointing: bool, seed: int
-) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The base transformer with a trainable LoRA adapter (peft, through ``add_adapter``); returns its parameters."""
-    transformer = build_base(spec, device, dtype, seed)
-    params = add_lora(transformer, lora)
-    if gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    return transformer, params
 
 
 def latent_side(resolution: int) -> int:
@@ -195,188 +196,118 @@ def latent_side(resolution: int) -> int:
     return resolution // VAE_FACTOR
 
 
+def build_model(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, resolution: int, seed: int,
+    shift: float | None = None, guidance: float | None = None,
+) -> DiffusersFlowModel:
+    """The family's FlowModel around a random-weight transformer and the published scheduler (no encoders, no VAE)."""
+    latent_side(resolution)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(spec.scheduler)
+    return spec.family.from_transformer(build_base(spec, device, dtype, seed), scheduler, resolution, resolution,
+                                        shift=shift, guidance=guidance)
+
+
 def image_tokens(spec: ModelSpec, resolution: int) -> int:
     """Image tokens the transformer attends over: (side / patch)² for SD3, (side / 2)² packed for FLUX."""
     side = latent_side(resolution)
-    patch = spec.config["patch_size"] if spec.family == "sd3" else FLUX_PACK
+    patch = FLUX_PACK if spec.family is FluxModel else spec.config["patch_size"]
     return (side // patch) ** 2
 
 
-def flux_image_ids(side: int) -> Tensor:
-    """FLUX positional ids (tokens, 3): (0, row, col) of each packed 2x2 patch, as FluxPipeline builds them."""
-    half = side // FLUX_PACK
-    ids = torch.zeros(half, half, 3)
-    ids[..., 1] = torch.arange(half)[:, None]
-    ids[..., 2] = torch.arange(half)[None, :]
-    return ids.reshape(half * half, 3)
+def make_cond(spec: ModelSpec, rows: int, gen: torch.Generator, dtype: torch.dtype) -> Condition:
+    """Random text-encoder outputs of the family's shapes (what ``model.encode`` returns), on the CPU."""
+    hidden = torch.randn(rows, spec.text_tokens, spec.text_dim, generator=gen)
+    pooled = torch.randn(rows, spec.pooled_dim, generator=gen)
+    return {"encoder_hidden_states": hidden.to(dtype), "pooled_projections": pooled.to(dtype)}
 
 
-def make_batch(
-    spec: ModelSpec, members: int, resolution: int, guidance: float, device: torch.device, dtype: torch.dtype,
-    gen: torch.Generator,
-) -> Batch:
-    """Random latents and text embeddings of the right shapes; rewards sorted best first."""
-    side = latent_side(resolution)
-    if spec.family == "sd3":
-        x0 = torch.randn(members, LATENT_CHANNELS, side, side, generator=gen)
-    else:
-        tokens = (side // FLUX_PACK) ** 2
-        x0 = torch.randn(members, tokens, LATENT_CHANNELS * FLUX_PACK**2, generator=gen)
-
-    def text() -> dict[str, Tensor]:
-        hidden = torch.randn(members, spec.text_tokens, spec.text_dim, generator=gen)
-        pooled = torch.randn(members, spec.pooled_dim, generator=gen)
-        return {"encoder_hidden_states": hidden.to(device, dtype), "pooled_projections": pooled.to(device, dtype)}
-
-    extra = {}
-    if spec.family == "flux":
-        extra = {
-            "img_ids": flux_image_ids(side).to(device, dtype),
-            "txt_ids": torch.zeros(spec.text_tokens, 3).to(device, dtype),
-            "guidance": torch.full((members,), guidance).to(device, dtype),
-        }
-    rewards = torch.rand(1, members, generator=gen).sort(dim=1, descending=True).values
-    return Batch(x0.to(device, dtype), text(), text(), rewards.to(device), extra)
+def make_group(
+    spec: ModelSpec, model: DiffusersFlowModel, members: int, gen: torch.Generator
+) -> tuple[Rollouts, Tensor]:
+    """One prompt's pool of ``members`` random latents, its conditioning and rewards, as ``gdro train`` reads them."""
+    latents = torch.randn((1, members, *model.latent_shape), generator=gen)
+    rewards = torch.rand(1, members, generator=gen)
+    return Rollouts(latents, make_cond(spec, 1, gen, model.dtype), rows=[]), rewards
 
 
-def predict(spec: ModelSpec, transformer: torch.nn.Module, x: Tensor, t: Tensor, cond: dict[str, Tensor],
-            extra: dict[str, Tensor]) -> Tensor:
-    """v_θ(x_t, t, c); SD3 takes the timestep in [0, 1000], FLUX takes t in [0, 1] and scales it itself.
-
-    Inputs are cast to the conditioning's dtype, which :func:`make_batch` creates in the model's dtype.
-    """
-    dtype = cond["encoder_hidden_states"].dtype
-    common = {
-        "hidden_states": x.to(dtype),
-        "encoder_hidden_states": cond["encoder_hidden_states"],
-        "pooled_projections": cond["pooled_projections"],
-        "return_dict": False,
-    }
-    if spec.family == "sd3":
-        return transformer(**common, timestep=(t * 1000).to(dtype))[0]
-    guidance = extra["guidance"][:1].expand(x.shape[0])
-    return transformer(**common, timestep=t.to(dtype), img_ids=extra["img_ids"], txt_ids=extra["txt_ids"],
-                       guidance=guidance)[0]
+def train_config(args: argparse.Namespace) -> Train:
+    """The library's training settings for one group of ``--group-size`` (GDRO) or one prompt's k images (Flow-GRPO)."""
+    k = args.group_size
+    return Train(
+        group_size=k, groups_per_step=1, grpo_group_size=k, grpo_prompts_per_iteration=1,
+        grpo_sample_steps=args.sample_steps, grpo_timestep_fraction=args.train_timesteps, grpo_eta=args.eta,
+        grpo_clip_range=args.clip_range, grpo_kl_beta=args.kl_beta, grpo_adv_clip_max=args.adv_clip_max,
+        grpo_minibatches=args.grpo_minibatches, lora=Lora(rank=args.lora_rank, alpha=float(args.lora_rank)),
+        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, seed=args.seed,
+    )
 
 
-def guided_velocity(spec: ModelSpec, transformer: torch.nn.Module, x: Tensor, t: Tensor, batch: Batch,
-                    cfg_scale: float | None) -> Tensor:
-    """Velocity with classifier-free guidance v_u + w (v_c − v_u) in one doubled batch, or the plain one."""
-    if cfg_scale is None:
-        return predict(spec, transformer, x, t, batch.cond, batch.extra).float()
-    both = {k: torch.cat([batch.cond[k], batch.null_cond[k]]) for k in batch.cond}
-    v_c, v_u = predict(spec, transformer, torch.cat([x, x]), torch.cat([t, t]), both, batch.extra).float().chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
-
-
-# ---------------------------------------------------------------- the two training procedures
-
-
-def gdro_step(spec: ModelSpec, transformer: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, cfg: Train,
-              gen: torch.Generator) -> float:
-    """One GDRO step on one group: implicit rewards from policy and reference errors at a shared (t, ε)."""
-    k = batch.x0.shape[0]
-    device = batch.x0.device
-    t = sample_timesteps(1, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, gen).to(device).expand(k)
-    noise = torch.randn(batch.x0.shape[1:], generator=gen).to(batch.x0).expand_as(batch.x0)
-    x_t, v = interpolate(batch.x0, noise, t)
-    err_pol = flow_matching_error(v, predict(spec, transformer, x_t, t, batch.cond, batch.extra)).view(1, k)
-    with torch.no_grad(), reference(transformer):
-        err_ref = flow_matching_error(v, predict(spec, transformer, x_t, t, batch.cond, batch.extra)).view(1, k)
-    s = implicit_reward(err_pol, err_ref, cfg.beta)
-    loss = plackett_luce_loss(s, batch.rewards, cfg.tau, cfg.positions or None) + cfg.gamma * err_pol[:, 0].mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-@dataclass(frozen=True)
-class GrpoSettings:
-    """Flow-GRPO knobs (defaults of the reference config/base.py and its SD3 configs)."""
-
-    sample_steps: int
-    train_fraction: float
-    eta: float
-    clip_range: float
-    kl_beta: float
-    adv_eps: float
-    adv_clip_max: float
-    shift: float
-    cfg_scale: float | None  # sampling CFG; None for guidance-distilled FLUX
-    train_cfg: bool
-
-    @property
-    def train_steps(self) -> int:
-        """⌊steps · fraction⌋, as the reference's num_train_timesteps."""
-        return int(self.sample_steps * self.train_fraction)
-
-
-def sigma_schedule(steps: int, shift: float) -> Tensor:
-    """σ_0 = 1 > ... > σ_steps = 0, the shifted FlowMatch Euler schedule the samplers use."""
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(steps)
-    return scheduler.sigmas.float()
+def resized(cfg: Train, members: int) -> Train:
+    """``cfg`` for a group of ``members`` (the FLOP-counting pass)."""
+    return cfg.model_copy(update={"group_size": members, "grpo_group_size": members})
 
 
 @dataclass
-class Trajectory:
-    """Per sampling step j: the state x_j, the sampled x_{j+1} and log π_old(x_{j+1} | x_j)."""
+class Trainer:
+    """A model with what ``start_training`` gives ``gdro train``: adapter parameters, optimiser, generator, EMA."""
 
-    states: list[Tensor]
-    next_states: list[Tensor]
-    log_probs: list[Tensor]
-
-
-@torch.no_grad()
-def grpo_sample(spec: ModelSpec, transformer: torch.nn.Module, batch: Batch, sigmas: Tensor, s: GrpoSettings,
-                gen: torch.Generator) -> Trajectory:
-    """k images from noise by the SDE sampler, keeping each step's state and its log-probability."""
-    k = batch.x0.shape[0]
-    x = torch.randn(batch.x0.shape, generator=gen).to(batch.x0.device, torch.float32)
-    traj = Trajectory([], [], [])
-    for i in range(s.sample_steps):
-        t = sigmas[i].to(x.device).expand(k)
-        v = guided_velocity(spec, transformer, x, t, batch, s.cfg_scale)
-        noise = torch.randn(x.shape, generator=gen).to(x)
-        x_next, mean, std = sde_step(x, v, sigmas[i], sigmas[i + 1], s.eta, noise=noise, sigma_max=sigmas[1])
-        traj.states.append(x)
-        traj.next_states.append(x_next)
-        traj.log_probs.append(step_log_prob(x_next, mean, std))
-        x = x_next
-    return traj
+    model: DiffusersFlowModel
+    cfg: Train
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    ema: LoraEma
+    accelerator: Accelerator
+    step: int = 0
 
 
-def grpo_train_step(spec: ModelSpec, transformer: torch.nn.Module, batch: Batch, traj: Trajectory, j: int,
-                    advantages: Tensor, sigmas: Tensor, s: GrpoSettings) -> Tensor:
-    """Clipped-ratio loss on denoising step j (plus β_KL · KL to the reference), backpropagated."""
-    k = batch.x0.shape[0]
-    x = traj.states[j]
-    t = sigmas[j].to(x.device).expand(k)
-    cfg = s.cfg_scale if s.train_cfg else None
-    zeros = torch.zeros_like(x)
-    v = guided_velocity(spec, transformer, x, t, batch, cfg)
-    _, mean, std = sde_step(x, v, sigmas[j], sigmas[j + 1], s.eta, noise=zeros, sigma_max=sigmas[1])
-    log_prob = step_log_prob(traj.next_states[j], mean, std)
-    kl = None
-    if s.kl_beta > 0:
-        with torch.no_grad(), reference(transformer):
-            v_ref = guided_velocity(spec, transformer, x, t, batch, cfg)
-        _, ref_mean, _ = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], s.eta, noise=zeros, sigma_max=sigmas[1])
-        kl = gaussian_kl(mean, ref_mean, std)
-    loss = grpo_loss(log_prob, traj.log_probs[j], advantages, s.clip_range, kl, s.kl_beta, s.adv_clip_max)
-    loss.backward()
-    return loss.detach()
+def start(model: DiffusersFlowModel, cfg: Train) -> Trainer:
+    """A fresh adapter (seeded from ``train.seed``), optimiser and EMA, through the library's own setup."""
+    params, opt, gen, _, ema, _ = start_training(model, cfg, None)
+    model.transformer.train()
+    return Trainer(model, cfg, params, opt, gen, ema, make_accelerator(model))
 
 
-def grpo_train(spec: ModelSpec, transformer: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch,
-               traj: Trajectory, sigmas: Tensor, s: GrpoSettings) -> None:
-    """Gradients accumulated over the first ``train_steps`` denoising steps, then one optimizer step."""
-    advantages = group_advantages(batch.rewards, s.adv_eps).flatten()
-    for j in range(s.train_steps):
-        grpo_train_step(spec, transformer, batch, traj, j, advantages, sigmas, s)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+# ---------------------------------------------------------------- the two training procedures (library calls)
+
+
+def gdro_step(tr: Trainer, data: Rollouts, rewards: Tensor, cfg: Train | None = None) -> dict[str, float]:
+    """One optimiser step of ``gdro train`` (:func:`train_step`) on the groups of ``data``."""
+    tr.step += 1
+    sums, grad_norm = train_step(tr.model, data, rewards, cfg or tr.cfg, tr.step, tr.params, tr.opt, tr.ema, tr.gen,
+                                 tr.accelerator)
+    return sums | {"grad_norm": grad_norm}
+
+
+def grpo_sample(tr: Trainer, cond: Condition, null: Condition, sigmas: Tensor, guidance: float) -> Trajectories:
+    """Flow-GRPO's sampling half: one SDE trajectory per row of ``cond`` (the transformer in eval mode, as there)."""
+    tr.model.transformer.eval()
+    return sample_trajectories(tr.model, cond, null, sigmas, tr.cfg.grpo_eta, guidance, tr.gen)
+
+
+def grpo_update(tr: Trainer, traj: Trajectories, cond: Condition, null: Condition, rewards: Tensor, sigmas: Tensor,
+                guidance: float, cfg: Train | None = None) -> dict[str, float]:
+    """Flow-GRPO's training half on scored trajectories (:func:`update_policy`)."""
+    tr.step += 1
+    return update_policy(tr.model, traj, cond, null, rewards, sigmas, cfg or tr.cfg, guidance, tr.step, tr.params,
+                         tr.opt, tr.ema, tr.gen)
+
+
+def first_members(traj: Trajectories, m: int) -> Trajectories:
+    return Trajectories(traj.states[:, :m], traj.next_states[:, :m], traj.log_probs[:, :m])
+
+
+@contextmanager
+def batch_sizes(transformer: torch.nn.Module) -> Iterator[list[int]]:
+    """Batch sizes of the transformer's calls inside the block (classifier-free guidance doubles them)."""
+    seen: list[int] = []
+    handle = transformer.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------- measurement
@@ -441,20 +372,17 @@ def utilisation(flops: float, seconds: float, peak_tflops: float) -> float:
 # ---------------------------------------------------------------- one model
 
 
-def bench_gdro(
-    spec: ModelSpec, transformer: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace,
-    device: torch.device, dtype: torch.dtype, flop_members: int,
-) -> dict:
+def bench_gdro(tr: Trainer, spec: ModelSpec, args: argparse.Namespace, flop_members: int) -> dict:
     """(a) Median GDRO step time, peak memory, images/s, FLOPs and MFU on one group."""
-    gen = torch.Generator().manual_seed(args.seed)
-    cfg = Train()
-    batch = make_batch(spec, args.group_size, args.resolution, args.flux_guidance, device, dtype, gen)
+    device = tr.model.device
+    data, rewards = make_group(spec, tr.model, args.group_size, tr.gen)
     reset_peak(device)
-    times = repeat_timed(lambda: gdro_step(spec, transformer, opt, batch, cfg, gen), device, args.warmup, args.repeats)
+    times = repeat_timed(lambda: gdro_step(tr, data, rewards), device, args.warmup, args.repeats)
     peak = peak_gib(device)
-    small = make_batch(spec, flop_members, args.resolution, args.flux_guidance, device, dtype, gen)
-    with checkpointing_off(transformer):
-        flops = count_flops(lambda: gdro_step(spec, transformer, opt, small, cfg, gen)) * args.group_size / flop_members
+    small, small_rewards = make_group(spec, tr.model, flop_members, tr.gen)
+    with checkpointing_off(tr.model.transformer):
+        flops = count_flops(lambda: gdro_step(tr, small, small_rewards, resized(tr.cfg, flop_members)))
+    flops *= args.group_size / flop_members
     step = statistics.median(times)
     return {
         "step_s": step,
@@ -467,40 +395,33 @@ def bench_gdro(
     }
 
 
-def bench_grpo(
-    spec: ModelSpec, transformer: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace,
-    device: torch.device, dtype: torch.dtype, flop_members: int,
-) -> dict:
+def bench_grpo(tr: Trainer, spec: ModelSpec, args: argparse.Namespace, flop_members: int, guidance: float) -> dict:
     """(b) One Flow-GRPO iteration producing the same k trained samples: SDE sampling, then training."""
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    s = GrpoSettings(
-        sample_steps=args.sample_steps, train_fraction=args.train_timesteps, eta=args.eta,
-        clip_range=args.clip_range, kl_beta=args.kl_beta, adv_eps=args.adv_eps, adv_clip_max=args.adv_clip_max,
-        shift=args.shift, cfg_scale=args.sd3_cfg if spec.family == "sd3" else None, train_cfg=args.train_cfg,
-    )
-    if s.train_steps < 1:
-        raise ValueError("--train-timesteps × --sample-steps must leave at least one step to train on")
-    sigmas = sigma_schedule(s.sample_steps, s.shift)
-    batch = make_batch(spec, args.group_size, args.resolution, args.flux_guidance, device, dtype, gen)
+    device, k, cfg = tr.model.device, args.group_size, tr.cfg
+    sigmas = sigma_schedule(tr.model, cfg.grpo_sample_steps)
+    cond = {key: v.to(device).repeat_interleave(k, 0) for key, v in make_cond(spec, 1, tr.gen, tr.model.dtype).items()}
+    null = {key: v.to(device) for key, v in make_cond(spec, 1, tr.gen, tr.model.dtype).items()}
     reset_peak(device)
-    sampling, training = [], []
+    sampling, training, sample_batch, train_batch = [], [], [], []
     for i in range(args.warmup + args.grpo_repeats):
-        t_sample, traj = timed(lambda: grpo_sample(spec, transformer, batch, sigmas, s, gen), device)
-        t_train, _ = timed(lambda: grpo_train(spec, transformer, opt, batch, traj, sigmas, s), device)
+        rewards = torch.rand(k, generator=tr.gen)  # the reward model is left out
+        with batch_sizes(tr.model.transformer) as seen_sampling:
+            t_sample, traj = timed(lambda: grpo_sample(tr, cond, null, sigmas, guidance), device)
+        with batch_sizes(tr.model.transformer) as seen_training:
+            t_train, _ = timed(lambda: grpo_update(tr, traj, cond, null, rewards, sigmas, guidance), device)
+        sample_batch, train_batch = seen_sampling, seen_training
         if i >= args.warmup:
             sampling.append(t_sample)
             training.append(t_train)
     peak = peak_gib(device)
-    # FLOPs: one sampling step (full group) × steps, one training step (flop_members, scaled) × train steps
-    one = replace(s, sample_steps=1)
-    sample_flops = count_flops(lambda: grpo_sample(spec, transformer, batch, sigmas, one, gen))
-    small = make_batch(spec, flop_members, args.resolution, args.flux_guidance, device, dtype, gen)
-    small_traj = grpo_sample(spec, transformer, small, sigmas, one, gen)
-    adv = group_advantages(small.rewards, s.adv_eps).flatten()
-    with checkpointing_off(transformer):
-        train_flops = count_flops(lambda: grpo_train_step(spec, transformer, small, small_traj, 0, adv, sigmas, s))
-    opt.zero_grad(set_to_none=True)
-    flops = sample_flops * s.sample_steps + train_flops * args.group_size / flop_members * s.train_steps
+    # FLOPs: one sampling step (full group) x steps; the training half on flop_members samples, scaled to k
+    sample_flops = count_flops(lambda: grpo_sample(tr, cond, null, sigmas[:2], guidance)) * cfg.grpo_sample_steps
+    m = flop_members
+    small = {key: v[:m] for key, v in cond.items()}
+    with checkpointing_off(tr.model.transformer):
+        train_flops = count_flops(lambda: grpo_update(tr, first_members(traj, m), small, null, rewards[:m], sigmas,
+                                                      guidance, resized(cfg, m)))
+    flops = sample_flops + train_flops * k / m
     total = [a + b for a, b in zip(sampling, training)]
     iteration = statistics.median(total)
     return {
@@ -508,13 +429,13 @@ def bench_grpo(
         "training_s": statistics.median(training),
         "iteration_s": iteration,
         "iteration_s_all": total,
-        "sample_steps": s.sample_steps,
-        "train_steps": s.train_steps,
-        "sampling_batch": args.group_size * (2 if s.cfg_scale is not None else 1),
-        "training_batch": args.group_size * (2 if s.cfg_scale is not None and s.train_cfg else 1),
-        "reference_forward": s.kl_beta > 0,
+        "sample_steps": cfg.grpo_sample_steps,
+        "train_steps": train_timesteps(cfg.grpo_sample_steps, cfg.grpo_timestep_fraction),
+        "sampling_batch": max(sample_batch),
+        "training_batch": max(train_batch),
+        "reference_forward": cfg.grpo_kl_beta > 0,
         "peak_memory_gib": peak,
-        "images_per_s": args.group_size / iteration,
+        "images_per_s": k / iteration,
         "flops_per_iteration": flops,
         "achieved_tflops": flops / iteration / 1e12,
         "mfu": utilisation(flops, iteration, args.peak_tflops),
@@ -525,7 +446,7 @@ def flop_members_for(args: argparse.Namespace) -> int:
     """Members in the FLOP-counting pass: the whole group, or 2 (the least a ranking loss takes) when
     checkpointing is on, since counting runs with checkpointing off so that recompute is not counted."""
     if args.flop_members:
-        return min(args.flop_members, args.group_size)
+        return max(MIN_RANKED, min(args.flop_members, args.group_size))
     return min(MIN_RANKED, args.group_size) if args.gradient_checkpointing else args.group_size
 
 
@@ -536,25 +457,32 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def guidance_for(spec: ModelSpec, args: argparse.Namespace) -> float:
+    """SD3: the classifier-free guidance scale; FLUX.1-dev: its embedded guidance (``sampler.guidance``)."""
+    return args.flux_guidance if spec.family is FluxModel else args.sd3_cfg
+
+
 def run_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
-    """Build one transformer, run both measurements; an out-of-memory section is recorded, not fatal."""
-    lora = Lora(rank=args.lora_rank, alpha=float(args.lora_rank))
-    transformer, params = build_transformer(spec, device, dtype, lora, args.gradient_checkpointing, args.seed)
-    opt = torch.optim.AdamW(params, lr=Train().lr)
+    """Build one model, run both measurements; an out-of-memory section is recorded, not fatal."""
+    guidance = guidance_for(spec, args)
+    model = build_model(spec, device, dtype, args.resolution, args.seed, args.shift, guidance)
+    tr = start(model, train_config(args))
     members = flop_members_for(args)
     result: dict = {
-        "params_total": sum(p.numel() for p in transformer.parameters()),
-        "params_lora": sum(p.numel() for p in params),
+        "params_total": sum(p.numel() for p in model.transformer.parameters()),
+        "params_lora": sum(p.numel() for p in tr.params),
         "image_tokens": image_tokens(spec, args.resolution),
         "text_tokens": spec.text_tokens,
         "flop_count_members": members,
     }
-    for name, bench in (("gdro", bench_gdro), ("grpo", bench_grpo)):
+    benches = {"gdro": lambda: bench_gdro(tr, spec, args, members),
+               "grpo": lambda: bench_grpo(tr, spec, args, members, guidance)}
+    for name, bench in benches.items():
         try:
-            result[name] = bench(spec, transformer, opt, args, device, dtype, members)
+            result[name] = bench()
         except torch.cuda.OutOfMemoryError as err:
             result[name] = {"error": "out of memory: " + str(err).splitlines()[0]}
-            opt.zero_grad(set_to_none=True)
+            tr.opt.zero_grad(set_to_none=True)
             free_memory(device)
     gdro, grpo = result["gdro"], result["grpo"]
     if "error" not in gdro and "error" not in grpo:
@@ -564,21 +492,24 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device, d
         }
     else:
         result["grpo_over_gdro"] = None
-    del transformer, params, opt
+    del model, tr, benches
     free_memory(device)
     return result
-
 
 
 def notes(args: argparse.Namespace, device: torch.device) -> list[str]:
     out = [
         "gdro.step_s and grpo.iteration_s: median wall-clock seconds after warm-up, with device synchronisation.",
+        "GDRO: one call of gdro_core.training.loop.train_step (the step gdro train runs); Flow-GRPO: "
+        "gdro_core.training.online_grpo's sample_trajectories and update_policy (one prompt's k images).",
         "Both exclude the text encoders, VAE and reward model. GDRO's one-off offline rollout (an ODE sampling "
         "pass, about grpo.sampling_s per group) is not in its step; Flow-GRPO pays sampling every iteration.",
         f"Flow-GRPO: {args.sample_steps} SDE steps (eta {args.eta}), training on the first "
-        f"floor({args.sample_steps} x {args.train_timesteps}) steps; SD3 with CFG (scale {args.sd3_cfg}) in "
-        f"sampling{' and training' if args.train_cfg else ''}, FLUX with its guidance embedding; "
-        f"reference forward for the KL term {'on' if args.kl_beta > 0 else 'off'} (kl_beta {args.kl_beta}).",
+        f"floor({args.sample_steps} x {args.train_timesteps}) steps in {args.grpo_minibatches} minibatch(es); "
+        f"SD3 with CFG (scale {args.sd3_cfg}) in sampling and training, FLUX with its guidance embedding "
+        f"({args.flux_guidance}); reference forward for the KL term {'on' if args.kl_beta > 0 else 'off'} "
+        f"(kl_beta {args.kl_beta}); sigma schedule: the family's "
+        f"({'shift ' + str(args.shift) if args.shift is not None else 'published shift'}).",
         "FLOPs: torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention) on one step with "
         "gradient checkpointing off, i.e. model FLOPs without recompute; counted on flop_count_members members "
         "and scaled to the group (every counted op is linear in the batch).",
@@ -616,7 +547,13 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
+
+
+TRAIN = Train()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags named after, and defaulting to, the library's ``train`` / ``model`` / ``sampler`` settings."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -624,29 +561,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=sorted(FULL_SPECS), default=list(FULL_SPECS))
     p.add_argument("--toy", action="store_true", help="2-layer configs at 64 px on CPU in float32 (smoke run)")
     p.add_argument("--device", help="default: cuda, or cpu with --toy")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16, float32 with --toy")
+    p.add_argument("--dtype", choices=get_args(Model.model_fields["dtype"].annotation),
+                   help="model.dtype; default: bfloat16, float32 with --toy")
     p.add_argument("--resolution", type=int, help="image side in pixels; default 512, 64 with --toy")
-    p.add_argument("--group-size", type=int, default=6)
-    p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--group-size", type=int, default=TRAIN.group_size, help="train.group_size (and grpo_group_size)")
+    p.add_argument("--lora-rank", type=int, default=TRAIN.lora.rank, help="train.lora.rank (alpha = rank)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing")
+    p.add_argument("--optimizer", choices=get_args(Train.model_fields["optimizer"].annotation), default=TRAIN.optimizer,
+                   help="train.optimizer")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, help="timed GDRO steps; default 5, 2 with --toy")
     p.add_argument("--grpo-repeats", type=int, help="timed Flow-GRPO iterations; default 3, 1 with --toy")
     p.add_argument("--flop-members", type=int, default=0, help="members in the FLOP count; 0 = automatic")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of the device (H100 SXM bf16: 989)")
-    p.add_argument("--sample-steps", type=int, default=10)
-    p.add_argument("--train-timesteps", type=float, default=0.6, help="fraction of the sampling steps trained on")
-    p.add_argument("--eta", type=float, default=0.7, help="Flow-GRPO noise level")
-    p.add_argument("--clip-range", type=float, default=1e-4)
-    p.add_argument("--kl-beta", type=float, default=0.04)
-    p.add_argument("--adv-eps", type=float, default=1e-4)
-    p.add_argument("--adv-clip-max", type=float, default=5.0)
-    p.add_argument("--shift", type=float, default=3.0, help="sigma-schedule shift")
-    p.add_argument("--sd3-cfg", type=float, default=4.5, help="SD3 classifier-free guidance scale")
-    p.add_argument("--flux-guidance", type=float, default=3.5, help="FLUX.1-dev guidance embedding")
-    p.add_argument("--train-cfg", action=argparse.BooleanOptionalAction, default=True,
-                   help="Flow-GRPO trains SD3 through the CFG combination (reference train.cfg)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-steps", type=int, default=TRAIN.grpo_sample_steps, help="train.grpo_sample_steps")
+    p.add_argument("--train-timesteps", type=float, default=0.6,
+                   help="train.grpo_timestep_fraction (default: the reference's SD3 configs)")
+    p.add_argument("--eta", type=float, default=TRAIN.grpo_eta, help="train.grpo_eta")
+    p.add_argument("--clip-range", type=float, default=TRAIN.grpo_clip_range, help="train.grpo_clip_range")
+    p.add_argument("--kl-beta", type=float, default=TRAIN.grpo_kl_beta, help="train.grpo_kl_beta")
+    p.add_argument("--adv-clip-max", type=float, default=TRAIN.grpo_adv_clip_max, help="train.grpo_adv_clip_max")
+    p.add_argument("--grpo-minibatches", type=int, default=1,
+                   help="train.grpo_minibatches (default: one optimiser step on the whole group)")
+    p.add_argument("--shift", type=float, help="sampler.shift; default: the published scheduler's own")
+    p.add_argument("--sd3-cfg", type=float, default=4.5, help="sampler.guidance for SD3 (classifier-free)")
+    p.add_argument("--flux-guidance", type=float, default=3.5, help="sampler.guidance for FLUX.1-dev (embedded)")
+    p.add_argument("--seed", type=int, default=TRAIN.seed, help="train.seed (also seeds the random weights)")
     args = p.parse_args(argv)
     toy = args.toy
     args.device = args.device or ("cpu" if toy else "cuda")
@@ -657,6 +597,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if toy:
         args.warmup = min(args.warmup, 1)
     return args
+
 
 
 def main(argv: list[str] | None = None) -> dict:

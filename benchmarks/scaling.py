@@ -42,6 +42,7 @@ from gdro_core.data.prompts import make_prompt_sets  # noqa: E402
 from gdro_core.data.rollout import generate_rollouts, plan_shards, prepare_rollouts  # noqa: E402
 from gdro_core.data.scoring import score_task_rollouts  # noqa: E402
 from gdro_core.models import load_flow_model  # noqa: E402
+from gdro_core.models.base import velocity  # noqa: E402
 from gdro_core.models.builtin import build_builtin_pipeline  # noqa: E402
 from gdro_core.params import Scale, load_params  # noqa: E402
 from gdro_core.tasks import make_task  # noqa: E402
@@ -59,18 +60,20 @@ def score_chunk(job: ScoreJob):
 
 
 def sd3_forward_flops(resolution: int) -> int:
-    """FLOPs of one SD3.5-Medium transformer forward on one image (meta device: shapes only)."""
+    """FLOPs of one SD3.5-Medium transformer forward on one image, through the family's velocity (meta device)."""
     spec = importlib.util.spec_from_file_location("gpu_train_step", ROOT / "benchmarks" / "gpu_train_step.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
-    model = bench.FULL_SPECS["sd3.5-medium"]
+    model_spec = bench.FULL_SPECS["sd3.5-medium"]
     meta = torch.device("meta")
-    transformer = bench.build_base(model, meta, torch.bfloat16, 0)
-    batch = bench.make_batch(model, 1, resolution, 1.0, meta, torch.bfloat16, torch.Generator().manual_seed(0))
+    model = bench.build_model(model_spec, meta, torch.bfloat16, resolution, 0)
+    cond = {k: v.to(meta) for k, v in bench.make_cond(model_spec, 1, torch.Generator().manual_seed(0),
+                                                      model.dtype).items()}
+    x = torch.zeros((1, *model.latent_shape), device=meta)
     t = torch.full((1,), 0.5, device=meta)
     with torch.no_grad():
-        return bench.count_flops(lambda: bench.predict(model, transformer, batch.x0, t, batch.cond, batch.extra))
+        return bench.count_flops(lambda: velocity(model, x, t, cond))
 
 
 def project(args: argparse.Namespace, score_rate_1: float) -> dict:
