@@ -41,7 +41,7 @@ ui: setup  ## Prefect and MLflow UIs on 127.0.0.1 plus the pipeline/sweep deploy
 	$(BIN)/gdro serve
 
 test: setup
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=15 tests
 
 clean:
 	rm -rf data models reports checkpoints mlflow.db mlartifacts .prefect data-geneval models-geneval reports-geneval
