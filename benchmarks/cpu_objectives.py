@@ -59,8 +59,8 @@ import yaml
 
 from gdro_core.data.prompts import OcrPrompt, read_prompts
 from gdro_core.data.rollout import MANIFEST, Rollouts, generate_rollouts, load_rollouts
-from gdro_core.data.scoring import reward_matrix, score_rollouts
-from gdro_core.data.store import write_json
+from gdro_core.data.scoring import read_table, reward_matrix, score_rollouts
+from gdro_core.data.store import read_json, write_json
 from gdro_core.evaluation.judge import Judge, make_judge
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.layout import Layout
@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = params
     out_dir = args.out_dir or lay.reports_dir / "benchmark"
     data = load_rollouts(lay.rollout_dir)
-    rewards = reward_matrix(pd.read_parquet(lay.rewards), *data.latents.shape[:2])
+    scored = read_table(lay.rewards, read_json(lay.rollout_dir / MANIFEST)["fingerprint"])  # refused as train refuses it
+    rewards = reward_matrix(scored, *data.latents.shape[:2])
     reader = reader_from_params(p)  # as the score stage reads
     train_prompts = read_prompts(lay.prompts("train"))
     eval_prompts = read_prompts(lay.prompts("test"))[: args.eval_prompts]
