@@ -27,7 +27,7 @@ setup: $(STAMP)
 
 demo: setup  ## the whole pipeline on the built-in offline default, via DVC
 	$(BIN)/dvc repro
-	@echo; echo "metrics (reports/metrics.json):"; $(BIN)/dvc metrics show
+	@echo; echo "metrics (reports/metrics.json):"; $(BIN)/dvc metrics show reports/metrics.json reports/train_summary.json
 
 demo-geneval: setup  ## the GenEval task on its built-in shapes world (params-geneval.yaml; outputs under *-geneval/)
 	@start=$$(date +%s); $(BIN)/gdro pipeline --params params-geneval.yaml; \

@@ -26,6 +26,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 EXTRA_COMMANDS = ("serve", "sweep", "compare", "deploy")
 STAGES = ("prompts", "base", "rollout", "score", "train", "evaluate")
 """dvc.yaml's stages in order; each is ``flows/<name>.py``'s ``<name>_flow``."""
+ROUND_STAGES = ("rollout", "score", "train", "evaluate")
+"""The stages a later round runs again (rounds/dvc.yaml), with ``--round N``."""
+
+
+def round_arg(value: str) -> int:
+    """``--round N``: a later round, N >= 2 (round 1 is the stage without ``--round``)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--round expects a round number >= 2, got {value!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(
+            f"--round {n}: round 1 is the default pipeline, run the stage without --round; later rounds are 2, 3, ..."
+        )
+    return n
 
 
 CHECK_FILE = "params_check.json"
@@ -168,7 +183,7 @@ def run_data_parallel(args: argparse.Namespace, argv: list[str]) -> int | None:
             return None
         from flows.train import train_worker
 
-        train_worker(args.params, overrides)
+        train_worker(args.params, overrides, args.round or 1)
         return 0
     n = load_params(project_root() / args.params, overrides).train.num_processes
     return subprocess.call(torchrun_command(n, "flows.cli", argv)) if n > 1 else None
@@ -188,8 +203,9 @@ def run_flow(flow, args: argparse.Namespace) -> None:
         if crashed:
             print(f"gdro: marked {len(crashed)} flow run(s) left Running by a killed gdro command as Crashed",
                   file=sys.stderr)
+    extra = {"round": args.round} if getattr(args, "round", None) else {}
     with tags(*run_tags()):
-        flow(params_path=args.params, overrides=parse_overrides(args.overrides))
+        flow(params_path=args.params, overrides=parse_overrides(args.overrides), **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gdro", description="Offline GDRO post-training of text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in [*STAGES, "pipeline"]:
-        sub.add_parser(name, parents=[common], help=f"run the {name} flow")
+        stage = sub.add_parser(name, parents=[common], help=f"run the {name} flow")
+        if name in ROUND_STAGES:
+            stage.add_argument("--round", type=round_arg, metavar="N",
+                               help="run a later round (N >= 2): sample from round N-1's adapter and train it further "
+                                    "(see rounds/dvc.yaml)")
     sub.add_parser("check", parents=[common], help="validate the params file (dvc.yaml's first stage)")
     add_server_commands(sub, common)
     args = parser.parse_args(argv)

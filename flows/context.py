@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gdro_core.layout import Layout
-from gdro_core.params import load_params
+from gdro_core.params import load_params, round_params
 
 
 STALE_RUNS_LIMIT = 200
@@ -20,11 +20,13 @@ def project_root() -> Path:
     return Path(os.environ.get("GDRO_ROOT", Path.cwd())).resolve()
 
 
-def load_layout(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> Layout:
+def load_layout(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> Layout:
+    """The layout of ``round`` (1: the default pipeline) with the params that round runs with."""
     root = project_root()
     path = Path(params_path)
+    params = load_params(path if path.is_absolute() else root / path, overrides)
     # no global seeding: every draw takes an explicit generator, so parallel sweep threads do not interleave
-    return Layout(root=root, params=load_params(path if path.is_absolute() else root / path, overrides))
+    return Layout(root=root, params=round_params(params, round), round=round)
 
 
 PID_TAG, HOST_TAG = "gdro.pid:", "gdro.host:"

@@ -1,4 +1,7 @@
-"""Stage `evaluate`: held-out reward of base and trained model, sample grid, metrics, registry."""
+"""Stage `evaluate`: held-out reward of base and trained model, sample grid, metrics, registry.
+
+A later round (``--round N``) evaluates its adapter on the same held-out prompts and seeds as round 1, so
+``reports/rounds/<N>/metrics.json`` compares directly with ``reports/metrics.json``."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
 from gdro_core.tracking.registry import register_adapter
 from gdro_core.data.store import atomic_write, write_json
-from gdro_core.tracking.runs import stage_run, tracking_optional
+from gdro_core.tracking.runs import later_round, stage_run, tracking_optional
 
 
 @task(cache_policy=NO_CACHE)
@@ -55,10 +58,11 @@ def score_models(lay: Layout) -> dict:
 
 
 @flow(name="evaluate")
-def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
-    lay = load_layout(params_path, overrides)
+def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> dict:
+    lay = load_layout(params_path, overrides, round)
     p = lay.params
-    with stage_run(p, lay.root, "evaluate", ("task", "model", "sampler", "reward", "train", "evaluate", "geneval")):
+    with stage_run(p, lay.root, "evaluate", ("task", "model", "sampler", "reward", "train", "evaluate", "geneval")
+                   + later_round(round), round=round):
         out = score_models(lay)
         metrics = out["metrics"]
         write_json(lay.metrics, metrics)
@@ -67,7 +71,7 @@ def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
         with tracking_optional("log the metrics and register the adapter"):  # metrics.json is written already
             mlflow.log_metrics({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items()})
             mlflow.log_artifact(str(lay.reports_dir / "samples.png"))
-            version = register_adapter(p, lay.adapter_dir, lay.base_dir, metrics, data_version(lay))
+            version = register_adapter(p, lay.adapter_dir, lay.base_dir, metrics, data_version(lay), round=round)
             if version is not None:
                 best, metric = set_champion(mlflow.MlflowClient(), version.name, p.registry.rank_by, p.registry.alias)
                 get_run_logger().info("registered %s version %s; %s is version %s (by %s)",

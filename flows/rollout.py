@@ -1,5 +1,7 @@
 """Stage `rollout`: N images per training prompt from the frozen base, cached by content hash; shards run in
-this process or over a Dask or Ray task runner (params `scale`), with the same bytes either way."""
+this process or over a Dask or Ray task runner (params `scale`), with the same bytes either way.
+
+A later round (``--round N``) samples from the base with round N-1's adapter applied: the policy's own images."""
 
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ from gdro_core.data.rollout import (
     MANIFEST, generate_rollouts, is_complete, pending_shards, plan_shards, prepare_rollouts, write_manifest,
 )
 from gdro_core.data.store import dir_hash, fingerprint, read_json, sha256_file
-from gdro_core.tracking.runs import stage_run
+from gdro_core.params import check_round_seeds
+from gdro_core.tracking.runs import later_round, stage_run
 
 
 def rollout_fingerprint(lay: Layout) -> str:
-    """Everything the rollouts depend on: base weights, prompts, sampler and rollout params."""
+    """Everything the rollouts depend on: base weights, prompts, sampler and rollout params (and in a later
+    round, the previous round's adapter they are sampled with)."""
     p = lay.params
+    later = {"round": lay.round, "adapter": dir_hash(lay.previous_adapter())} if lay.round > 1 else {}
     return fingerprint(
         {
             "base": dir_hash(lay.base_dir),
@@ -33,8 +38,14 @@ def rollout_fingerprint(lay: Layout) -> str:
             "rollout": p.rollout.model_dump(),
             "model": p.model.source,
             "base_fingerprint": base_fingerprint(p.model.source, lay.base_dir),
+            **later,
         }
     )
+
+
+def policy_adapter(lay: Layout) -> str:
+    """The adapter the rollouts are sampled with: none in round 1 (the base), round N-1's in round N."""
+    return str(lay.previous_adapter()) if lay.round > 1 else ""
 
 
 @task(cache_policy=NO_CACHE, retries=2)
@@ -50,6 +61,8 @@ def sample_pools(lay: Layout, fp: str) -> dict:
     logger = get_run_logger()
     model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
                             shift=p.sampler.shift, guidance=p.sampler.guidance)
+    if lay.round > 1:
+        model.load_adapter(lay.previous_adapter())
     prompts = make_task(p).read_prompts(lay.prompts("train"))
     return generate_rollouts(
         model, prompts, p.rollout.images_per_prompt, p.rollout.seed, p.sampler.steps, p.sampler.guidance,
@@ -77,7 +90,7 @@ def fan_out_pools(lay: Layout, fp: str) -> dict:
         RolloutJob(shard=s, source=p.model.source, base_dir=str(lay.base_dir), world=world_of(p), device=p.model.device,
                    dtype=p.model.dtype, per_prompt=p.rollout.images_per_prompt, steps=p.sampler.steps,
                    guidance=p.sampler.guidance, out_dir=str(lay.rollout_dir), fingerprint=fp,
-                   threads=worker_threads(p.scale, workers))
+                   threads=worker_threads(p.scale, workers), adapter_dir=policy_adapter(lay))
         for s in todo
     ]
     run_jobs(p.scale, rollout_shard, jobs, progress=lambda i, n: logger.info("rollout shard %d/%d", i, n))
@@ -85,9 +98,12 @@ def fan_out_pools(lay: Layout, fp: str) -> dict:
 
 
 @flow(name="rollout")
-def rollout_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> int:
-    lay = load_layout(params_path, overrides)
-    with stage_run(lay.params, lay.root, "rollout", ("model", "sampler", "rollout", "scale")):
+def rollout_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> int:
+    lay = load_layout(params_path, overrides, round)
+    with stage_run(lay.params, lay.root, "rollout", ("model", "sampler", "rollout", "scale") + later_round(round),
+                   round=round):
+        if round > 1:
+            check_round_seeds(lay.params, len(make_task(lay.params).read_prompts(lay.prompts("train"))))
         fp = rollout_fingerprint(lay)
         if is_complete(lay.rollout_dir, fp):
             manifest = read_json(lay.rollout_dir / MANIFEST)

@@ -29,7 +29,8 @@ def score_chunk(job: ScoreJob):
 def score_table(lay: Layout):
     logger = get_run_logger()
     if not (lay.rollout_dir / MANIFEST).is_file():
-        raise RolloutError(f"no rollouts at {lay.rollout_dir}: run `gdro rollout` first")
+        again = f" --round {lay.round}" if lay.round > 1 else ""
+        raise RolloutError(f"no rollouts at {lay.rollout_dir}: run `gdro rollout{again}` first")
     p = lay.params
     chunks = split_rows(read_json(lay.rollout_dir / MANIFEST))
     if p.scale.runner == "local":
@@ -56,9 +57,9 @@ def score_table(lay: Layout):
 
 
 @flow(name="score")
-def score_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> float:
-    lay = load_layout(params_path, overrides)
-    with stage_run(lay.params, lay.root, "score", ("task", "reward", "geneval", "scale")):
+def score_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> float:
+    lay = load_layout(params_path, overrides, round)
+    with stage_run(lay.params, lay.root, "score", ("task", "reward", "geneval", "scale"), round=round):
         table = score_table(lay)
         group_std = table.groupby("prompt_index")["reward"].std().mean()
         metrics = {

@@ -1,7 +1,8 @@
 """Stage `train`: GDRO (or a baseline objective) on the cached groups, LoRA through peft.
 
 Checkpoints are evaluated on held-out prompts as training goes (reward, judge, corrected score);
-the adapter kept is the best corrected score unless ``evaluate.keep`` says ``last``.
+the adapter kept is the best corrected score unless ``evaluate.keep`` says ``last``. A later round
+(``--round N``) trains round N-1's adapter further on round N's rollouts; the reference stays the base.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
 from gdro_core.models.family import BASE_FILE
+from gdro_core.models.lora import WEIGHTS
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
@@ -25,15 +27,23 @@ from gdro_core.models.offload import PreEncoded, offload_unused
 from gdro_core.training.launch import launched
 from gdro_core.data.scoring import read_table, reward_matrix
 from gdro_core.data.store import fingerprint, read_json, sha256_file
-from gdro_core.tracking.runs import metric_logger, stage_run, tracking_optional
+from gdro_core.tracking.runs import later_round, metric_logger, stage_run, tracking_optional
 from gdro_core.training.kept_adapter import keep_adapter
 from gdro_core.training.loop import train
 
 
+def init_adapter(lay: Layout):
+    """The adapter training starts from: none in round 1, round N-1's in round N."""
+    return lay.previous_adapter() if lay.round > 1 else None
+
+
 def train_fingerprint(lay: Layout) -> str:
     p = lay.params
+    # a later round's checkpoints are its own: keyed by the round and the adapter it starts from
+    later = {"round": lay.round, "init_adapter": sha256_file(lay.previous_adapter() / WEIGHTS)} if lay.round > 1 else {}
     return fingerprint(
         {
+            **later,
             # how the batch is computed (processes, micro-batches, recomputation) does not change the run
             "train": p.train.model_dump(exclude={"num_processes", "gradient_accumulation_steps", "gradient_checkpointing"}),
             "monitor": [p.evaluate.model_dump(), p.judge.model_dump(), p.sampler.model_dump()],
@@ -61,6 +71,9 @@ def fit_adapter(lay: Layout) -> dict:
             f"train.num_processes is {p.train.num_processes}: run `gdro train` (it starts torchrun) or "
             "`accelerate launch --num_processes N -m flows.cli train`; the pipeline and sweep flows train in one process"
         )
+    if lay.round > 1 and p.train.objective == "flow_grpo":
+        raise ValueError("train.objective flow_grpo samples its own images online: later rounds (--round) are for the "
+                         "offline objectives; run them without --round")
     logger = get_run_logger()
     log = metric_logger(logger.info, p.tracking.metric_pause)
     data, rewards, model = _offline_inputs(lay)
@@ -84,31 +97,33 @@ def fit_adapter(lay: Layout) -> dict:
                      on_checkpoint=monitor, eval_every=every, guidance=p.sampler.guidance)
     else:
         offload_unused(model)
-        train(model, data, rewards, p.train, ckpt, log, on_checkpoint=monitor, eval_every=every)
+        train(model, data, rewards, p.train, ckpt, log, on_checkpoint=monitor, eval_every=every,
+              init_adapter=init_adapter(lay))
     return keep_adapter(
         model, monitor, lay.adapter_dir, lay.reports_dir, p.evaluate.hacking_window,
         f"{p.train.objective}, beta={p.train.beta}",
     )
 
 
-def train_worker(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> None:
+def train_worker(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> None:
     """A non-main process of a data-parallel `gdro train`: trains its share, and writes, evaluates and reports nothing."""
-    lay = load_layout(params_path, overrides)
+    lay = load_layout(params_path, overrides, round)
     p = lay.params
     data, rewards, model = _offline_inputs(lay)
     offload_unused(model)
     train(model, data, rewards, p.train, lay.checkpoints("train", train_fingerprint(lay)), lambda step, metrics: None,
-          eval_every=p.evaluate.checkpoint_every or p.train.steps)
+          eval_every=p.evaluate.checkpoint_every or p.train.steps, init_adapter=init_adapter(lay))
 
 
 @flow(name="train")
-def train_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
-    lay = load_layout(params_path, overrides)
+def train_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> str:
+    lay = load_layout(params_path, overrides, round)
     try:  # an interrupted training continues its own MLflow run, keyed like its checkpoints
         key = lay.checkpoints("train", train_fingerprint(lay)).name
     except FileNotFoundError:
         key = ""  # no rollouts or rewards yet: fit_adapter says what to run first
-    with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge"), resume_key=key):
+    with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge") + later_round(round), resume_key=key,
+                   round=round):
         summary = fit_adapter(lay)
         with tracking_optional("log the summary and the adapter"):  # the adapter is saved: tracking cannot lose it
             mlflow.set_tag("data.base_fingerprint", read_json(lay.adapter_dir / BASE_FILE)["fingerprint"])

@@ -174,6 +174,21 @@ class Rollout(Section):
     seed: int = 1000
 
 
+class Rounds(Section):
+    """Iterated offline rounds (``rounds/dvc.yaml``, ``--round N``): round r >= 2 rolls out from round r-1's
+    adapter, scores those images and trains the same LoRA further; the reference stays the base."""
+
+    seed_offset: int = Field(
+        1_000_000, ge=1,
+        description="Round r's rollouts use seeds from rollout.seed + (r - 1) * seed_offset, so every round draws new "
+        "noise; must be at least the number of images one round samples.",
+    )
+    images_per_prompt: int | None = Field(
+        None, ge=2, description="Pool size N of rounds >= 2; null = rollout.images_per_prompt."
+    )
+    steps: int | None = Field(None, ge=1, description="Train steps of rounds >= 2; null = train.steps.")
+
+
 class Reward(Section):
     backend: Literal["easyocr", "rapidocr"] = "easyocr"
     substring_full_credit: bool = Field(
@@ -486,6 +501,7 @@ class Params(Section):
     pretrain: Pretrain = Pretrain()
     sampler: Sampler = Sampler()
     rollout: Rollout = Rollout()
+    rounds: Rounds = Rounds()
     reward: Reward = Reward()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
@@ -516,7 +532,38 @@ class Params(Section):
                 f"train.group_size ({self.train.group_size}) exceeds rollout.images_per_prompt "
                 f"({self.rollout.images_per_prompt}); lower the first or raise the second"
             )
+        if self.rounds.images_per_prompt is not None and self.train.group_size > self.rounds.images_per_prompt:
+            raise ValueError(
+                f"train.group_size ({self.train.group_size}) exceeds rounds.images_per_prompt "
+                f"({self.rounds.images_per_prompt}); lower the first or raise the second"
+            )
         return self
+
+
+def round_params(params: Params, round: int) -> Params:
+    """The params round ``round`` runs with: round 1 is ``params`` itself; a later round samples new seeds
+    (``rounds.seed_offset``), ``rounds.images_per_prompt`` images per prompt and trains ``rounds.steps`` steps."""
+    if round < 1:
+        raise ParamsError(f"round {round} does not exist: rounds count from 1 (the default pipeline)")
+    if round == 1:
+        return params
+    r = params.rounds
+    rollout = params.rollout.model_copy(update={
+        "seed": params.rollout.seed + (round - 1) * r.seed_offset,
+        "images_per_prompt": r.images_per_prompt or params.rollout.images_per_prompt,
+    })
+    train = params.train.model_copy(update={"steps": r.steps or params.train.steps})
+    return params.model_copy(update={"rollout": rollout, "train": train})
+
+
+def check_round_seeds(params: Params, n_prompts: int) -> None:
+    """Each round's seeds must not reach the next round's: its images would repeat another round's noise."""
+    per_round = n_prompts * max(params.rollout.images_per_prompt, params.rounds.images_per_prompt or 0)
+    if per_round > params.rounds.seed_offset:
+        raise ParamsError(
+            f"rounds.seed_offset ({params.rounds.seed_offset}) is smaller than the {per_round} seeds one round draws "
+            f"({n_prompts} prompts): rounds would reuse each other's noise; set rounds.seed_offset to at least {per_round}"
+        )
 
 
 def _describe(err: ValidationError, source: str) -> str:

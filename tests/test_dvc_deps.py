@@ -9,10 +9,20 @@ from import_closure import ROOT, stage_closure
 from gdro_core.code_version import code_hash, stage_code_paths
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+ROUNDS = yaml.safe_load((ROOT / "rounds" / "dvc.yaml").read_text())["stages"]
+"""rounds/dvc.yaml: each stage a ``foreach`` over the rounds, its body under ``do`` (run from the root: wdir ..)."""
+
+
+def entries(spec: dict, key: str) -> list[str]:
+    return [d if isinstance(d, str) else next(iter(d)) for d in spec.get(key, [])]
 
 
 def dep_paths(stage: str) -> list[Path]:
-    return [ROOT / (d if isinstance(d, str) else next(iter(d))) for d in STAGES[stage].get("deps", [])]
+    return [ROOT / d for d in entries(STAGES[stage], "deps")]
+
+
+def code_deps(spec: dict) -> set[str]:
+    return {d for d in entries(spec, "deps") if Path(d).parts[0] in ("gdro_core", "flows")}
 
 
 def covered(path: Path, deps: list[Path]) -> bool:
@@ -66,3 +76,26 @@ def test_stage_params_name_params_yaml_keys(stage):
         if key == "params.yaml":
             continue
         assert key.split(".")[0] in Params.model_fields, f"stage {stage!r} lists {key!r} under params: not a param"
+
+
+@pytest.mark.parametrize("stage", sorted(ROUNDS))
+def test_a_later_round_runs_its_root_stage_with_the_same_code_deps(stage):
+    # a round reruns the root stage's command with --round, so its code is that stage's code (covered above)
+    body = ROUNDS[stage]["do"]
+    assert body["cmd"] == f"gdro {stage} --round ${{key}}" and body["wdir"] == ".."
+    assert code_deps(body) == code_deps(STAGES[stage]), f"rounds/dvc.yaml {stage!r}: code deps differ from dvc.yaml's"
+    assert "reports/params_check.json" in entries(body, "deps")
+    root_params = set(entries(STAGES[stage], "params"))
+    assert root_params <= set(entries(body, "params")), f"rounds/dvc.yaml {stage!r} misses params the stage reads"
+    for key in entries(body, "params"):
+        from gdro_core.params import Params
+
+        assert key.split(".")[0] in Params.model_fields, key
+
+
+def test_a_later_round_depends_on_the_previous_rounds_adapter_and_writes_its_own_outputs():
+    rollout, train = ROUNDS["rollout"]["do"], ROUNDS["train"]["do"]
+    assert "${item}" in entries(rollout, "deps") and "${item}" in entries(train, "deps")  # previous round's adapter
+    outs = {o for s in ROUNDS.values() for key in ("outs", "metrics") for o in entries(s["do"], key)}
+    root_outs = {o for s in STAGES.values() for key in ("outs", "metrics", "plots") for o in entries(s, key)}
+    assert all("rounds/${key}/" in o for o in outs) and not outs & root_outs

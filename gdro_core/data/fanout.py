@@ -48,6 +48,7 @@ class RolloutJob:
     out_dir: str
     fingerprint: str
     threads: int
+    adapter_dir: str = ""  # a later round samples with the previous round's adapter applied; "" = the base
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,16 @@ def worker_device(device: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def worker_model(source: str, base_dir: str, world: Any, device: str, dtype: str, fingerprint: str):
-    """The frozen base, loaded once per worker process (the fingerprint keys a changed base)."""
+def worker_model(source: str, base_dir: str, world: Any, device: str, dtype: str, fingerprint: str,
+                 adapter_dir: str = ""):
+    """The frozen base (with ``adapter_dir``'s adapter applied, if given), loaded once per worker process (the
+    fingerprint keys a changed base or adapter)."""
     from gdro_core.models import load_flow_model
 
-    return load_flow_model(source, base_dir, world, worker_device(device), dtype)
+    model = load_flow_model(source, base_dir, world, worker_device(device), dtype)
+    if adapter_dir:
+        model.load_adapter(Path(adapter_dir))
+    return model
 
 
 @lru_cache(maxsize=1)
@@ -114,7 +120,7 @@ def run_rollout_job(job: RolloutJob) -> dict:
     out = Path(job.out_dir)
     if shard_is_valid(out, job.shard, job.fingerprint):
         return read_json(out / job.shard.record)
-    model = worker_model(job.source, job.base_dir, job.world, job.device, job.dtype, job.fingerprint)
+    model = worker_model(job.source, job.base_dir, job.world, job.device, job.dtype, job.fingerprint, job.adapter_dir)
     return write_shard(model, job.shard, job.per_prompt, job.steps, job.guidance, out, job.fingerprint)
 
 

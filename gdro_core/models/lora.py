@@ -128,3 +128,33 @@ def load_lora(transformer: torch.nn.Module, path: Path) -> None:
 def load_adapter(transformer: torch.nn.Module, path: Path) -> None:
     """Alias of :func:`load_lora` (the transformer-level loader; models load theirs with ``model.load_adapter``)."""
     load_lora(transformer, path)
+
+
+INIT_SETTINGS = ("r", "lora_alpha", "target_modules")
+"""Adapter settings a saved adapter must share with the one it initialises (its weights mean nothing otherwise)."""
+
+
+def init_lora_from(transformer: torch.nn.Module, path: Path) -> None:
+    """Set the training adapter's weights to the adapter saved in ``path`` (a later round starts where the
+    previous one ended). Its rank, alpha, targets and keys must be the training adapter's: a mismatch is an error."""
+    import json
+
+    from safetensors import safe_open
+
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"no adapter weights at {weights} to start training from: train that round first")
+    with safe_open(str(weights), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        state = {k.removeprefix(f"{PREFIX}."): f.get_tensor(k) for k in f.keys() if k.startswith(f"{PREFIX}.")}
+    ours = adapter_metadata(transformer)
+    saved = {k: meta.get(f"{PREFIX}.{k}") for k in INIT_SETTINGS}
+    wanted = {k: sorted(v) if k == "target_modules" else v for k, v in ((k, ours.get(k)) for k in INIT_SETTINGS)}
+    if {k: sorted(v) if isinstance(v, list) else v for k, v in saved.items()} != wanted:
+        raise ValueError(
+            f"the adapter at {weights} has LoRA settings {saved} but train.lora gives {wanted}: a later round trains "
+            "the same LoRA further, so set train.lora as that adapter was trained"
+        )
+    if set(state) != set(lora_state(transformer)):
+        raise ValueError(f"the adapter at {weights} does not fit this transformer: it was trained for another base model")
+    set_lora_state(transformer, {k: v.float() for k, v in state.items()})

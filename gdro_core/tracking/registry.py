@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from gdro_core.params import Params, parse_params, section_dict
+from gdro_core.tracking.runs import ROUND_TAG
 
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "pandas", "mlflow"]
 
@@ -108,9 +109,11 @@ def version_description(params: Params, metrics: dict[str, dict[str, float]]) ->
 
 
 def register_adapter(
-    params: Params, adapter_dir: Path, base_dir: Path, metrics: dict[str, dict[str, float]], data: dict[str, str]
+    params: Params, adapter_dir: Path, base_dir: Path, metrics: dict[str, dict[str, float]], data: dict[str, str],
+    round: int = 1,
 ):
-    """Log and register the adapter in the active run; tag the new version with params, metrics and data version.
+    """Log and register the adapter in the active run; tag the new version with params, metrics and data version
+    (and a later round's version with ``gdro.round``).
 
     Returns the registered ``ModelVersion`` (``None`` when ``tracking.registered_model`` is empty).
     """
@@ -127,7 +130,9 @@ def register_adapter(
         return None
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for key, value in version_tags(params, metrics, data, base).items():
+    tags = version_tags(params, metrics, data, base) | ({ROUND_TAG: str(round)} if round > 1 else {})
+    for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(name, version, description=version_description(params, metrics))
+    description = version_description(params, metrics)
+    client.update_model_version(name, version, description=f"round {round}: {description}" if round > 1 else description)
     return client.get_model_version(name, version)

@@ -28,7 +28,7 @@ from gdro_core.params import Params, section_dict
 from gdro_core.tracking.locks import pid_alive, stage_lock
 
 log = logging.getLogger("gdro")
-PID_TAG, HOST_TAG, RESUME_TAG = "gdro.pid", "gdro.host", "gdro.resume_key"
+PID_TAG, HOST_TAG, RESUME_TAG, ROUND_TAG = "gdro.pid", "gdro.host", "gdro.resume_key", "gdro.round"
 
 
 class TrackingError(RuntimeError):
@@ -139,13 +139,16 @@ def _end_run(root: Path, run_id: str, status: str) -> None:
 @contextmanager
 def stage_run(
     params: Params, root: Path, stage: str, sections: tuple[str, ...], nested: bool = False, resume_key: str = "",
+    round: int = 1,
 ) -> Iterator:
     """An MLflow run for one stage; an exception is logged as ``error.txt`` and the run ends FAILED.
 
     Holds the workspace's lock for the stage and its outputs, so two runs cannot write the same files. Once the
-    run has started, a tracking server that goes away never fails the stage: its end is recorded later.
+    run has started, a tracking server that goes away never fails the stage: its end is recorded later. A later
+    round (``round`` > 1) writes other outputs, so it holds its own lock, and its run is tagged ``gdro.round``.
     """
-    with stage_lock(root, stage, section_dict(params, "paths")):
+    outputs = section_dict(params, "paths") | ({"round": round} if round > 1 else {})
+    with stage_lock(root, stage, outputs):
         experiment_id = configure(params, root)
         _end_pending_runs(root)
         mark_stale_runs(experiment_id)
@@ -154,6 +157,8 @@ def stage_run(
         tags = {"gdro.stage": stage, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
         if resume_key:
             tags[RESUME_TAG] = resume_key
+        if round > 1:
+            tags[ROUND_TAG] = str(round)
         if resume is not None:
             log.info("continuing MLflow run %s of the interrupted %s", resume, stage)
             run = mlflow.start_run(run_id=resume, nested=nested, tags=tags)
@@ -171,6 +176,11 @@ def stage_run(
             raise
         finally:
             _end_run(root, run.info.run_id, status)
+
+
+def later_round(round: int) -> tuple[str, ...]:
+    """The params section a later round adds to its run's logged params (round 1 logs what it always did)."""
+    return ("rounds",) if round > 1 else ()
 
 
 def metric_logger(echo=None, pause: float = 60.0):

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from gdro_core.data.pool import RolloutPool
 from gdro_core.data.rollout import Rollouts
 from gdro_core.models.base import FlowModel
-from gdro_core.models.lora import add_lora, lora_state, set_lora_state
+from gdro_core.models.lora import add_lora, init_lora_from, lora_state, set_lora_state
 from gdro_core.objectives.offline import OFFLINE_OBJECTIVES, draw_members, draw_randomness, group_objective, prior_noise, seed_matrix
 from gdro_core.params import Train
 from gdro_core.training.checkpoint import load_latest, restore_rng, rng_state, save_checkpoint
@@ -83,14 +83,18 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Train) -> torch.optim.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=True if cfg.optimizer == "adamw_fused" else None)
 
 
-def start_training(model: FlowModel, cfg: Train, ckpt_dir: Path | None):
+def start_training(model: FlowModel, cfg: Train, ckpt_dir: Path | None, init_adapter: Path | None = None):
     """Fresh adapter, optimiser, RNGs and EMA, restored from the newest intact checkpoint in ``ckpt_dir`` if any.
 
-    Every restored tensor goes to the device of the parameter it belongs to; ``ckpt_dir`` None starts fresh.
-    Returns (params, optimiser, generator, python rng, ema, last finished step).
+    ``init_adapter``: a saved adapter the LoRA (and its EMA) starts from instead of B = 0 (a later round trains
+    the previous round's adapter further; the reference stays the base). Every restored tensor goes to the
+    device of the parameter it belongs to; ``ckpt_dir`` None starts fresh. Returns (params, optimiser,
+    generator, python rng, ema, last finished step).
     """
     params = add_lora(model.transformer, cfg.lora)
     seed_lora_init(model.transformer, cfg.seed)
+    if init_adapter is not None:
+        init_lora_from(model.transformer, init_adapter)
     if cfg.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     opt = make_optimizer(params, cfg)
@@ -239,12 +243,14 @@ def train(
     eval_every: int = 0,
     *,
     accelerator: Accelerator | None = None,
+    init_adapter: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``cfg.steps`` optimiser steps (resuming from ``ckpt_dir``); return the EMA adapter weights.
 
     ``data`` is anything with ``shape``, ``item_shape`` and ``take(prompts, members)``: the eager
     :class:`Rollouts` or the lazily read :class:`gdro_core.data.pool.RolloutPool`. ``on_checkpoint(step,
     ema_weights)`` runs every ``eval_every`` steps and at the last step, on the main process only.
+    ``init_adapter``: the saved adapter training starts from (see :func:`start_training`).
     """
     if cfg.objective not in OFFLINE:
         raise ValueError(f"train.objective {cfg.objective!r} is online: use gdro_core.training.online_grpo.train_online")
@@ -267,7 +273,7 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     if acc.is_main_process:
         warn_zero_signal(rewards)
-    params, opt, gen, py_rng, ema, start = start_training(model, cfg, ckpt_dir)
+    params, opt, gen, py_rng, ema, start = start_training(model, cfg, ckpt_dir, init_adapter)
     policy = acc.prepare(model.transformer) if n_proc > 1 else model.transformer
     seeds = seed_matrix(data.rows, *rewards.shape) if cfg.noise == "prior" else None
     model.transformer.train()
