@@ -26,6 +26,8 @@ def dvc_project(tmp_path, prefect_server):
     from prefect.settings import PREFECT_API_URL
 
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    (tmp_path / "rounds").mkdir()
+    shutil.copy(ROOT / "rounds" / "dvc.yaml", tmp_path / "rounds")
     for code in ("gdro_core", "flows", "prompt_files"):  # the stages run this copy (PYTHONPATH), so a test may edit it
         shutil.copytree(ROOT / code, tmp_path / code, ignore=shutil.ignore_patterns("__pycache__"))
     # dvc reads params.yaml itself: write every key (the defaults too), not just the tiny overrides
@@ -82,3 +84,35 @@ def test_invalid_params_stop_repro_before_any_output_is_deleted(dvc_project):
     assert "Running stage 'train'" not in out.stdout
     for name, content in kept.items():  # uncached reports survive: DVC never reached the train stage
         assert (path / "reports" / name).read_bytes() == content
+
+
+def test_rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it(dvc_project):
+    path, env = dvc_project
+    first = run([BIN / "dvc", "repro"], path, env)  # `make demo`: round 1 only
+    assert not any("@" in stage for stage in ran_stages(first))
+    assert not (path / "data" / "rounds").exists()
+    metrics = run([BIN / "dvc", "metrics", "show", "reports/metrics.json", "reports/train_summary.json"], path, env)
+    assert "rounds" not in metrics  # what `make demo` prints: round 1's metrics only
+
+    second = run([BIN / "dvc", "repro", "rounds/dvc.yaml"], path, env)
+    assert ran_stages(second) == {f"rounds/dvc.yaml:{s}@2" for s in ("rollout", "score", "train", "evaluate")}
+    order = [line for line in second.splitlines() if line.startswith("Running stage")]
+    assert [o.split(":")[1].split("@")[0] for o in order] == ["rollout", "score", "train", "evaluate"]
+    assert "step 1:" in second, "round 2 resumed a checkpoint instead of training anew"
+    assert len(list((path / "checkpoints" / "train").iterdir())) == 2  # round 1's and round 2's
+    round_2 = yaml.safe_load((path / "reports" / "rounds" / "2" / "metrics.json").read_text())
+    round_1 = yaml.safe_load((path / "reports" / "metrics.json").read_text())
+    assert round_2["base"] == round_1["base"]  # the same held-out prompts and seeds: directly comparable
+    assert (path / "models" / "rounds" / "2" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert "reports/rounds/2/metrics.json" in run([BIN / "dvc", "metrics", "show"], path, env)
+
+    third = run([BIN / "dvc", "repro", "rounds/dvc.yaml"], path, env)
+    assert "Running stage" not in third
+    status = run([BIN / "dvc", "status"], path, env)
+    assert "up to date" in status
+
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["rounds"]["steps"] = 2  # a later round's knob reruns only that round's training and evaluation
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    fourth = run([BIN / "dvc", "repro", "rounds/dvc.yaml"], path, env)
+    assert ran_stages(fourth) == {"check", "rounds/dvc.yaml:train@2", "rounds/dvc.yaml:evaluate@2"}
