@@ -145,3 +145,19 @@ def test_bad_rounds_are_one_line_naming_the_fix(tmp_path, prefect_server):
     assert three.returncode == 2, three.stderr[-2000:]
     assert "gdro train: round 3 starts from round 2's adapter, which is missing" in three.stderr
     assert "run `gdro train --round 2` first" in three.stderr and "Traceback" not in three.stdout + three.stderr
+
+
+def test_round_2_fanned_out_over_dask_samples_the_same_images(world, tmp_path):
+    pytest.importorskip("prefect_dask", reason="prefect-dask is not installed: `pip install -e '.[scale]'`",
+                        exc_type=ModuleNotFoundError)
+    import shutil
+
+    save_round_adapter(world, scale=0.5)
+    serial = _rollout(world, 2)
+    root = tmp_path / "dask"
+    root.mkdir()
+    shutil.copy(world / "params.yaml", root / "params.yaml")
+    for part in ("data/prompts", "models/base", "models/adapter"):
+        shutil.copytree(world / part, root / part)
+    fanned = _rollout(root, 2, {"scale.runner": "dask", "scale.workers": 2, "scale.threads_per_worker": 1})
+    assert torch.equal(fanned, serial)  # each worker applied round 1's adapter too
