@@ -562,7 +562,8 @@ def check_round_seeds(params: Params, n_prompts: int) -> None:
     if per_round > params.rounds.seed_offset:
         raise ParamsError(
             f"rounds.seed_offset ({params.rounds.seed_offset}) is smaller than the {per_round} seeds one round draws "
-            f"({n_prompts} prompts): rounds would reuse each other's noise; set rounds.seed_offset to at least {per_round}"
+            f"({n_prompts} prompts): rounds would reuse each other's noise; set rounds.seed_offset to at least "
+            f"{per_round}"
         )
 
 

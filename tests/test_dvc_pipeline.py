@@ -105,6 +105,11 @@ def test_rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it(
     assert round_2["base"] == round_1["base"]  # the same held-out prompts and seeds: directly comparable
     assert (path / "models" / "rounds" / "2" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert "reports/rounds/2/metrics.json" in run([BIN / "dvc", "metrics", "show"], path, env)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    versions = {int(v.version): v.tags for v in client.search_model_versions("name='gdro-ocr-lora'")}
+    assert sorted(versions) == [1, 2] and "gdro.round" not in versions[1] and versions[2]["gdro.round"] == "2"
 
     third = run([BIN / "dvc", "repro", "rounds/dvc.yaml"], path, env)
     assert "Running stage" not in third

@@ -107,7 +107,8 @@ def test_round_2_training_starts_from_round_1s_adapter_and_never_resumes_its_che
     saved = save_round_adapter(world, scale=0.3)
     p = parse_params(TINY)
     model = load_flow_model("builtin", world / "models" / "base", p.world, "cpu", "float32")
-    _, _, _, _, ema, start = start_training(model, p.train, tmp_path / "ckpt", init_adapter=world / "models" / "adapter")
+    init = world / "models" / "adapter"
+    _, _, _, _, ema, start = start_training(model, p.train, tmp_path / "ckpt", init_adapter=init)
     live = lora_state(model.transformer)
     assert start == 0 and set(live) == set(saved)
     assert all(torch.equal(live[k], saved[k]) and torch.equal(ema.shadow[k], saved[k]) for k in saved)
@@ -138,7 +139,8 @@ def test_bad_rounds_are_one_line_naming_the_fix(tmp_path, prefect_server):
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
     env = {**os.environ, "GDRO_ROOT": str(tmp_path), "PREFECT_API_URL": PREFECT_API_URL.value()}
-    one = subprocess.run([BIN / "gdro", "rollout", "--round", "1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    one = subprocess.run([BIN / "gdro", "rollout", "--round", "1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)
     assert one.returncode == 2 and "round 1 is the default pipeline, run the stage without --round" in one.stderr
     three = subprocess.run([BIN / "gdro", "train", "--round", "3"], cwd=tmp_path, env=env, capture_output=True,
                            text=True)

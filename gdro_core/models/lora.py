@@ -156,5 +156,7 @@ def init_lora_from(transformer: torch.nn.Module, path: Path) -> None:
             "the same LoRA further, so set train.lora as that adapter was trained"
         )
     if set(state) != set(lora_state(transformer)):
-        raise ValueError(f"the adapter at {weights} does not fit this transformer: it was trained for another base model")
+        raise ValueError(
+            f"the adapter at {weights} does not fit this transformer: it was trained for another base model"
+        )
     set_lora_state(transformer, {k: v.float() for k, v in state.items()})

@@ -134,5 +134,7 @@ def register_adapter(
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     description = version_description(params, metrics)
-    client.update_model_version(name, version, description=f"round {round}: {description}" if round > 1 else description)
+    if round > 1:
+        description = f"round {round}: {description}"
+    client.update_model_version(name, version, description=description)
     return client.get_model_version(name, version)
