@@ -1,4 +1,5 @@
-"""dvc.yaml drives the same flows: a second repro does no work; a train param reruns train + evaluate only."""
+"""dvc.yaml drives the same flows: a second repro does no work; a train param reruns train + evaluate only;
+invalid params stop it before any output is deleted; rounds/dvc.yaml runs later rounds after the first."""
 
 import os
 import shutil
@@ -66,14 +67,7 @@ def test_repro_is_incremental(dvc_project):
     assert "step 1:" in fourth, "train resumed a checkpoint made by the old code instead of training anew"
     assert len(list((path / "checkpoints" / "train").iterdir())) == 3  # beta 12, beta 6, beta 6 + new code
 
-
-def ran_stages(log: str) -> set[str]:
-    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
-
-
-def test_invalid_params_stop_repro_before_any_output_is_deleted(dvc_project):
-    path, env = dvc_project
-    run([BIN / "dvc", "repro"], path, env)
+    # invalid params stop repro before any output is deleted (one project with the above: a repro less)
     kept = {name: (path / "reports" / name).read_bytes() for name in ("train_summary.json", "train_curve.csv")}
     params = yaml.safe_load((path / "params.yaml").read_text())
     params["train"]["beta"] = -1.0
@@ -84,6 +78,10 @@ def test_invalid_params_stop_repro_before_any_output_is_deleted(dvc_project):
     assert "Running stage 'train'" not in out.stdout
     for name, content in kept.items():  # uncached reports survive: DVC never reached the train stage
         assert (path / "reports" / name).read_bytes() == content
+
+
+def ran_stages(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
 
 
 def test_rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it(dvc_project):
