@@ -353,7 +353,11 @@ class GenEvalWorld(Section):
     height: int = Field(32, ge=8, description="Image height in pixels.")
     width: int = Field(32, ge=8, description="Image width in pixels.")
     object_size: int = Field(9, ge=3, description="Side in pixels of the box a shape is drawn in.")
-    jitter: int = Field(2, ge=0, description="Random shape offset in pixels (render diversity).")
+    jitter: int = Field(2, ge=0, description="Random change of object_size in pixels (render diversity).")
+    grid: int = Field(
+        0, ge=0, description="Cell side in pixels: each object lies inside one cell of this grid (fewer places to "
+        "learn); 0 places objects anywhere."
+    )
 
 
 class GenEvalDetector(Section):

@@ -144,6 +144,29 @@ def test_world_draws_only_its_shapes_and_colours():
         WorldSpec(32, 32, 9, 1, ("square",), ("teal",))
 
 
+def test_grid_world_keeps_each_object_inside_one_cell_and_its_ceiling():
+    from gdro_core.params import load_params
+    from gdro_core.tasks.geneval_world import layout
+
+    p = load_params("params-geneval.yaml")  # the demo's world: a grid of cells
+    w = p.geneval.world
+    assert w.grid > 0
+    task = make_task(p)
+    spec, rng = task._world(), random.Random(3)
+    four = all_prompts("counting", ["square"], ["red"], 4)[-1]
+    for _ in range(20):
+        objs = layout(four.metadata, spec, rng)
+        cells = {(o.box[0] // w.grid, o.box[1] // w.grid) for o in objs}
+        assert len(objs) == len(cells) == 4  # one object per cell
+        for o in objs:  # inside its cell, its last row and column free
+            assert o.box[2] % w.grid < w.grid - 1 and o.box[3] % w.grid < w.grid - 1
+            assert o.box[2] // w.grid == o.box[0] // w.grid and o.box[3] // w.grid == o.box[1] // w.grid
+    test = task.make_prompt_sets()["test"]
+    assert task.ceiling(test)["geneval"] >= 0.95
+    with pytest.raises(WorldError, match="grid"):
+        WorldSpec(16, 16, 8, 0, ("square",), ("red",), grid=8)
+
+
 def test_pretrain_batches_are_colour_scenes_under_their_captions():
     p = parse_params(GENEVAL)
     task = make_task(p)

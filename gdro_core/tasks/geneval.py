@@ -111,7 +111,7 @@ class GenEvalTask:
         if self.spec is None:
             w = self.cfg.world
             self.spec = WorldSpec(w.height, w.width, w.object_size, w.jitter, tuple(self.cfg.classes),
-                                  tuple(self.cfg.colors))
+                                  tuple(self.cfg.colors), w.grid)
         return self.spec
 
     def render(self, record: GenEvalPrompt, rng: random.Random) -> Image.Image:

@@ -43,8 +43,13 @@ class WorldSpec:
     jitter: int
     classes: tuple[str, ...]
     colors: tuple[str, ...]
+    grid: int = 0
 
     def __post_init__(self) -> None:
+        if self.grid and (self.object_size + self.jitter > self.grid - 1 or self.grid > min(self.height, self.width)):
+            raise WorldError(f"geneval.world.grid={self.grid} needs object_size + jitter <= grid - 1 (a free pixel "
+                             f"between neighbours) and grid <= the canvas side; got object_size={self.object_size}, "
+                             f"jitter={self.jitter} on {self.width}x{self.height}")
         unknown = [c for c in self.classes if c not in SHAPES]
         if unknown:
             raise WorldError(f"the built-in GenEval world draws {list(SHAPES)}; it cannot draw {unknown} "
@@ -93,7 +98,12 @@ class Placed:
 def _random_box(spec: WorldSpec, rng: random.Random) -> tuple[int, int, int, int]:
     s = spec.object_size + rng.randint(-spec.jitter, spec.jitter) if spec.jitter else spec.object_size
     s = max(3, min(s, spec.width, spec.height))
-    x0, y0 = rng.randint(0, spec.width - s), rng.randint(0, spec.height - s)
+    if spec.grid:  # a random cell, a random place inside it that leaves its last row and column free
+        cx, cy = rng.randrange(spec.width // spec.grid), rng.randrange(spec.height // spec.grid)
+        x0 = cx * spec.grid + rng.randint(0, spec.grid - 1 - s)
+        y0 = cy * spec.grid + rng.randint(0, spec.grid - 1 - s)
+    else:
+        x0, y0 = rng.randint(0, spec.width - s), rng.randint(0, spec.height - s)
     return x0, y0, x0 + s - 1, y0 + s - 1
 
 
