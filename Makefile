@@ -29,8 +29,10 @@ demo: setup  ## the whole pipeline on the built-in offline default, via DVC
 	$(BIN)/dvc repro
 	@echo; echo "metrics (reports/metrics.json):"; $(BIN)/dvc metrics show reports/metrics.json reports/train_summary.json
 
+# One torch thread unless OMP_NUM_THREADS says otherwise: the tiny 16x16 model gains nothing from a second
+# thread, and on a loaded two-core machine two threads made pretraining 12x slower (README "GenEval").
 demo-geneval: setup  ## the GenEval task on its built-in shapes world (params-geneval.yaml; outputs under *-geneval/)
-	@start=$$(date +%s); $(BIN)/gdro pipeline --params params-geneval.yaml; \
+	@start=$$(date +%s); OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/gdro pipeline --params params-geneval.yaml; \
 	  echo; echo "metrics (reports-geneval/metrics.json):"; $(BIN)/python -m gdro_core.tasks.geneval_report reports-geneval/metrics.json; \
 	  echo "minutes: $$(( ($$(date +%s) - start) / 60 ))"
 
