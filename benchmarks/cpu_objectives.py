@@ -22,7 +22,8 @@ scaled linearly to all of them.
 
 **Budgets.** Each method trains for ``--train-budget`` seconds of the chosen clock *after* its data cost (zero
 for the online method) and/or ``--budget-steps`` steps, so no method goes untrained however long its rollouts
-took.
+took. ``--online-budget`` gives the online method its own budget, e.g. the offline methods' data cost plus
+``--train-budget``, so that it trains as long in total as they do and its final reward is a fair target.
 
 **Targets.** Times are reported to reach base + 0.05, base + 0.10, ... (``--target-deltas``): targets above the
 base, so no method "reaches" one at step 0. GDRO against Flow-GRPO is compared on the time each takes to reach
@@ -181,11 +182,12 @@ class Tracker:
     """The training loop's logger: keeps the method's two clocks, its EMA and its curve; stops it at the budget."""
 
     def __init__(self, model: FlowModel, monitor: CheckpointMonitor, cfg: Train, base: dict[str, float],
-                 offset: dict[str, float], args: argparse.Namespace):
+                 offset: dict[str, float], args: argparse.Namespace, online: bool = False):
         self.model, self.monitor, self.cfg = model, monitor, cfg
         self.offset = offset  # {"seconds": wall, "cpu_seconds": cpu} spent before training starts
         self.key = CLOCKS[args.clock]
-        self.budget = self.offset[self.key] + args.train_budget if args.train_budget > 0 else float("inf")
+        budget = args.online_budget if online and args.online_budget > 0 else args.train_budget
+        self.budget = self.offset[self.key] + budget if budget > 0 else float("inf")
         self.budget_steps, self.eval_every = args.budget_steps, args.eval_every
         self.elapsed = {"seconds": 0.0, "cpu_seconds": 0.0}
         self.generation = self.scoring = 0.0
@@ -245,7 +247,7 @@ def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Pat
               {"seconds": offline["generation_s"] + offline["scoring_s"],
                "cpu_seconds": offline["generation_cpu_s"] + offline["scoring_cpu_s"]})
     run_dir = workdir / f"seed{seed}" / name
-    tracker = Tracker(model, make_monitor(model, shared, run_dir / "monitor"), cfg, shared.base, offset, args)
+    tracker = Tracker(model, make_monitor(model, shared, run_dir / "monitor"), cfg, shared.base, offset, args, online)
     tracker.start()
     try:
         if online:
@@ -427,6 +429,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="the clock budgets and evaluations follow")
     ap.add_argument("--train-budget", type=float, default=360.0,
                     help="seconds of --clock each method trains after its own data cost (0 = step budget only)")
+    ap.add_argument("--online-budget", type=float, default=0.0,
+                    help="seconds of --clock the online method trains (0 = --train-budget); e.g. an offline method's "
+                         "data cost + --train-budget, so both get the same total clock")
     ap.add_argument("--budget-steps", type=int, default=0, help="also stop after this many steps (0 = no step budget)")
     ap.add_argument("--eval-every", type=float, default=60.0, help="seconds of a method's clock between evaluations")
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per evaluation")

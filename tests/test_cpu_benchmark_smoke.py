@@ -141,3 +141,15 @@ def test_missing_pipeline_outputs_say_what_to_run(bench, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     with pytest.raises(SystemExit, match=r"make demo.*dvc repro score"):
         bench.main(["--root", str(tmp_path)])
+
+
+def test_the_online_method_can_train_as_long_in_total_as_the_offline_ones(bench):
+    import argparse
+
+    args = argparse.Namespace(clock="cpu", train_budget=10.0, online_budget=50.0, budget_steps=0, eval_every=0)
+    data_cost = {"seconds": 3.0, "cpu_seconds": 40.0}
+    none = {"seconds": 0.0, "cpu_seconds": 0.0}
+    assert bench.Tracker(None, None, None, {}, data_cost, args).budget == 50.0  # training budget after data cost
+    assert bench.Tracker(None, None, None, {}, none, args, online=True).budget == 50.0  # its own, same total
+    args.online_budget = 0.0
+    assert bench.Tracker(None, None, None, {}, none, args, online=True).budget == 10.0  # default: --train-budget
