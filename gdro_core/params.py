@@ -338,7 +338,11 @@ class JudgeParams(Section):
     model_path: str = Field("", description="Local directory of the UnifiedReward-style VLM (kind unified_reward).")
     task: Literal["ocr", "geneval"] = Field("ocr", description="Which judge dimensions make û (geneval drops alignment).")
     reference_images: int = Field(256, ge=8, description="Clean renders the pixel judge's statistics come from.")
-    z_scale: float = Field(3.0, gt=0, description="Pixel judge: z-score at which a style feature loses half its score.")
+    z_scale: float = Field(3.0, gt=0, description="Pixel judge: z-score at which a dimension loses half its score.")
+    reference_supersample: int = Field(
+        4, ge=1, description="GenEval world's pixel judge: half its references are drawn this many times larger at a "
+        "sub-pixel offset and area-averaged (anti-aliased); 1 draws all pixel-aligned."
+    )
     max_new_tokens: int = Field(256, ge=8, description="VLM judge: generation length.")
     device: str = Field("auto", description="VLM judge device: 'auto' picks CUDA when present, else CPU.")
 
