@@ -323,6 +323,9 @@ class Evaluate(Section):
         150, ge=0, description="Evaluate reward, judge and corrected score on validation prompts every N train steps (0 = last step only)."
     )
     checkpoint_prompts: int = Field(32, ge=1, description="Validation prompts used for those checkpoint evaluations.")
+    checkpoint_images_per_prompt: int = Field(
+        1, ge=1, description="Images per validation prompt at each checkpoint (more: a less noisy choice of adapter)."
+    )
     keep: Literal["best_corrected", "last"] = Field(
         "best_corrected", description="Which adapter train keeps: the best corrected score, or the last step."
     )
