@@ -323,6 +323,9 @@ class Evaluate(Section):
         150, ge=0, description="Evaluate reward, judge and corrected score on validation prompts every N train steps (0 = last step only)."
     )
     checkpoint_prompts: int = Field(32, ge=1, description="Validation prompts used for those checkpoint evaluations.")
+    checkpoint_images_per_prompt: int = Field(
+        1, ge=1, description="Images per validation prompt at each checkpoint (more: a less noisy choice of adapter)."
+    )
     keep: Literal["best_corrected", "last"] = Field(
         "best_corrected", description="Which adapter train keeps: the best corrected score, or the last step."
     )
@@ -338,7 +341,11 @@ class JudgeParams(Section):
     model_path: str = Field("", description="Local directory of the UnifiedReward-style VLM (kind unified_reward).")
     task: Literal["ocr", "geneval"] = Field("ocr", description="Which judge dimensions make û (geneval drops alignment).")
     reference_images: int = Field(256, ge=8, description="Clean renders the pixel judge's statistics come from.")
-    z_scale: float = Field(3.0, gt=0, description="Pixel judge: z-score at which a style feature loses half its score.")
+    z_scale: float = Field(3.0, gt=0, description="Pixel judge: z-score at which a dimension loses half its score.")
+    reference_supersample: int = Field(
+        4, ge=1, description="GenEval world's pixel judge: half its references are drawn this many times larger at a "
+        "sub-pixel offset and area-averaged (anti-aliased); 1 draws all pixel-aligned."
+    )
     max_new_tokens: int = Field(256, ge=8, description="VLM judge: generation length.")
     device: str = Field("auto", description="VLM judge device: 'auto' picks CUDA when present, else CPU.")
 

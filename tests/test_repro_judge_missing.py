@@ -67,3 +67,17 @@ def test_checkpoints_without_a_corrected_score_are_passed_over():
     assert best_step(curve, "best_corrected") == 6
     with pytest.raises(ValueError, match="no trained checkpoint"):
         best_step(curve[curve["step"] == 0], "best_corrected")
+
+
+def test_checkpoints_judge_every_image_of_each_validation_prompt(tmp_path, one_thread):
+    """evaluate.checkpoint_images_per_prompt: each validation prompt is drawn that many times (seeds differ)."""
+    p = parse_params(TINY)
+    val = [OcrPrompt('"123" on a sign', "123"), OcrPrompt('"456" on a sign', "456")]
+    judge = Rambling(iter(["no scores here"] * 100))
+    monitor = CheckpointMonitor(
+        tiny_model(p), val, OcrTask(p, reader=ReadsNothing()), judge, judge_task="ocr", seed=0,
+        steps=p.sampler.steps, guidance=1.0, batch_size=4, keep="best_corrected", workdir=tmp_path / "monitor",
+        log=lambda step, metrics: None, per_prompt=3,
+    )
+    monitor.evaluate_base()
+    assert list(monitor.curve["judge_missing"]) == [6.0]  # 2 prompts x 3 images, each judged

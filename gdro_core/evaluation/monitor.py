@@ -51,9 +51,11 @@ class CheckpointMonitor:
     def __init__(
         self, model: FlowModel, prompts: Sequence[PromptRecord], task: Task, judge: Judge, *, judge_task: str,
         seed: int, steps: int, guidance: float, batch_size: int, keep: str, workdir: Path, log: Logger,
+        per_prompt: int = 1,
     ):
         self.model, self.prompts, self.task, self.judge = model, list(prompts), task, judge
-        self.kw = dict(per_prompt=1, base_seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+        self.kw = dict(per_prompt=per_prompt, base_seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+        self.records = [q for q in self.prompts for _ in range(per_prompt)]  # generate's prompt-major order
         self.judge_task, self.keep = judge_task, keep
         self.probe_prompts = self.prompts[:PROBE_PROMPTS]
         self.probe_seeds = eval_seeds(seed, len(self.probe_prompts), 1)
@@ -64,7 +66,7 @@ class CheckpointMonitor:
 
     def _measure(self, adapter: bool = True) -> dict[str, float]:
         images = generate(self.model, self.prompts, **self.kw)
-        metrics = self.task.summarise(assess(images, self.prompts, self.task, self.judge, self.judge_task))
+        metrics = self.task.summarise(assess(images, self.records, self.task, self.judge, self.judge_task))
         ratio = velocity_norm_probe(self.model, self.probe_prompts, self.probe_seeds, PROBE_STEPS) if adapter else 1.0
         return {**metrics, "velocity_norm_ratio": ratio}
 

@@ -29,7 +29,7 @@ from gdro_core.tasks.geneval_prompts import (
     write_metadata,
 )
 from gdro_core.tasks.geneval_rules import Rules, judge_detections, tag_summary
-from gdro_core.tasks.geneval_world import PALETTE, WorldSpec, layout, render_scene, to_array
+from gdro_core.tasks.geneval_world import PALETTE, WorldSpec, layout, render_antialiased, render_scene, to_array
 
 SUMMARY = ("reward", "score", "correct", "strict", "alignment", "coherence", "style", "u_hat", "corrected")
 CEILING_SEED = 0
@@ -157,13 +157,32 @@ class GenEvalTask:
     def pixel_judge(self, judge_params):
         from gdro_core.evaluation.scene_judge import SceneJudge, SceneJudgeConfig
 
+        """References: half the scenes as the world draws them, half anti-aliased at a random sub-pixel offset
+        (``judge.reference_supersample``), so the judge's spreads span faithful drawings, not one rasteriser's.
+        A speck is a blob no larger than a cross's arm square ((smallest object side / 3)²): no shape is that small.
+        """
         rng = random.Random(CEILING_SEED)
         scenes = self.scene_prompts()
-        refs = [self.render(rng.choice(scenes), rng) for _ in range(judge_params.reference_images)]
+        spec = self._world()
+        refs = []
+        for i in range(judge_params.reference_images):
+            objects = layout(rng.choice(scenes).metadata, spec, rng, self.rules.position_threshold)
+            factor = judge_params.reference_supersample if i % 2 else 1
+            refs.append(render_antialiased(objects, spec, factor, rng))
+        smallest = max(spec.object_size - spec.jitter, 3)
         cfg = SceneJudgeConfig(tuple(PALETTE[c] for c in self.cfg.colors), self.cfg.detector.palette_tolerance,
+                               speck_pixels=int((smallest / 3) ** 2),
                                z_scale=judge_params.z_scale)
 
         def align(images: list[Image.Image], targets: list[str]) -> list[float]:
             return list(self.reward(images, [self.record("", t) for t in targets])["score"])
 
-        return SceneJudge(cfg, refs, align)
+        def shape_fidelity(images: list[Image.Image]) -> list[float]:
+            """Mean detector confidence (overlap with the closest clean shape) over an image's objects; 0 if none."""
+            out = []
+            for found in self.detector.detect(images):
+                conf = [d.confidence for dets in found.values() for d in dets]
+                out.append(float(np.mean(conf)) if conf else 0.0)
+            return out
+
+        return SceneJudge(cfg, refs, align, shape_fidelity)
