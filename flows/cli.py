@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from gdro_core.layout import ROUND_STAGES
+
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``--set train.beta=6`` pairs; values are read as YAML (numbers, booleans, lists)."""
@@ -26,8 +28,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 EXTRA_COMMANDS = ("serve", "sweep", "compare", "deploy")
 STAGES = ("prompts", "base", "rollout", "score", "train", "evaluate")
 """dvc.yaml's stages in order; each is ``flows/<name>.py``'s ``<name>_flow``."""
-ROUND_STAGES = ("rollout", "score", "train", "evaluate")
-"""The stages a later round runs again (rounds/dvc.yaml), with ``--round N``."""
 
 
 def round_arg(value: str) -> int:

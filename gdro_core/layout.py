@@ -15,6 +15,8 @@ from gdro_core.params import Params
 
 
 ROUNDS_DIR = "rounds"
+ROUND_STAGES = ("rollout", "score", "train", "evaluate")
+"""The stages a later round runs again, in order (rounds/dvc.yaml; ``--round N``; ``rounds.count``)."""
 
 
 class RoundError(ValueError):

@@ -187,6 +187,10 @@ class Rounds(Section):
         None, ge=2, description="Pool size N of rounds >= 2; null = rollout.images_per_prompt."
     )
     steps: int | None = Field(None, ge=1, description="Train steps of rounds >= 2; null = train.steps.")
+    count: int = Field(
+        1, ge=1, description="Rounds `gdro pipeline` runs: 1 is the single default round, r adds rounds 2..r after it. "
+        "rounds/dvc.yaml lists its rounds itself (its `previous` map).",
+    )
 
 
 class Reward(Section):

@@ -1,10 +1,17 @@
 import importlib.util
 import os
+import shutil
+import signal
+import sqlite3
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -66,3 +73,69 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_project(root: Path, params: dict) -> Path:
+    """A project root with ``params``, its prompt sets and a small random built-in base at ``models/base``."""
+    from flows.prompts import prompts_flow
+    from gdro_core.models.builtin import build_builtin_pipeline
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    p = parse_params(params)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GDRO_ROOT", str(root))
+    try:
+        prompts_flow(params_path="params.yaml")
+    finally:
+        mp.undo()
+    build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0).save_pretrained(root / "models" / "base")
+    return root
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a project that owns its MLflow artifacts: ``mlflow.db`` stores absolute artifact URIs, so
+    without the rewrite the copy's runs would write into (and read from) the original's ``mlartifacts``."""
+    shutil.copytree(src, dest)
+    db = dest / "mlflow.db"
+    if db.is_file():
+        with sqlite3.connect(db) as con:
+            for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                for column in con.execute(f"PRAGMA table_info('{table}')").fetchall():
+                    if column[2].upper().startswith(("TEXT", "VARCHAR")):
+                        con.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?)',
+                                    (str(src), str(dest)))
+    return dest
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 300.0,
+              poll: float = 0.02) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()``; fails if it ends first (nothing was interrupted) or never gets there."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"{what} finished before it could be interrupted"
+        assert time.monotonic() < deadline, f"{what} did not reach the kill point in {timeout:.0f} s"
+        time.sleep(poll)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def gdro_env(root: Path) -> dict[str, str]:
+    """The environment `gdro` commands of a test project run in: this venv, ``root``, the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    bin_dir = Path(sys.executable).parent
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GDRO_ROOT": str(root),
+            "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def staged_project(root: Path, params: dict, stages: tuple[str, ...]) -> dict[str, str]:
+    """``params`` written to ``root`` and ``stages`` run there as `gdro` commands; returns their environment."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    env = gdro_env(root)
+    for stage in stages:
+        out = subprocess.run([Path(sys.executable).parent / "gdro", stage], cwd=root, env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, f"gdro {stage}: " + out.stderr[-2000:]
+    return env

@@ -1,5 +1,6 @@
 """dvc.yaml drives the same flows: a second repro does no work; a train param reruns train + evaluate only;
-invalid params stop it before any output is deleted; rounds/dvc.yaml runs later rounds after the first."""
+invalid params stop it before any output is deleted; rounds/dvc.yaml runs later rounds after the first.
+The first repro runs once per module; each test works on its own copy of the project."""
 
 import os
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, copy_project
 from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
@@ -22,35 +23,47 @@ def run(cmd, cwd, env):
     return out.stdout + out.stderr
 
 
-@pytest.fixture()
-def dvc_project(tmp_path, prefect_server):
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, prefect_server):
+    """A tiny project after its first `dvc repro` (what `make demo` runs), made once for this module's tests."""
     from prefect.settings import PREFECT_API_URL
 
-    shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    (tmp_path / "rounds").mkdir()
-    shutil.copy(ROOT / "rounds" / "dvc.yaml", tmp_path / "rounds")
+    path = tmp_path_factory.mktemp("dvc") / "project"
+    path.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", path)
+    (path / "rounds").mkdir()
+    shutil.copy(ROOT / "rounds" / "dvc.yaml", path / "rounds")
     for code in ("gdro_core", "flows", "prompt_files"):  # the stages run this copy (PYTHONPATH), so a test may edit it
-        shutil.copytree(ROOT / code, tmp_path / code, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / code, path / code, ignore=shutil.ignore_patterns("__pycache__"))
     # dvc reads params.yaml itself: write every key (the defaults too), not just the tiny overrides
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(parse_params(TINY).model_dump()))
+    (path / "params.yaml").write_text(yaml.safe_dump(parse_params(TINY).model_dump()))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "GDRO_ROOT": str(tmp_path),
-           "PYTHONPATH": str(tmp_path)}
-    run(["git", "init", "-q"], tmp_path, env)
-    run([BIN / "dvc", "init", "-q"], tmp_path, env)
-    return tmp_path, env
+           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(path)}
+    run(["git", "init", "-q"], path, env)
+    run([BIN / "dvc", "init", "-q"], path, env)
+    first = run([BIN / "dvc", "repro"], path, {**env, "GDRO_ROOT": str(path)})
+    return path, env, first
+
+
+@pytest.fixture()
+def dvc_project(reproduced, tmp_path):
+    """This test's own copy of the reproduced project: its edits and reruns never reach another test."""
+    source, env, first = reproduced
+    path = copy_project(source, tmp_path / "project")
+    return path, {**env, "GDRO_ROOT": str(path), "PYTHONPATH": str(path)}, first
 
 
 def test_repro_is_incremental(dvc_project):
-    path, env = dvc_project
-    first = run([BIN / "dvc", "repro"], path, env)
+    path, env, first = dvc_project
     for stage in ("check", "prompts", "base", "rollout", "score", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first
+    assert not any("@" in stage for stage in ran_stages(first))  # the root file never runs a later round
+    assert not (path / "data" / "rounds").exists()
     metrics = yaml.safe_load((path / "reports" / "metrics.json").read_text())
     assert {"base", "trained", "ceiling"} <= set(metrics)
 
     second = run([BIN / "dvc", "repro"], path, env)
-    assert "Running stage" not in second
+    assert "Running stage" not in second  # in a copy of the project too: DVC keys its state on content
 
     params = yaml.safe_load((path / "params.yaml").read_text())
     params["train"]["beta"] = 6.0
@@ -67,7 +80,7 @@ def test_repro_is_incremental(dvc_project):
     assert "step 1:" in fourth, "train resumed a checkpoint made by the old code instead of training anew"
     assert len(list((path / "checkpoints" / "train").iterdir())) == 3  # beta 12, beta 6, beta 6 + new code
 
-    # invalid params stop repro before any output is deleted (one project with the above: a repro less)
+    # invalid params stop repro before any output is deleted
     kept = {name: (path / "reports" / name).read_bytes() for name in ("train_summary.json", "train_curve.csv")}
     params = yaml.safe_load((path / "params.yaml").read_text())
     params["train"]["beta"] = -1.0
@@ -85,10 +98,7 @@ def ran_stages(log: str) -> set[str]:
 
 
 def test_rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it(dvc_project):
-    path, env = dvc_project
-    first = run([BIN / "dvc", "repro"], path, env)  # `make demo`: round 1 only
-    assert not any("@" in stage for stage in ran_stages(first))
-    assert not (path / "data" / "rounds").exists()
+    path, env, _ = dvc_project
     metrics = run([BIN / "dvc", "metrics", "show", "reports/metrics.json", "reports/train_summary.json"], path, env)
     assert "rounds" not in metrics  # what `make demo` prints: round 1's metrics only
 

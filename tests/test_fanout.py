@@ -7,11 +7,10 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from conftest import TINY
+from conftest import TINY, tiny_project
 from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job
 from gdro_core.data.prompts import read_prompts
 from gdro_core.data.rollout import plan_shards, prepare_rollouts, write_manifest
@@ -38,16 +37,9 @@ def _outputs(root: Path, scored: bool = True) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory, prefect_server):
     """Prompts and a small random base, then rollout + score in this process (scale.runner: local)."""
-    from flows.prompts import prompts_flow
-    from gdro_core.models.builtin import build_builtin_pipeline
-
-    root = tmp_path_factory.mktemp("serial")
-    (root / "params.yaml").write_text(yaml.safe_dump(CONFIG))
-    p = parse_params(CONFIG)
+    root = tiny_project(tmp_path_factory.mktemp("serial"), CONFIG)
     mp = pytest.MonkeyPatch()
     mp.setenv("GDRO_ROOT", str(root))
-    prompts_flow(params_path="params.yaml")
-    build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0).save_pretrained(root / "models" / "base")
     _run(root, {})
     mp.undo()
     return root

@@ -1,18 +1,13 @@
 """kill -9 during rollout: no MLflow run or Prefect flow run is left Running, no lock is held, and the rerun
 ends with the same bytes as an uninterrupted rollout."""
 
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
-import yaml
 
-from conftest import TINY
+from conftest import TINY, copy_project, kill_when, staged_project
 from gdro_core.data.store import dir_hash
 
 BIN = Path(sys.executable).parent
@@ -22,33 +17,21 @@ def test_kill_9_during_rollout_leaves_nothing_running_and_the_rerun_ends_with_th
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.sorting import FlowRunSort
-    from prefect.settings import PREFECT_API_URL
 
     # one prompt per shard and more sampler steps: a rollout long enough to be interrupted between shards
     params = {**TINY, "prompts": {**TINY["prompts"], "n_train": 48},
               "sampler": {**TINY["sampler"], "steps": 20, "batch_size": 4}}
     project = tmp_path / "killed"
-    project.mkdir()
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GDRO_ROOT": str(project),
-           "PREFECT_API_URL": PREFECT_API_URL.value()}
-    for stage in ("prompts", "base"):
-        out = subprocess.run([BIN / "gdro", stage], cwd=project, env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
+    env = staged_project(project, params, ("prompts", "base"))
     twin = tmp_path / "uninterrupted"
-    shutil.copytree(project, twin)
+    copy_project(project, twin)
     done = subprocess.run([BIN / "gdro", "rollout"], cwd=twin, env={**env, "GDRO_ROOT": str(twin)},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
     proc = subprocess.Popen([BIN / "gdro", "rollout"], cwd=project, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (project / "data/rollouts/records/shard-0001.json").is_file() and time.monotonic() < deadline:
-        assert proc.poll() is None, "the rollout finished before it could be interrupted"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, (project / "data/rollouts/records/shard-0001.json").is_file, "the rollout")
     assert not (project / "data/rollouts/manifest.json").exists()
 
     rerun = subprocess.run([BIN / "gdro", "rollout"], cwd=project, env=env, capture_output=True, text=True)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from mlflow.exceptions import MlflowException
 
-from conftest import TINY
+from conftest import TINY, staged_project
 from gdro_core.params import parse_params
 from gdro_core.tracking.runs import PENDING_DIR, metric_logger, stage_run, tracking_optional
 
@@ -109,17 +108,10 @@ def healthy(url: str) -> bool:
 
 def test_the_tracking_server_stopping_mid_train_loses_no_training(tmp_path, prefect_server):
     """Before: training blocked at the next metric log and died minutes later, losing the steps since its checkpoint."""
-    from prefect.settings import PREFECT_API_URL
-
     # long enough that a fast machine cannot finish between the first checkpoint and the server's stop
     params = {**TINY, "train": {**TINY["train"], "steps": 48, "checkpoint_every": 2},
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 16}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GDRO_ROOT": str(tmp_path),
-           "PREFECT_API_URL": PREFECT_API_URL.value()}
-    for stage in ("prompts", "base", "rollout", "score"):
-        out = subprocess.run([BIN / "gdro", stage], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
+    env = staged_project(tmp_path, params, ("prompts", "base", "rollout", "score"))
 
     url = f"http://127.0.0.1:{free_port()}"
     server = subprocess.Popen(

@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY
+from conftest import TINY, tiny_project
 from gdro_core.data.rollout import load_rollouts
 from gdro_core.data.store import write_json
 from gdro_core.layout import Layout, RoundError
 from gdro_core.models import load_flow_model
-from gdro_core.models.lora import WEIGHTS, add_lora, lora_state, set_lora_state
+from gdro_core.models.lora import add_lora, lora_state, set_lora_state
 from gdro_core.params import ParamsError, parse_params, round_params
 from gdro_core.training.loop import start_training
 
@@ -24,18 +24,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, prefect_server):
     """Tiny params, prompts and a small random base in a project root of their own."""
-    from flows.prompts import prompts_flow
-    from gdro_core.models.builtin import build_builtin_pipeline
-
-    root = tmp_path_factory.mktemp("rounds")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    p = parse_params(TINY)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GDRO_ROOT", str(root))
-    prompts_flow(params_path="params.yaml")
-    build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0).save_pretrained(root / "models" / "base")
-    mp.undo()
-    return root
+    return tiny_project(tmp_path_factory.mktemp("rounds"), TINY)
 
 
 def save_round_adapter(root: Path, scale: float, rank: int = TINY["train"]["lora"]["rank"]) -> dict[str, torch.Tensor]:
@@ -163,3 +152,20 @@ def test_round_2_fanned_out_over_dask_samples_the_same_images(world, tmp_path):
         shutil.copytree(world / part, root / part)
     fanned = _rollout(root, 2, {"scale.runner": "dask", "scale.workers": 2, "scale.threads_per_worker": 1})
     assert torch.equal(fanned, serial)  # each worker applied round 1's adapter too
+
+
+def test_pipeline_runs_the_later_rounds_rounds_count_asks_for_after_round_1(tmp_path, monkeypatch):
+    import flows.pipeline as pipeline
+
+    calls = []
+    for name in pipeline.STAGES:
+        monkeypatch.setitem(pipeline.STAGES, name, lambda name=name, **kw: calls.append((name, kw.get("round", 1))))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "rounds": {"count": 3}}))
+    monkeypatch.setenv("GDRO_ROOT", str(tmp_path))
+    pipeline.pipeline_flow.fn(params_path="params.yaml")
+    later = [(s, r) for r in (2, 3) for s in ("rollout", "score", "train", "evaluate")]
+    assert calls == [(s, 1) for s in ("prompts", "base", "rollout", "score", "train", "evaluate")] + later
+
+    calls.clear()
+    pipeline.pipeline_flow.fn(params_path="params.yaml", overrides={"rounds.count": 1})  # the default: round 1 only
+    assert [r for _, r in calls] == [1] * 6

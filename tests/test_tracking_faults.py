@@ -3,8 +3,6 @@ runs of killed processes end KILLED (and training continues its own run), one wr
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -12,9 +10,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
-from conftest import TINY
+from conftest import TINY, copy_project, kill_when, staged_project
 from gdro_core.params import parse_params
 from gdro_core.tracking.locks import LockError, lock_path, stage_lock
 from gdro_core.tracking.runs import PID_TAG, TrackingError, configure, metric_logger, stage_run
@@ -125,35 +122,22 @@ except LockError:
 
 @pytest.fixture()
 def scored_project(tmp_path, prefect_server):
-    from prefect.settings import PREFECT_API_URL
-
     params = {**TINY, "train": {**TINY["train"], "steps": 24, "checkpoint_every": 2},
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 8}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GDRO_ROOT": str(tmp_path),
-           "PREFECT_API_URL": PREFECT_API_URL.value()}
-    for stage in ("prompts", "base", "rollout", "score"):
-        out = subprocess.run([BIN / "gdro", stage], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
-    return tmp_path, env
+    return tmp_path, staged_project(tmp_path, params, ("prompts", "base", "rollout", "score"))
 
 
 def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_same_bytes(scored_project):
     path, env = scored_project
     twin = path.parent / "uninterrupted"
-    shutil.copytree(path, twin)
+    copy_project(path, twin)
     done = subprocess.run([BIN / "gdro", "train"], cwd=twin, env={**env, "GDRO_ROOT": str(twin)},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
     proc = subprocess.Popen([BIN / "gdro", "train"], cwd=path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(path.glob("checkpoints/train/*/step-0000004")) and time.monotonic() < deadline:
-        assert proc.poll() is None, "training finished before it could be interrupted"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: bool(list(path.glob("checkpoints/train/*/step-0000004"))), "training", poll=0.2)
     assert list(path.glob(".gdro/locks/*.lock")), "the killed run's lock is left behind, to be taken over"
 
     rerun = subprocess.run([BIN / "gdro", "train"], cwd=path, env=env, capture_output=True, text=True)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.store import atomic_write
+from gdro_core.data.store import atomic_write, jsonl_records
 
 _QUOTED = re.compile(r'"([^"]+)"')
 
@@ -85,19 +85,14 @@ def read_prompts(path: Path) -> list[OcrPrompt]:
     A training file is checked against the held-out files beside it: a held-out target in train is refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"prompt file not found: {path}: run `gdro prompts` first")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for where, row in jsonl_records(path, PromptError, f"prompt file not found: {path}: run `gdro prompts` first"):
         try:
-            row = json.loads(line)
             target = extract_target(row["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError, PromptError) as err:
-            raise PromptError(f"{path}:{n}: not a prompt record ({err}); rerun `gdro prompts`") from None
+        except (KeyError, TypeError, PromptError) as err:
+            raise PromptError(f"{where}: not a prompt record ({err}); rerun `gdro prompts`") from None
         if row.get("target", target) != target:
-            raise PromptError(f"{path}:{n}: target {row['target']!r} differs from the quoted text {target!r}")
+            raise PromptError(f"{where}: target {row['target']!r} differs from the quoted text {target!r}")
         out.append(OcrPrompt(row["prompt"], target))
     if not out:
         raise PromptError(f"prompt file {path} is empty")

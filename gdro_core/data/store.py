@@ -81,6 +81,24 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def jsonl_records(path: Path, error: type[Exception], missing: str) -> list[tuple[str, Any]]:
+    """The JSON value of every non-blank line of ``path``, each with its ``path:line`` for error messages.
+
+    A missing file raises ``error(missing)``; a line that is not JSON raises ``error`` naming that line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{n}: not JSON ({err.msg})") from None
+    return out
+
+
 def dir_hash(root: Path, pattern: str = "*") -> str:
     """Hash of every file's relative name and content under ``root`` (a data version)."""
     h = hashlib.sha256()

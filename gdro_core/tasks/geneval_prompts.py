@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.store import atomic_write
+from gdro_core.data.store import atomic_write, jsonl_records
 from gdro_core.tasks.geneval_rules import RELATIONS
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -89,17 +89,8 @@ def from_metadata(row: Mapping, where: str = "metadata") -> GenEvalPrompt:
 def read_metadata(path: Path) -> list[GenEvalPrompt]:
     """GenEval's evaluation_metadata.jsonl or Flow-GRPO's train/test_metadata.jsonl (one JSON object a line)."""
     path = Path(path)
-    if not path.is_file():
-        raise GenEvalPromptError(f"GenEval metadata file not found: {path}; set geneval.metadata_dir or run `gdro prompts`")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise GenEvalPromptError(f"{path}:{n}: not JSON ({err.msg})") from None
-        out.append(from_metadata(row, f"{path}:{n}"))
+    missing = f"GenEval metadata file not found: {path}; set geneval.metadata_dir or run `gdro prompts`"
+    out = [from_metadata(row, where) for where, row in jsonl_records(path, GenEvalPromptError, missing)]
     if not out:
         raise GenEvalPromptError(f"GenEval metadata file {path} is empty")
     return out
