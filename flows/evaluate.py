@@ -17,6 +17,7 @@ from gdro_core.evaluation.heldout import assess, generate, sample_grid
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.models import load_flow_model
 from gdro_core.layout import Layout
+from gdro_core.params import check_train_eval_seeds
 from gdro_core.tasks import make_task, world_of
 from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
@@ -36,6 +37,8 @@ def score_models(lay: Layout) -> dict:
     judge = make_task_judge(task, p.judge)
     model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
                             shift=p.sampler.shift, guidance=p.sampler.guidance)
+    train_prompts = task.read_prompts(lay.prompts("train"))[: p.evaluate.train_prompts]
+    check_train_eval_seeds(p, len(train_prompts), lay.round)
     images, metrics, tables = {}, {}, []
     for name in ("base", "trained"):
         if name == "trained":
@@ -48,9 +51,18 @@ def score_models(lay: Layout) -> dict:
         metrics[name] = task.summarise(scores)
         tables.append(scores.assign(model=name, target=targets))
         logger.info("%s: %s", name, metrics[name])
+        if train_prompts:  # the same model on its own training prompts, with noise no rollout drew
+            seen = generate(model, train_prompts, p.evaluate.images_per_prompt, p.evaluate.train_seed,
+                            p.sampler.steps, p.sampler.guidance, p.sampler.batch_size)
+            seen_records = [q for q in train_prompts for _ in range(p.evaluate.images_per_prompt)]
+            metrics[f"{name}_train"] = task.summarise(task.reward(seen, seen_records))
+            logger.info("%s on training prompts: %s", name, metrics[f"{name}_train"])
     metrics["ceiling"] = task.ceiling(prompts)
     metrics["delta"] = {k: metrics["trained"][k] - metrics["base"][k] for k in ("reward", "corrected", "geneval")
                         if k in metrics["base"]}
+    if train_prompts:
+        metrics["delta_train"] = {k: metrics["trained_train"][k] - metrics["base_train"][k]
+                                  for k in ("reward", "geneval") if k in metrics["base_train"]}
     n = min(p.evaluate.grid_prompts, len(prompts))
     per = p.evaluate.images_per_prompt
     grid = sample_grid({k: v[::per][:n] for k, v in images.items()}, [getattr(q, "caption", q.target) for q in prompts[:n]])

@@ -334,6 +334,13 @@ class Evaluate(Section):
         "best_corrected", description="Which adapter train keeps: the best corrected score, or the last step."
     )
     hacking_window: int = Field(3, ge=2, description="Checkpoints over which a hacking trend is flagged.")
+    train_prompts: int = Field(
+        0, ge=0, description="Also score base and trained on this many training prompts with fresh seeds (metrics "
+        "base_train, trained_train): did training improve its own prompts, or only not carry over? 0 = off."
+    )
+    train_seed: int = Field(
+        900_000, ge=0, description="First seed of that evaluation; its seeds must miss every round's rollout seeds."
+    )
 
 
 class JudgeParams(Section):
@@ -580,6 +587,22 @@ def check_round_seeds(params: Params, n_prompts: int) -> None:
             f"({n_prompts} prompts): rounds would reuse each other's noise; set rounds.seed_offset to at least "
             f"{per_round}"
         )
+
+
+def check_train_eval_seeds(params: Params, n_train: int, round: int) -> None:
+    """The training-prompt evaluation must draw noise that no rollout of rounds 1..``round`` drew for those
+    prompts (``params`` as round ``round`` runs them: its rollout seed carries that round's offset)."""
+    e, r = params.evaluate, params.rounds
+    first, last = e.train_seed, e.train_seed + n_train * e.images_per_prompt
+    per = max(params.rollout.images_per_prompt, r.images_per_prompt or 0)
+    for k in range(1, round + 1):
+        lo = params.rollout.seed - (round - k) * r.seed_offset
+        hi = lo + n_train * per
+        if first < hi and lo < last:
+            raise ParamsError(
+                f"evaluate.train_seed ({e.train_seed}) reuses round {k}'s rollout seeds ({lo}..{hi - 1}): the "
+                f"training-prompt evaluation would score images training saw; set evaluate.train_seed to at least {hi}"
+            )
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -123,6 +123,13 @@ def test_flow_grpo_score_is_one_for_a_perfect_image():
     assert strict and score == 1.0
 
 
+def test_flow_grpo_score_goes_below_zero_for_far_too_many_objects():
+    """The reference does not clip 1 - |count - found| / count: three dogs for "a photo of a dog" score -1."""
+    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "exclude": []}
+    v = judge_detections({"dog": [det(10, 10), det(50, 50), det(90, 90)]}, meta, RULES)
+    assert v.correct and not v.strict and v.score == pytest.approx(-1.0)
+
+
 def test_tag_summary_is_the_mean_of_tag_means():
     s = tag_summary(["counting", "counting", "colors"], [1, 0, 1])
     assert s["tag.counting"] == 0.5 and s["tag.colors"] == 1.0 and s["geneval"] == pytest.approx(0.75)

@@ -203,4 +203,11 @@ def test_report_is_genevals_summary_table(tmp_path, capsys):
     assert lines[0].split() == ["base", "trained", "ceiling", "delta"]
     assert lines[1].split() == ["counting", "0.250", "0.500", "1.000", "+0.250"]
     assert lines[2].split()[0] == "geneval" and lines[2].split()[-1] == "+0.150"
+    metrics |= {"base_train": {"geneval": 0.2, "score": 0.3}, "trained_train": {"geneval": 0.35, "score": 0.25}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main([str(tmp_path / "metrics.json")]) == 0
+    tail = capsys.readouterr().out.splitlines()[-3:]
+    assert tail[0].startswith("on training prompts")
+    assert tail[1].split() == ["geneval", "0.200", "0.350", "+0.150"]
+    assert tail[2].split() == ["score", "0.300", "0.250", "-0.050"]
     assert main([str(tmp_path / "none.json")]) == 1 and "make demo-geneval" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gdro_core.params import ParamsError, load_params, parse_params
+from gdro_core.params import ParamsError, check_train_eval_seeds, load_params, parse_params, round_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +82,16 @@ def test_a_prompt_source_dvc_cannot_track_is_refused(source):
 
 def test_a_prompt_source_under_prompt_files_is_accepted():
     assert parse_params({"prompts": {"source": "prompt_files/ocr"}}).prompts.source == "prompt_files/ocr"
+
+
+def test_the_training_prompt_evaluation_refuses_seeds_a_rollout_drew():
+    p = parse_params({"rollout": {"seed": 1000, "images_per_prompt": 8}, "evaluate": {"images_per_prompt": 2}})
+    check_train_eval_seeds(p, n_train=64, round=1)  # 900000.. misses 1000..1511
+    clash = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"train_seed": 1500})})
+    with pytest.raises(ParamsError, match=r"evaluate.train_seed \(1500\) reuses round 1's rollout seeds \(1000..1511\)"):
+        check_train_eval_seeds(clash, n_train=64, round=1)
+    # round 2 draws from rollout.seed + rounds.seed_offset: a seed there clashes only once round 2 has run
+    later = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"train_seed": 1_001_100})})
+    check_train_eval_seeds(later, n_train=64, round=1)
+    with pytest.raises(ParamsError, match="round 2's rollout seeds"):
+        check_train_eval_seeds(round_params(later, 2), n_train=64, round=2)

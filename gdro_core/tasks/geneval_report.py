@@ -25,6 +25,11 @@ def format_report(metrics: dict[str, dict[str, float]]) -> str:
         cells = "".join(f"{metrics[c][row]:>10.3f}" if row in metrics[c] else f"{'':>10}" for c in cols)
         delta = metrics["trained"].get(row, float("nan")) - metrics["base"].get(row, float("nan"))
         lines.append(f"{row.removeprefix('tag.'):<20}{cells}{delta:>+10.3f}")
+    if "base_train" in metrics:  # evaluate.train_prompts: the models on their own training prompts, fresh seeds
+        lines.append("on training prompts (fresh seeds):")
+        for row in ("geneval", "score"):
+            base, trained = metrics["base_train"][row], metrics["trained_train"][row]
+            lines.append(f"{row:<20}{base:>10.3f}{trained:>10.3f}{'':>10}{trained - base:>+10.3f}")
     return "\n".join(lines)
 
 

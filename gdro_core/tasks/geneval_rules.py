@@ -44,7 +44,7 @@ class Rules:
 class Verdict:
     correct: bool  # GenEval's per-prompt correctness
     strict: bool  # Flow-GRPO's strict correctness (exact counts)
-    score: float  # Flow-GRPO's partial credit in [0, 1]
+    score: float  # Flow-GRPO's partial credit: at most 1, negative when found > 2 x count (as in the reference)
     reasons: list[str] = field(default_factory=list)
 
 
