@@ -339,7 +339,7 @@ class Evaluate(Section):
         "base_train, trained_train): did training improve its own prompts, or only not carry over? 0 = off."
     )
     train_seed: int = Field(
-        900_000, ge=0, description="First seed of that evaluation; its seeds must miss every round's rollout seeds."
+        9000, ge=0, description="First seed of that evaluation; its seeds must miss every round's rollout seeds."
     )
 
 

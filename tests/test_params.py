@@ -86,7 +86,7 @@ def test_a_prompt_source_under_prompt_files_is_accepted():
 
 def test_the_training_prompt_evaluation_refuses_seeds_a_rollout_drew():
     p = parse_params({"rollout": {"seed": 1000, "images_per_prompt": 8}, "evaluate": {"images_per_prompt": 2}})
-    check_train_eval_seeds(p, n_train=64, round=1)  # 900000.. misses 1000..1511
+    check_train_eval_seeds(p, n_train=64, round=1)  # 9000.. misses 1000..1511
     clash = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"train_seed": 1500})})
     with pytest.raises(ParamsError, match=r"evaluate.train_seed \(1500\) reuses round 1's rollout seeds \(1000..1511\)"):
         check_train_eval_seeds(clash, n_train=64, round=1)
