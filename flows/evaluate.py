@@ -31,31 +31,34 @@ def score_models(lay: Layout) -> dict:
     p = lay.params
     logger = get_run_logger()
     task = make_task(p)
+    per = p.evaluate.images_per_prompt
     prompts = task.read_prompts(lay.prompts("test"))
-    records = [q for q in prompts for _ in range(p.evaluate.images_per_prompt)]
+    records = [q for q in prompts for _ in range(per)]
     targets = [q.target for q in records]
     judge = make_task_judge(task, p.judge)
     model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
                             shift=p.sampler.shift, guidance=p.sampler.guidance)
-    train_prompts = task.read_prompts(lay.prompts("train"))[: p.evaluate.train_prompts]
-    check_train_eval_seeds(p, len(train_prompts), lay.round)
+    train_prompts = []
+    if p.evaluate.train_prompts:
+        train_prompts = task.read_prompts(lay.prompts("train"))[: p.evaluate.train_prompts]
+        check_train_eval_seeds(p, len(train_prompts), lay.round)
+
+    def sample_on(chosen, seed):
+        return generate(model, chosen, per, seed, p.sampler.steps, p.sampler.guidance, p.sampler.batch_size)
+
     images, metrics, tables = {}, {}, []
     for name in ("base", "trained"):
         if name == "trained":
             model.load_adapter(lay.adapter_dir)
-        images[name] = generate(
-            model, prompts, p.evaluate.images_per_prompt, p.evaluate.seed, p.sampler.steps, p.sampler.guidance,
-            p.sampler.batch_size,
-        )
+        images[name] = sample_on(prompts, p.evaluate.seed)
         scores = assess(images[name], records, task, judge, p.judge.task)
         metrics[name] = task.summarise(scores)
         tables.append(scores.assign(model=name, target=targets))
         logger.info("%s: %s", name, metrics[name])
         if train_prompts:  # the same model on its own training prompts, with noise no rollout drew
-            seen = generate(model, train_prompts, p.evaluate.images_per_prompt, p.evaluate.train_seed,
-                            p.sampler.steps, p.sampler.guidance, p.sampler.batch_size)
-            seen_records = [q for q in train_prompts for _ in range(p.evaluate.images_per_prompt)]
-            metrics[f"{name}_train"] = task.summarise(task.reward(seen, seen_records))
+            seen = task.reward(sample_on(train_prompts, p.evaluate.train_seed),
+                               [q for q in train_prompts for _ in range(per)])
+            metrics[f"{name}_train"] = task.summarise(seen)
             logger.info("%s on training prompts: %s", name, metrics[f"{name}_train"])
     metrics["ceiling"] = task.ceiling(prompts)
     metrics["delta"] = {k: metrics["trained"][k] - metrics["base"][k] for k in ("reward", "corrected", "geneval")
@@ -64,7 +67,6 @@ def score_models(lay: Layout) -> dict:
         metrics["delta_train"] = {k: metrics["trained_train"][k] - metrics["base_train"][k]
                                   for k in ("reward", "geneval") if k in metrics["base_train"]}
     n = min(p.evaluate.grid_prompts, len(prompts))
-    per = p.evaluate.images_per_prompt
     grid = sample_grid({k: v[::per][:n] for k, v in images.items()}, [getattr(q, "caption", q.target) for q in prompts[:n]])
     return {"metrics": metrics, "grid": grid, "scores": pd.concat(tables, ignore_index=True)}
 
