@@ -121,6 +121,8 @@ class BuiltinModel(Section):
     text_dim: int = Field(128, ge=8, description="Width of the tiny CLIP text encoder.")
     text_layers: int = Field(2, ge=1)
     max_tokens: int = Field(32, ge=8, description="Tokenizer max length.")
+    tokenizer: Literal["char", "word"] = Field(
+        "char", description="char: one token per character; word: the task's caption words one token each.")
 
 
 class Model(Section):

@@ -186,8 +186,9 @@ def validate_prompt_sets(sets: dict[str, list[OcrPrompt]], params, where: str) -
     if params.reward.restrict_to_alphabet:
         check_targets_in_alphabet(every, params.world.alphabet, where)
     if params.model.source == "builtin":
-        from gdro_core.models.builtin import build_tokenizer
+        from gdro_core.models.builtin import CHARACTERS
+        from gdro_core.tasks import builtin_tokenizer
 
-        tok = build_tokenizer()
-        vocab = {t.removesuffix("</w>") for t in tok.get_vocab()}
+        tok = builtin_tokenizer(params)
+        vocab = set(CHARACTERS)
         check_encodable(every, vocab, params.model.builtin.max_tokens, lambda s: len(tok(s).input_ids), where)

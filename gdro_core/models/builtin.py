@@ -1,12 +1,13 @@
 """The built-in family: a small pixel-space SD3-class model that the ``base`` stage pretrains here.
 
 It uses the same transformer class (``SD3Transformer2DModel``) and scheduler as real SD3/SD3.5
-checkpoints, with a character-level CLIP text encoder built in code, so nothing is downloaded.
+checkpoints, with a tiny CLIP text encoder and a tokenizer built in code, so nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from diffusers import (
 )
 from PIL import Image
 from torch import Tensor
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedTokenizerFast
 
 from gdro_core.models.base import Condition, ModelError
 from gdro_core.models.family import DiffusersFlowModel
@@ -24,15 +25,36 @@ from gdro_core.models.sd3 import SD3_TARGETS, sd3_timesteps, sd3_velocity
 from gdro_core.params import BuiltinModel, World
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+CHARACTERS = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
 
 
-def build_tokenizer() -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (no merges) over lower-case ASCII, built in code."""
-    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
-    return CLIPTokenizer(vocab=vocab, merges=[])
+def build_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer | PreTrainedTokenizerFast:
+    """The built-in text encoder's tokenizer, built in code.
+
+    No ``words``: a character-level CLIP BPE tokenizer (no merges) over lower-case ASCII. With ``words``:
+    a WordPiece tokenizer that reads each of them as one token and spells any other word out in characters,
+    so a caption's words need not be learnt from their letters (``model.builtin.tokenizer: word``).
+    """
+    if not words:
+        vocab = {c: i for i, c in enumerate(CHARACTERS)}
+        vocab.update({c + "</w>": len(CHARACTERS) + i for i, c in enumerate(CHARACTERS)})
+        vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
+        return CLIPTokenizer(vocab=vocab, merges=[])
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    whole = sorted({w.lower() for w in words} - set(CHARACTERS))
+    bad = [w for w in whole if not w.isalnum()]
+    if bad:
+        raise ModelError(f"tokenizer words must be letters or digits, got {bad[:3]}")
+    tokens = [BOS, EOS, *CHARACTERS, *(f"##{c}" for c in CHARACTERS), *whole]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(WordPiece(vocab, unk_token=EOS))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
 
 
 class TextRenderPipeline(DiffusionPipeline):
@@ -44,11 +66,12 @@ class TextRenderPipeline(DiffusionPipeline):
 
 
 def build_builtin_pipeline(
-    cfg: BuiltinModel, world: World, shift: float | None, seed: int, channels: int = 1
+    cfg: BuiltinModel, world: World, shift: float | None, seed: int, channels: int = 1, words: Sequence[str] = ()
 ) -> TextRenderPipeline:
-    """A freshly initialised built-in model sized for the world's images (``channels``: 1 grayscale, 3 RGB)."""
+    """A freshly initialised built-in model sized for the world's images (``channels``: 1 grayscale, 3 RGB;
+    ``words``: the captions' words, read whole when ``cfg.tokenizer`` is ``word``)."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(words if cfg.tokenizer == "word" else ())
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer.get_vocab()),
         hidden_size=cfg.text_dim,

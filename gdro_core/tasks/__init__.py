@@ -22,6 +22,18 @@ def make_task(params: Params, **kwargs) -> Task:
     raise ValueError(f"unknown task {params.task!r}; choose 'ocr' or 'geneval'")
 
 
+def builtin_tokenizer(params: Params):
+    """The tokenizer the built-in model is built with: character-level, or the task's caption words whole."""
+    from gdro_core.models.builtin import build_tokenizer
+
+    return build_tokenizer(caption_words(params))
+
+
+def caption_words(params: Params) -> list[str]:
+    """The words the built-in tokenizer reads whole: none (``model.builtin.tokenizer: char``) or the task's."""
+    return make_task(params).caption_words() if params.model.builtin.tokenizer == "word" else []
+
+
 def world_of(params: Params):
     """The params section sizing the built-in model's images: ``world`` for OCR, ``geneval.world`` for GenEval."""
     return params.geneval.world if params.task == "geneval" else params.world

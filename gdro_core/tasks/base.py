@@ -8,6 +8,7 @@ stage reward images with it, and the pixel judge takes its references from its w
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,11 @@ from PIL import Image
 from gdro_core.evaluation.judge_scores import Judge
 
 Progress = Callable[[int, int], None]
+
+
+def words_of(texts: Sequence[str]) -> list[str]:
+    """The distinct lower-case words (runs of letters) in ``texts``, sorted."""
+    return sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower())})
 
 
 class PromptRecord(Protocol):
@@ -67,6 +73,10 @@ class Task(Protocol):
 
     def pretrain_batch(self, n: int, cfg, rng: random.Random) -> tuple[np.ndarray, list[str]]:
         """n world images as float32 (n, C, H, W) in [-1, 1] and their captions ('' for dropped ones)."""
+        ...
+
+    def caption_words(self) -> list[str]:
+        """The words of the built-in world's captions (what ``model.builtin.tokenizer: word`` reads whole)."""
         ...
 
     def pixel_judge(self, judge_params) -> Judge:

@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from gdro_core.tasks.base import Progress
+from gdro_core.tasks.base import Progress, words_of
 from gdro_core.tasks.detectors import Detector, make_detector
 from gdro_core.tasks.geneval_prompts import (
     GenEvalPrompt,
@@ -153,6 +153,9 @@ class GenEvalTask:
                 for c in img:
                     c[:] = ndimage.gaussian_filter(c, cfg.low_quality_blur, mode="constant", cval=-1.0)
         return images, captions
+
+    def caption_words(self) -> list[str]:
+        return words_of([r.prompt for r in self.scene_prompts()])
 
     def pixel_judge(self, judge_params):
         from gdro_core.evaluation.scene_judge import SceneJudge, SceneJudgeConfig

@@ -127,10 +127,11 @@ def validate_sets(sets: Mapping[str, Sequence[GenEvalPrompt]], params, where: st
             raise PromptError(f"{where}: {len(leaked)} {split} prompt(s) also occur in train, e.g. {leaked[0]!r}: "
                               "held-out prompts must never be trained on; remove them from train")
     if params.model.source == "builtin":
-        from gdro_core.models.builtin import build_tokenizer
+        from gdro_core.models.builtin import CHARACTERS
+        from gdro_core.tasks import builtin_tokenizer
 
-        tok = build_tokenizer()
-        vocab = {t.removesuffix("</w>") for t in tok.get_vocab()}
+        tok = builtin_tokenizer(params)
+        vocab = set(CHARACTERS)
         every = [r for records in sets.values() for r in records]
         check_encodable(every, vocab, params.model.builtin.max_tokens, lambda s: len(tok(s).input_ids), where)
 

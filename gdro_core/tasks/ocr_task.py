@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 
 from gdro_core.data import prompts as ocr_prompts
-from gdro_core.tasks.base import Progress
+from gdro_core.tasks.base import Progress, words_of
 from gdro_core.tasks.ocr import Reader, reader_from_params
 
 
@@ -80,6 +80,9 @@ class OcrTask:
         from gdro_core.training.pretrain import text_batch
 
         return text_batch(self.params.world, self.params.prompts.templates)(n, cfg, rng)
+
+    def caption_words(self) -> list[str]:
+        return words_of([t.format(text="") for t in self.params.prompts.templates])
 
     def pixel_judge(self, judge_params):
         from gdro_core.evaluation.judge import PixelJudge, pixel_judge_config
