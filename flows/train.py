@@ -87,6 +87,7 @@ def fit_adapter(lay: Layout) -> dict:
         monitored, val, task, make_task_judge(task, p.judge), judge_task=p.judge.task, seed=p.evaluate.seed,
         steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, keep=p.evaluate.keep,
         workdir=ckpt / "monitor", log=log, per_prompt=p.evaluate.checkpoint_images_per_prompt,
+        tie_se=p.evaluate.tie_se,
     )
     monitor.evaluate_base()
     every = p.evaluate.checkpoint_every or p.train.steps

@@ -335,6 +335,10 @@ class Evaluate(Section):
     keep: Literal["best_corrected", "last"] = Field(
         "best_corrected", description="Which adapter train keeps: the best corrected score, or the last step."
     )
+    tie_se: float = Field(
+        1.0, ge=0, description="best_corrected: checkpoints within this many paired standard errors of the best "
+        "corrected score are tied, and the tied one with the highest reward is kept (0 = the best corrected alone)."
+    )
     hacking_window: int = Field(3, ge=2, description="Checkpoints over which a hacking trend is flagged.")
     train_prompts: int = Field(
         0, ge=0, description="Also score base and trained on this many training prompts with fresh seeds (metrics "

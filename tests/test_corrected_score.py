@@ -104,3 +104,29 @@ def test_kept_checkpoint_is_best_corrected_or_last():
 def test_curve_plot_is_written(tmp_path):
     out = plot_curves(_curve([0.3, 0.5], [0.4, 0.6]), tmp_path / "c.png")
     assert out.stat().st_size > 1000
+
+
+def _per_image(steps_corrected: dict[int, np.ndarray]) -> pd.DataFrame:
+    return pd.concat([pd.DataFrame({"step": s, "image": range(len(c)), "corrected": c})
+                      for s, c in steps_corrected.items()], ignore_index=True)
+
+
+def _centred(rng, n, sd):
+    x = rng.normal(0, sd, n)
+    return (x - x.mean()) / x.std(ddof=1) * sd  # exactly mean 0 and standard deviation sd
+
+
+def test_a_corrected_score_within_noise_of_the_best_is_tied_and_the_higher_reward_kept():
+    rng = np.random.default_rng(0)
+    n = 128
+    prompt = rng.normal(1.0, 0.5, n)  # what every checkpoint shares: the prompts and seeds
+    noise = _centred(rng, n, 0.3)  # the 450-step adapter differs image by image: SE of the difference 0.3 / sqrt(128)
+    images = _per_image({0: prompt - 0.2, 300: prompt, 450: prompt - 0.02 + noise, 600: prompt - 0.3})
+    curve = pd.DataFrame({"step": [0, 300, 450, 600], "reward": [0.4, 0.57, 0.60, 0.70],
+                          "corrected": [0.8, 1.0, 0.98, 0.7]})
+    assert best_step(curve, "best_corrected") == 300  # the best corrected score alone
+    assert best_step(curve, "best_corrected", images, tie_se=0.0) == 300
+    # 450 is 0.02 below, within one standard error (0.027): tied, and its reward is higher. 600 has the highest
+    # reward but is 0.3 below on every image: hacked, never kept.
+    assert best_step(curve, "best_corrected", images, tie_se=1.0) == 450
+    assert best_step(curve, "best_corrected", images, tie_se=0.5) == 300  # 0.02 is more than half a standard error

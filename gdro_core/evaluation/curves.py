@@ -22,10 +22,29 @@ def hacking_trend(curve: pd.DataFrame, window: int) -> bool:
     return slope(tail["reward"]) > 0 and slope(tail["corrected"]) < 0
 
 
-def best_step(curve: pd.DataFrame, keep: str) -> int:
-    """The checkpoint to keep: best corrected score (ties: the later) or the last one.
+def tied_steps(images: pd.DataFrame, best: int, steps: list[int], tie_se: float) -> list[int]:
+    """The steps whose corrected score is within ``tie_se`` paired standard errors of ``best``'s.
 
-    Checkpoints without a corrected score (every judge answer missing) are passed over; with none scored, the last.
+    ``images`` holds one row per validation image and step (``step``, ``image``, ``corrected``): every checkpoint
+    is scored on the same prompts and seeds, so the per-image differences carry only the checkpoints' difference.
+    """
+    table = images.pivot(index="image", columns="step", values="corrected")
+    out = []
+    for s in steps:
+        diff = (table[best] - table[s]).dropna() if s in table and best in table else pd.Series(dtype=float)
+        if s == best or (len(diff) >= 2 and diff.mean() <= tie_se * diff.std(ddof=1) / np.sqrt(len(diff))):
+            out.append(s)
+    return out
+
+
+def best_step(curve: pd.DataFrame, keep: str, images: pd.DataFrame | None = None, tie_se: float = 0.0) -> int:
+    """The checkpoint to keep: the best corrected score (ties: the later) or the last one.
+
+    With ``tie_se`` > 0 and per-image scores, the checkpoints whose corrected score the validation images cannot
+    tell from the best (within ``tie_se`` paired standard errors) are tied, and the tied one with the highest
+    reward is kept: the corrected score still rules out a hacked checkpoint, its noise no longer picks among the
+    rest. Checkpoints without a corrected score (every judge answer missing) are passed over; with none scored,
+    the last.
     """
     trained = curve[curve["step"] > 0].sort_values("step")
     if trained.empty:
@@ -35,7 +54,11 @@ def best_step(curve: pd.DataFrame, keep: str) -> int:
     scored = trained[trained["corrected"].notna()]  # a checkpoint the judge never answered for has no corrected score
     if scored.empty:
         return int(trained["step"].iloc[-1])
-    return int(scored.loc[scored["corrected"][::-1].idxmax(), "step"])
+    best = int(scored.loc[scored["corrected"][::-1].idxmax(), "step"])
+    if tie_se <= 0 or images is None or images.empty:
+        return best
+    tied = scored[scored["step"].isin(tied_steps(images, best, [int(s) for s in scored["step"]], tie_se))]
+    return int(tied.loc[tied["reward"][::-1].idxmax(), "step"])
 
 
 def plot_curves(curve: pd.DataFrame, path: Path, title: str = "") -> Path:
