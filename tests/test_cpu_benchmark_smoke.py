@@ -1,9 +1,11 @@
 """benchmarks/cpu_objectives.py run in-process on a tiny project (random-weight base, tiny rollouts) with a tiny
-budget: every method is trained, timed and evaluated, and the report, the plot and the ratio line appear."""
+budget: every method is trained, timed and evaluated, and the report, the plot and the ratio line appear.
+benchmarks/checkpoint_choice.py on the same project: every checkpoint scored, every rule's choice reported."""
 
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -153,3 +155,29 @@ def test_the_online_method_can_train_as_long_in_total_as_the_offline_ones(bench)
     assert bench.Tracker(None, None, None, {}, none, args, online=True).budget == 50.0  # its own, same total
     args.online_budget = 0.0
     assert bench.Tracker(None, None, None, {}, none, args, online=True).budget == 10.0  # default: --train-budget
+
+
+def test_checkpoint_choice_scores_every_checkpoint_and_each_rule_keeps_one(tmp_path, capsys):
+    bench = load_benchmark("checkpoint_choice")
+    lay = make_project(tmp_path)
+    report = bench.main(["--root", str(tmp_path), "--seeds", "0", "1", "--steps", "4", "--val-prompts", "3",
+                         "--val-sizes", "2", "3", "9"])
+    out = capsys.readouterr().out
+    scores = pd.read_csv(lay.reports_dir / "benchmark" / "checkpoint_choice.csv")
+    n_test = PARAMS["prompts"]["n_test"] * 2  # evaluate.images_per_prompt
+    for seed in (0, 1):
+        run = scores[scores["seed"] == seed]
+        assert sorted(run["step"].unique()) == [0, 2, 4]  # the base, then every evaluate.checkpoint_every steps
+        for step in (0, 2, 4):
+            at = run[run["step"] == step]
+            assert (at["split"] == "val").sum() == 3 and (at["split"] == "test").sum() == n_test
+    rows = report["choices"]
+    assert {(r["seed"], r["val_prompts"], r["rule"]) for r in rows} == {
+        (s, n, rule) for s in (0, 1) for n in (2, 3) for rule in bench.RULES}  # 9 > --val-prompts is left out
+    test = scores[scores["split"] == "test"].groupby(["seed", "step"])["reward"].mean()
+    for r in rows:
+        assert r["step"] in (2, 4)
+        assert r["heldout_gain"] == pytest.approx(test[(r["seed"], r["step"])] - test[(r["seed"], 0)])
+        if r["rule"] == "last":
+            assert r["step"] == 4
+    assert "kept step and its held-out gain" in out
