@@ -69,9 +69,9 @@ def build_builtin_pipeline(
     cfg: BuiltinModel, world: World, shift: float | None, seed: int, channels: int = 1, words: Sequence[str] = ()
 ) -> TextRenderPipeline:
     """A freshly initialised built-in model sized for the world's images (``channels``: 1 grayscale, 3 RGB;
-    ``words``: the captions' words, read whole when ``cfg.tokenizer`` is ``word``)."""
+    ``words``: read whole by the tokenizer, see :func:`gdro_core.tasks.caption_words`; none: character-level)."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(words if cfg.tokenizer == "word" else ())
+    tokenizer = build_tokenizer(words)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer.get_vocab()),
         hidden_size=cfg.text_dim,
