@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from gdro_core.params import parse_params
 from gdro_core.tasks import channels_of, make_task, world_of
@@ -175,6 +176,30 @@ def test_pretrain_batches_are_colour_scenes_under_their_captions():
     assert images.shape == (8, 3, 32, 32) and images.dtype == np.float32
     assert images.min() == -1.0 and images.max() <= 1.0
     assert all(c.startswith("a photo of ") for c in captions)
+
+
+def test_low_quality_share_blurs_every_channel_of_that_share_of_scenes():
+    """The low-quality part of the data: blurred scenes the exact detector no longer reads (a flaw GDRO can remove).
+    On the GenEval demo's world (params-geneval.yaml)."""
+    world = {"height": 16, "width": 16, "grid": 8, "object_size": 7, "jitter": 0}
+    p = parse_params({**GENEVAL, "geneval": {"world": world}})
+    task = make_task(p)
+    clean_cfg = p.pretrain.model_copy(update={"cond_dropout": 0.0})
+    blur_cfg = clean_cfg.model_copy(update={"low_quality_share": 0.5, "low_quality_blur": 1.5})
+    clean, captions = task.pretrain_batch(64, clean_cfg, random.Random(0))
+    blurred, same_captions = task.pretrain_batch(64, blur_cfg, random.Random(0))
+    assert same_captions == captions
+    changed = np.array([not np.array_equal(a, b) for a, b in zip(blurred, clean)])
+    assert 0.3 < changed.mean() < 0.7
+    assert np.array_equal(blurred[~changed], clean[~changed])
+    # every drawn channel of a blurred scene is soft: none keeps its full palette value
+    drawn = clean[changed].max(axis=(2, 3)) > -1.0
+    assert drawn[:, 1:].any() and (blurred[changed].max(axis=(2, 3))[drawn] < clean[changed].max(axis=(2, 3))[drawn]).all()
+    by_prompt = {r.prompt: r for r in task.scene_prompts()}
+    records = [by_prompt[c] for c in captions]
+    as_images = [Image.fromarray(((a.transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)) for a in blurred]
+    scores = task.reward(as_images, records)["score"].to_numpy()
+    assert scores[~changed].mean() == 1.0 and scores[changed].mean() < 0.2
 
 
 def test_pixel_judge_prefers_clean_scenes_to_noise():

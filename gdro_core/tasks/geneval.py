@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy import ndimage
 
 from gdro_core.tasks.base import Progress, words_of
 from gdro_core.tasks.detectors import Detector, make_detector
@@ -133,6 +132,8 @@ class GenEvalTask:
     def pretrain_batch(self, n: int, cfg, rng: random.Random) -> tuple[np.ndarray, list[str]]:
         """Scenes of random prompts (tags equally likely), captioned with their prompts; some dropped, some
         mislabelled (``caption_noise``), some blurred (``low_quality_share``)."""
+        from gdro_core.training.pretrain import degrade
+
         scenes = self.scene_prompts()
         by_tag: dict[str, list[GenEvalPrompt]] = {}
         for r in scenes:
@@ -148,11 +149,7 @@ class GenEvalTask:
                 captions.append(rng.choice(scenes).prompt)
             else:
                 captions.append(r.prompt)
-        for img in images:
-            if cfg.low_quality_share > 0 and rng.random() < cfg.low_quality_share:
-                for c in img:
-                    c[:] = ndimage.gaussian_filter(c, cfg.low_quality_blur, mode="constant", cval=-1.0)
-        return images, captions
+        return degrade(images, cfg.low_quality_share, cfg.low_quality_blur, rng), captions
 
     def caption_words(self) -> list[str]:
         return words_of([r.prompt for r in self.scene_prompts()])

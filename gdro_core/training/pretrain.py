@@ -53,17 +53,18 @@ def caption_batch(
 
 
 def degrade(images: np.ndarray, share: float, sigma: float, rng: random.Random) -> np.ndarray:
-    """Blur a random ``share`` of the images (in place): the low-quality part of the training data.
+    """Blur a random ``share`` of the images (in place, every channel): the low-quality part of the training data.
 
-    A base that sometimes draws illegible text for any prompt has a failure mode that reward
-    training can remove everywhere, the way real web-trained models learn to avoid blurry text.
+    A base that sometimes draws a blurred image for any prompt has a failure mode that reward
+    training can remove everywhere, the way real web-trained models learn to avoid blurry images.
     """
     if share <= 0:
         return images
-    background = images.min()
+    background = float(images.min())
     for img in images:
         if rng.random() < share:
-            img[0] = ndimage.gaussian_filter(img[0], sigma, mode="constant", cval=float(background))
+            for channel in img:
+                channel[:] = ndimage.gaussian_filter(channel, sigma, mode="constant", cval=background)
     return images
 
 
