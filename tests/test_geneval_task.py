@@ -6,8 +6,9 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
 
+from gdro_core.models.builtin import pixel_images
 from gdro_core.params import parse_params
 from gdro_core.tasks import channels_of, make_task, world_of
 from gdro_core.tasks.geneval_prompts import (
@@ -197,8 +198,7 @@ def test_low_quality_share_blurs_every_channel_of_that_share_of_scenes():
     assert drawn[:, 1:].any() and (blurred[changed].max(axis=(2, 3))[drawn] < clean[changed].max(axis=(2, 3))[drawn]).all()
     by_prompt = {r.prompt: r for r in task.scene_prompts()}
     records = [by_prompt[c] for c in captions]
-    as_images = [Image.fromarray(((a.transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)) for a in blurred]
-    scores = task.reward(as_images, records)["score"].to_numpy()
+    scores = task.reward(pixel_images(torch.from_numpy(blurred)), records)["score"].to_numpy()
     assert scores[~changed].mean() == 1.0 and scores[changed].mean() < 0.2
 
 

@@ -57,6 +57,14 @@ def build_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer | PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
 
 
+def pixel_images(pixels: Tensor) -> list[Image.Image]:
+    """The built-in model's latents, (N, C, H, W) pixels in [-1, 1], as images (C 1: grayscale, 3: RGB)."""
+    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    if arr.shape[1] == 1:
+        return [Image.fromarray(a[0], mode="L") for a in arr]
+    return [Image.fromarray(a.transpose(1, 2, 0), mode="RGB") for a in arr]
+
+
 class TextRenderPipeline(DiffusionPipeline):
     """The built-in pixel-space model: SD3 transformer, tiny CLIP text encoder, FlowMatch Euler scheduler."""
 
@@ -146,10 +154,7 @@ class BuiltinModelAdapter(DiffusersFlowModel):
         sd3_timesteps(self, scheduler, steps)
 
     def decode(self, latents: Tensor) -> list[Image.Image]:
-        arr = ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-        if arr.shape[1] == 1:
-            return [Image.fromarray(a[0], mode="L") for a in arr]
-        return [Image.fromarray(a.transpose(1, 2, 0), mode="RGB") for a in arr]
+        return pixel_images(latents)
 
     def encode_images(self, images: list[Image.Image]) -> Tensor:
         mode = "L" if self.latent_shape[0] == 1 else "RGB"
