@@ -44,7 +44,7 @@ def pretrain_builtin(lay: Layout) -> None:
 def base_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
     lay = load_layout(params_path, overrides)
     p = lay.params
-    with stage_run(p, lay.root, "base", ("task", "model", "world", "pretrain", "geneval")):
+    with stage_run(p, lay.root, "base"):
         if p.model.source == "builtin":
             pretrain_builtin(lay)
             with tracking_optional("log the base model"):

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from gdro_core.layout import ROUND_STAGES
+from gdro_core.stages import CHECK_FILE, ROUND_STAGES, STAGE_NAMES, stage
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -21,13 +21,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"--set expects KEY=VALUE (e.g. train.beta=6), got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SystemExit(f"--set {key}: {value!r} is not a YAML value ({getattr(err, 'problem', err)}); quote "
+                             "strings and close brackets, e.g. --set train.beta=6 or --set 'sweep.grid={train.beta: [6, 12]}'")
     return out
 
 
 EXTRA_COMMANDS = ("serve", "sweep", "compare", "deploy")
-STAGES = ("prompts", "base", "rollout", "score", "train", "evaluate")
-"""dvc.yaml's stages in order; each is ``flows/<name>.py``'s ``<name>_flow``."""
+STAGES = STAGE_NAMES
+"""The stages in order (gdro_core/stages.py); each is ``flows/<name>.py``'s ``<name>_flow``."""
 
 
 def round_arg(value: str) -> int:
@@ -42,8 +46,6 @@ def round_arg(value: str) -> int:
         )
     return n
 
-
-CHECK_FILE = "params_check.json"
 
 
 def is_expected(err: BaseException) -> bool:
@@ -70,13 +72,6 @@ def pipeline_flow():
     from flows.pipeline import pipeline_flow
 
     return pipeline_flow
-
-
-def stage_flow(name: str):
-    """Import only the named stage's flow, so a stage loads (and DVC tracks) only the code it runs."""
-    import importlib
-
-    return getattr(importlib.import_module(f"flows.{name}"), f"{name}_flow")
 
 
 def parse_grid(pairs: list[str]) -> dict[str, list[Any]]:
@@ -150,20 +145,62 @@ def run_server_command(args: argparse.Namespace) -> int:
 
 
 def check_params(args: argparse.Namespace) -> int:
-    """Validate every section before DVC runs (and so first deletes the outputs of) any other stage."""
+    """Validate every section before DVC runs (and so first deletes the outputs of) any other stage, and write each
+    stage's code hash (``reports/code/<stage>.json``), the one code dep of that stage in dvc.yaml."""
     from flows.context import project_root
     from gdro_core.data.store import write_json
     from gdro_core.params import ParamsError, load_params
+    from gdro_core.stages import CODE_DIR, code_record
+
+    from gdro_core import preflight
 
     root = project_root()
     try:
         params = load_params(root / args.params, parse_overrides(args.overrides))
-    except ParamsError as err:
+        records = {name: code_record(name, params) for name in STAGE_NAMES}
+    except (ParamsError, KeyError) as err:
         print(f"gdro check: {err}", file=sys.stderr)
         return 2
-    out = root / params.paths.reports_dir / CHECK_FILE
-    write_json(out, {"params": "valid"})  # constant content: a valid change reruns only the stages it affects
+    problems = preflight.problems(params, root)
+    for line in problems:
+        print(f"gdro check: {line}", file=sys.stderr)
+    if problems:
+        print("gdro check: nothing ran and no output was deleted; fix the paths above and run it again",
+              file=sys.stderr)
+        return 2
+    for line in preflight.warnings(params):
+        print(f"gdro check: warning: {line}", file=sys.stderr)
+    reports = root / params.paths.reports_dir
+    write_json(reports / CHECK_FILE, {"params": "valid"})  # constant content: a valid change reruns only the stages it affects
+    for name, record in records.items():
+        write_json(reports / CODE_DIR / f"{name}.json", record)  # unchanged code: the same bytes, nothing reruns
     print(f"params valid: {root / args.params}")
+    return 0
+
+
+def stages_command(args: argparse.Namespace) -> int:
+    """``gdro stages``: each stage's params, task parts and code files; ``--write`` regenerates the DVC files."""
+    from flows.context import project_root
+    from gdro_core.dvc_files import write_dvc_files
+    from gdro_core.params import ParamsError, load_params
+    from gdro_core.stages import stage_files
+
+    root = project_root()
+    if args.write:
+        for path in write_dvc_files(root):
+            print(f"wrote {path}")
+        return 0
+    try:
+        params = load_params(root / args.params, parse_overrides(args.overrides))
+    except ParamsError as err:
+        print(f"gdro stages: {err}", file=sys.stderr)
+        return 2
+    for name in STAGE_NAMES:
+        s = stage(name)
+        files = stage_files(name, params)
+        print(f"{name}: {s.help}\n  params: {', '.join(s.params)}"
+              + (f"\n  task {params.task}: {', '.join(s.task_parts)}" if s.task_parts else "")
+              + f"\n  code: {len(files)} files")
     return 0
 
 
@@ -208,7 +245,24 @@ def run_flow(flow, args: argparse.Namespace) -> None:
         flow(params_path=args.params, overrides=parse_overrides(args.overrides), **extra)
 
 
+def stop_with_parent() -> None:
+    """Under `dvc repro` (which sets DVC_STAGE), end with the repro: DVC exits on SIGTERM without signalling its
+    stage's command, which would otherwise train on, orphaned. Linux delivers SIGTERM when the parent exits, and
+    Prefect turns it into a Crashed run whose MLflow run ends KILLED, with the last checkpoint kept for the rerun."""
+    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent was gone before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stop_with_parent()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if (argv if argv is not None else sys.argv[1:])[:1] != ["serve"]:
@@ -232,12 +286,27 @@ def main(argv: list[str] | None = None) -> int:
                                help="run a later round (N >= 2): sample from round N-1's adapter and train it further "
                                     "(see rounds/dvc.yaml)")
     sub.add_parser("check", parents=[common], help="validate the params file (dvc.yaml's first stage)")
+    stages = sub.add_parser("stages", parents=[common], help="each stage's params and code; --write regenerates dvc.yaml")
+    stages.add_argument("--write", action="store_true",
+                        help="regenerate dvc.yaml and rounds/dvc.yaml from gdro_core/stages.py")
     add_server_commands(sub, common)
     args = parser.parse_args(argv)
     if args.command in EXTRA_COMMANDS:
         return run_server_command(args)
     if args.command == "check":
         return check_params(args)
+    if args.command == "stages":
+        return stages_command(args)
+    from flows.context import stage_flow
+
+    try:  # bad params or --set fail now, before a Prefect server starts (5-20 s)
+        from flows.context import project_root
+        from gdro_core.params import load_params
+
+        load_params(project_root() / args.params, parse_overrides(args.overrides))
+    except ValueError as err:
+        print(f"gdro {args.command}: {err}", file=sys.stderr)
+        return 2
     flow = pipeline_flow() if args.command == "pipeline" else stage_flow(args.command)
     quiet_expected_errors()
     try:

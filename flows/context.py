@@ -29,6 +29,14 @@ def load_layout(params_path: str = "params.yaml", overrides: dict[str, Any] | No
     return Layout(root=root, params=round_params(params, round), round=round)
 
 
+def stage_flow(name: str):
+    """The named stage's flow, ``flows/<name>.py``'s ``<name>_flow``, imported by name: a stage loads (and its code
+    hash covers) only its own flow."""
+    import importlib
+
+    return getattr(importlib.import_module(f"flows.{name}"), f"{name}_flow")
+
+
 PID_TAG, HOST_TAG = "gdro.pid:", "gdro.host:"
 
 

@@ -23,7 +23,7 @@ from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
 from gdro_core.tracking.registry import register_adapter
 from gdro_core.data.store import atomic_write, write_json
-from gdro_core.tracking.runs import later_round, stage_run, tracking_optional
+from gdro_core.tracking.runs import stage_run, tracking_optional
 
 
 @task(cache_policy=NO_CACHE)
@@ -75,8 +75,7 @@ def score_models(lay: Layout) -> dict:
 def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> dict:
     lay = load_layout(params_path, overrides, round)
     p = lay.params
-    with stage_run(p, lay.root, "evaluate", ("task", "model", "sampler", "reward", "train", "evaluate", "geneval")
-                   + later_round(round), round=round):
+    with stage_run(p, lay.root, "evaluate", round=round):
         out = score_models(lay)
         metrics = out["metrics"]
         write_json(lay.metrics, metrics)

@@ -1,5 +1,5 @@
-"""The whole pipeline as one flow: each stage runs as a subflow, in dvc.yaml's order, then the later rounds
-``rounds.count`` asks for (rounds/dvc.yaml's stages, in its order)."""
+"""The whole pipeline as one flow: each stage runs as a subflow, in the declared order (gdro_core/stages.py),
+then the later rounds ``rounds.count`` asks for."""
 
 from __future__ import annotations
 
@@ -7,23 +7,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows.base import base_flow
-from flows.context import load_layout
-from flows.evaluate import evaluate_flow
-from flows.prompts import prompts_flow
-from flows.rollout import rollout_flow
-from flows.score import score_flow
-from flows.train import train_flow
-from gdro_core.layout import ROUND_STAGES
+from flows.context import load_layout, stage_flow
+from gdro_core.stages import ROUND_STAGES, STAGE_NAMES
 
-STAGES = {
-    "prompts": prompts_flow,
-    "base": base_flow,
-    "rollout": rollout_flow,
-    "score": score_flow,
-    "train": train_flow,
-    "evaluate": evaluate_flow,
-}
+STAGES = {name: stage_flow(name) for name in STAGE_NAMES}
 
 
 @flow(name="pipeline")

@@ -15,7 +15,7 @@ from gdro_core.tracking.runs import stage_run
 def prompts_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, int]:
     lay = load_layout(params_path, overrides)
     p = lay.params
-    with stage_run(p, lay.root, "prompts", ("task", "world", "prompts", "geneval")):
+    with stage_run(p, lay.root, "prompts"):
         task = make_task(p)
         sets = task.make_prompt_sets(lay.root)  # generated, or read from prompts.source / geneval.metadata_dir
         for split, items in sets.items():

@@ -14,33 +14,16 @@ from prefect.cache_policies import NO_CACHE
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
 from gdro_core.models.identity import base_fingerprint
+from gdro_core.cache_keys import rollout_fingerprint
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
 from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job, worker_count, worker_threads
 from gdro_core.data.rollout import (
     MANIFEST, generate_rollouts, is_complete, pending_shards, plan_shards, prepare_rollouts, write_manifest,
 )
-from gdro_core.data.store import dir_hash, fingerprint, read_json, sha256_file
+from gdro_core.data.store import read_json
 from gdro_core.params import check_round_seeds
-from gdro_core.tracking.runs import later_round, stage_run
-
-
-def rollout_fingerprint(lay: Layout) -> str:
-    """Everything the rollouts depend on: base weights, prompts, sampler and rollout params (and in a later
-    round, the previous round's adapter they are sampled with)."""
-    p = lay.params
-    later = {"round": lay.round, "adapter": dir_hash(lay.previous_adapter())} if lay.round > 1 else {}
-    return fingerprint(
-        {
-            "base": dir_hash(lay.base_dir),
-            "prompts": sha256_file(lay.prompts("train")),
-            "sampler": p.sampler.model_dump(),
-            "rollout": p.rollout.model_dump(),
-            "model": p.model.source,
-            "base_fingerprint": base_fingerprint(p.model.source, lay.base_dir),
-            **later,
-        }
-    )
+from gdro_core.tracking.runs import stage_run
 
 
 def policy_adapter(lay: Layout) -> str:
@@ -100,8 +83,7 @@ def fan_out_pools(lay: Layout, fp: str) -> dict:
 @flow(name="rollout")
 def rollout_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> int:
     lay = load_layout(params_path, overrides, round)
-    with stage_run(lay.params, lay.root, "rollout", ("model", "sampler", "rollout", "scale") + later_round(round),
-                   round=round):
+    with stage_run(lay.params, lay.root, "rollout", round=round):
         if round > 1:
             check_round_seeds(lay.params, len(make_task(lay.params).read_prompts(lay.prompts("train"))))
         fp = rollout_fingerprint(lay)

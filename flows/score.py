@@ -59,7 +59,7 @@ def score_table(lay: Layout):
 @flow(name="score")
 def score_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> float:
     lay = load_layout(params_path, overrides, round)
-    with stage_run(lay.params, lay.root, "score", ("task", "reward", "geneval", "scale"), round=round):
+    with stage_run(lay.params, lay.root, "score", round=round):
         table = score_table(lay)
         group_std = table.groupby("prompt_index")["reward"].std().mean()
         metrics = {

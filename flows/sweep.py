@@ -29,7 +29,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.context import load_layout, project_root
 from flows.evaluate import evaluate_flow
-from flows.rollout import rollout_fingerprint, rollout_flow
+from flows.rollout import rollout_flow
+from gdro_core.cache_keys import rollout_fingerprint
 from flows.score import score_flow
 from flows.train import train_flow
 from gdro_core.tracking.compare import set_champion

@@ -16,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from flows.context import load_layout
 from gdro_core.models import load_flow_model
 from gdro_core.models.family import BASE_FILE
-from gdro_core.models.lora import WEIGHTS
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
 from gdro_core.tasks import make_task, world_of
@@ -26,8 +25,9 @@ from gdro_core.data.pool import open_rollouts
 from gdro_core.models.offload import PreEncoded, offload_unused
 from gdro_core.training.launch import launched
 from gdro_core.data.scoring import read_table, reward_matrix
-from gdro_core.data.store import fingerprint, read_json, sha256_file
-from gdro_core.tracking.runs import later_round, metric_logger, stage_run, tracking_optional
+from gdro_core.data.store import read_json
+from gdro_core.cache_keys import train_fingerprint
+from gdro_core.tracking.runs import metric_logger, stage_run, tracking_optional
 from gdro_core.training.kept_adapter import keep_adapter
 from gdro_core.training.loop import train
 
@@ -35,22 +35,6 @@ from gdro_core.training.loop import train
 def init_adapter(lay: Layout):
     """The adapter training starts from: none in round 1, round N-1's in round N."""
     return lay.previous_adapter() if lay.round > 1 else None
-
-
-def train_fingerprint(lay: Layout) -> str:
-    p = lay.params
-    # a later round's checkpoints are its own: keyed by the round and the adapter it starts from
-    later = {"round": lay.round, "init_adapter": sha256_file(lay.previous_adapter() / WEIGHTS)} if lay.round > 1 else {}
-    return fingerprint(
-        {
-            **later,
-            # how the batch is computed (processes, micro-batches, recomputation) does not change the run
-            "train": p.train.model_dump(exclude={"num_processes", "gradient_accumulation_steps", "gradient_checkpointing"}),
-            "monitor": [p.evaluate.model_dump(), p.judge.model_dump(), p.sampler.model_dump()],
-            "rollouts": read_json(lay.rollout_dir / "manifest.json")["fingerprint"],
-            "rewards": sha256_file(lay.rewards),
-        }
-    )
 
 
 def _offline_inputs(lay: Layout):
@@ -123,7 +107,7 @@ def train_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | Non
         key = lay.checkpoints("train", train_fingerprint(lay)).name
     except FileNotFoundError:
         key = ""  # no rollouts or rewards yet: fit_adapter says what to run first
-    with stage_run(lay.params, lay.root, "train", ("train", "evaluate", "judge") + later_round(round), resume_key=key,
+    with stage_run(lay.params, lay.root, "train", resume_key=key,
                    round=round):
         summary = fit_adapter(lay)
         with tracking_optional("log the summary and the adapter"):  # the adapter is saved: tracking cannot lose it

@@ -1,4 +1,4 @@
-"""Where each stage reads and writes, relative to the project root (mirrors dvc.yaml and rounds/dvc.yaml).
+"""Where each stage reads and writes, relative to the project root (dvc.yaml and rounds/dvc.yaml are generated from it).
 
 Round 1 is the default pipeline's paths; a later round r (``--round r``) keeps the prompts and the base and
 writes its rollouts, reward table, adapter and reports under ``rounds/<r>/`` of the data, models and reports
@@ -10,13 +10,12 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.code_version import code_hash
 from gdro_core.params import Params
+from gdro_core.stages import ROUND_STAGES, stage_code_hash
 
 
 ROUNDS_DIR = "rounds"
-ROUND_STAGES = ("rollout", "score", "train", "evaluate")
-"""The stages a later round runs again, in order (rounds/dvc.yaml; ``--round N``; ``rounds.count``)."""
+__all__ = ["Layout", "RoundError", "ROUND_STAGES", "ROUNDS_DIR"]
 
 
 class RoundError(ValueError):
@@ -92,5 +91,5 @@ class Layout:
     def checkpoints(self, stage: str, fingerprint: str) -> Path:
         """Per-configuration and per-code checkpoints: a changed config or changed stage code never resumes
         another's state."""
-        key = hashlib.sha256(f"{fingerprint}:{code_hash(stage)}".encode()).hexdigest()
+        key = hashlib.sha256(f"{fingerprint}:{stage_code_hash(stage, self.params)}".encode()).hexdigest()
         return self.root / "checkpoints" / stage / key[:16]

@@ -611,23 +611,30 @@ def check_train_eval_seeds(params: Params, n_train: int, round: int) -> None:
             )
 
 
-def _describe(err: ValidationError, source: str) -> str:
+MAX_SHOWN = 120
+"""Characters of a bad value an error shows; a section's whole mapping is never printed."""
+
+
+def _describe(err: ValidationError, source: str, overridden: tuple[str, ...] = ()) -> str:
     lines = [f"invalid params in {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = " (given with --set)" if key in overridden else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown key '{key}': remove it or fix its spelling")
-        else:
-            lines.append(f"  '{key}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  unknown key '{key}'{where}: remove it or fix its spelling")
+            continue
+        got = e.get("input")
+        shown = "" if isinstance(got, (dict, list)) or len(repr(got)) > MAX_SHOWN else f" (got {got!r})"
+        lines.append(f"  '{key}'{where}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
 
 
-def parse_params(data: dict[str, Any], source: str = "params") -> Params:
-    """Validate a params mapping; raise :class:`ParamsError` naming each bad key."""
+def parse_params(data: dict[str, Any], source: str = "params", overridden: tuple[str, ...] = ()) -> Params:
+    """Validate a params mapping; raise :class:`ParamsError` naming each bad key (and which came from --set)."""
     try:
         return Params.model_validate(data or {})
     except ValidationError as err:
-        raise ParamsError(_describe(err, source)) from None
+        raise ParamsError(_describe(err, source, overridden)) from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -637,7 +644,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ParamsError(f"params file not found: {path} (run from the project root or pass --params)")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -645,6 +652,9 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         tab = mark is not None and mark.line < len(lines) and "\t" in lines[mark.line]
         hint = "YAML does not allow tabs for indentation: indent with spaces" if tab else "fix the YAML syntax there"
         raise ParamsError(f"{path}{where} is not valid YAML ({getattr(err, 'problem', err)}): {hint}") from None
+    if data is None:
+        raise ParamsError(f"{path} is empty: restore it (`git checkout {path.name}`) or write the sections you change "
+                          "(train:, sampler:, ...); an explicit `{}` takes every default")
     if not isinstance(data, dict):
         raise ParamsError(f"{path} must hold a mapping of sections (train:, sampler:, ...), not {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -656,11 +666,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
                 raise ParamsError(f"cannot set '{dotted}': '{'.'.join(parents[:depth])}' is a value "
                                   f"({node!r}), not a section; set '{'.'.join(parents[:depth])}' itself")
         node[leaf] = value
-    return parse_params(data, str(path))
+    return parse_params(data, str(path) + (" with --set" if overrides else ""), tuple(overrides or ()))
 
 
 def section_dict(params: Params, *names: str) -> dict[str, Any]:
-    """Flattened ``{'train.beta': 12, ...}`` of the named sections, for MLflow params."""
+    """Flattened ``{'train.beta': 12, ...}`` of the named sections or dotted fields, for MLflow params."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -672,5 +682,8 @@ def section_dict(params: Params, *names: str) -> dict[str, Any]:
 
     dumped = params.model_dump()
     for name in names:
-        walk(name, dumped[name])
+        node = dumped
+        for part in name.split("."):
+            node = node[part]
+        walk(name, node)
     return out

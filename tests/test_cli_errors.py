@@ -29,3 +29,38 @@ def test_check_names_the_bad_key(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unknown key 'train.betta'" in out.stderr
     assert not (tmp_path / "reports" / "params_check.json").exists()
+
+
+def check(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "gdro", "check", *args], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "GDRO_ROOT": str(root)})
+
+
+def test_an_empty_params_file_is_an_error_not_all_defaults(tmp_path):
+    (tmp_path / "params.yaml").write_text("# nothing here\n")
+    out = check(tmp_path)
+    assert out.returncode == 2 and "params.yaml is empty" in out.stderr
+    (tmp_path / "params.yaml").write_text("- train\n")
+    out = check(tmp_path)
+    assert out.returncode == 2 and "must hold a mapping" in out.stderr
+
+
+def test_a_bad_set_value_is_named_as_given_with_set_and_shows_no_whole_section(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    out = check(tmp_path, "--set", "train.steps=abc")
+    assert out.returncode == 2 and "'train.steps' (given with --set)" in out.stderr and "with --set" in out.stderr
+    out = check(tmp_path, "--set", "train.beta=[1,")
+    assert out.returncode != 0 and "--set train.beta" in out.stderr and "Traceback" not in out.stderr
+    out = check(tmp_path, "--set", "train.group_size=9")  # a rule over two sections: one line, not the whole mapping
+    assert out.returncode == 2 and "exceeds rollout.images_per_prompt" in out.stderr
+    assert len(out.stderr) < 600, out.stderr
+
+
+def test_a_stage_refuses_bad_params_before_starting_a_prefect_server(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([BIN / "gdro", "rollout", "--set", "sampler.steps=abc"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**env, "GDRO_ROOT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect")},
+                         timeout=60)
+    assert out.returncode == 2 and "'sampler.steps' (given with --set)" in out.stderr
+    assert "temporary server" not in out.stdout + out.stderr.lower()

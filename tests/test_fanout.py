@@ -99,7 +99,7 @@ def _dies_once(job):
 def test_a_killed_dask_worker_shard_is_redone_elsewhere(serial, tmp_path):
     _needs("prefect_dask", "prefect-dask")
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    from flows.rollout import rollout_fingerprint
+    from gdro_core.cache_keys import rollout_fingerprint
 
     root = _copy_inputs(serial, tmp_path / "killed")
     lay = Layout(root=root, params=parse_params(CONFIG))

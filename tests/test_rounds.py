@@ -91,7 +91,7 @@ def test_round_2_samples_from_round_1s_adapter(world, one_thread):
 
 
 def test_round_2_training_starts_from_round_1s_adapter_and_never_resumes_its_checkpoint(world, tmp_path):
-    from flows.train import train_fingerprint
+    from gdro_core.cache_keys import train_fingerprint
 
     saved = save_round_adapter(world, scale=0.3)
     p = parse_params(TINY)

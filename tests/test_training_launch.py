@@ -37,7 +37,7 @@ def test_gdro_train_on_two_processes_trains_once_and_reports_once(tmp_path, one_
 
 
 def test_how_the_batch_is_computed_does_not_change_the_checkpoint_directory(tmp_path):
-    from flows.train import train_fingerprint
+    from gdro_core.cache_keys import train_fingerprint
     from gdro_core.layout import Layout
 
     lay = make_project(tmp_path)

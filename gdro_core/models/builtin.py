@@ -72,6 +72,16 @@ class TextRenderPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """As diffusers saves it, less the fast tokenizer's last-call padding and truncation, which `tokenizers`
+        writes into tokenizer.json: the same weights save as the same bytes whether or not this process encoded
+        a prompt (a resumed `gdro base` encodes none), so DVC never sees a new base for an unchanged one."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_padding()
+            backend.no_truncation()
+        return super().save_pretrained(save_directory, **kwargs)
+
 
 def build_builtin_pipeline(
     cfg: BuiltinModel, world: World, shift: float | None, seed: int, channels: int = 1, words: Sequence[str] = ()

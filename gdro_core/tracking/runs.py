@@ -136,17 +136,30 @@ def _end_run(root: Path, run_id: str, status: str) -> None:
                    {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
 
 
+def stopped(err: BaseException) -> bool:
+    """Stopped from outside (Ctrl-C, or SIGTERM, which Prefect raises as TerminationSignal), not failed."""
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(err, (KeyboardInterrupt, TerminationSignal))
+
+
 @contextmanager
 def stage_run(
-    params: Params, root: Path, stage: str, sections: tuple[str, ...], nested: bool = False, resume_key: str = "",
-    round: int = 1,
+    params: Params, root: Path, stage: str, sections: tuple[str, ...] | None = None, nested: bool = False,
+    resume_key: str = "", round: int = 1,
 ) -> Iterator:
     """An MLflow run for one stage; an exception is logged as ``error.txt`` and the run ends FAILED.
+
+    It logs ``sections`` as params, by default the params the stage's declaration names (gdro_core/stages.py).
 
     Holds the workspace's lock for the stage and its outputs, so two runs cannot write the same files. Once the
     run has started, a tracking server that goes away never fails the stage: its end is recorded later. A later
     round (``round`` > 1) writes other outputs, so it holds its own lock, and its run is tagged ``gdro.round``.
     """
+    if sections is None:
+        from gdro_core.stages import stage_params
+
+        sections = stage_params(stage, round, logged=True)
     outputs = section_dict(params, "paths") | ({"round": round} if round > 1 else {})
     with stage_lock(root, stage, outputs):
         experiment_id = configure(params, root)
@@ -170,17 +183,12 @@ def stage_run(
                 mlflow.log_params(section_dict(params, *sections))
             yield run
         except BaseException as err:
-            status = RunStatus.to_string(RunStatus.KILLED if isinstance(err, KeyboardInterrupt) else RunStatus.FAILED)
+            status = RunStatus.to_string(RunStatus.KILLED if stopped(err) else RunStatus.FAILED)
             with tracking_optional("record the error"):
                 mlflow.log_text(traceback.format_exc(), "error.txt")
             raise
         finally:
             _end_run(root, run.info.run_id, status)
-
-
-def later_round(round: int) -> tuple[str, ...]:
-    """The params section a later round adds to its run's logged params (round 1 logs what it always did)."""
-    return ("rounds",) if round > 1 else ()
 
 
 def metric_logger(echo=None, pause: float = 60.0):

@@ -1,0 +1,76 @@
+"""The code a stage runs, found statically, and its hash: what DVC and the checkpoint keys see of the code.
+
+A stage's closure is every project source file reachable by imports from its entry modules (imports inside
+functions count: a lazy import still runs), with each package's ``__init__`` on the way, plus the parts of the
+configured task it uses (the task registry imports tasks by name, which no static scan can see). Editing a
+file outside a stage's closure cannot change what the stage writes, so it never reruns the stage.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("gdro_core", "flows")
+
+DISPATCHERS = frozenset({"flows.cli"})
+"""Modules whose function-level imports belong to other commands: only their module-level imports count."""
+
+
+def module_file(name: str, root: Path = SOURCE_ROOT) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@lru_cache(maxsize=None)
+def _imports(path: Path, mtime_ns: int, top_level_only: bool) -> frozenset[str]:
+    names: set[str] = set()
+    tree = ast.parse(path.read_text(), str(path))
+    for node in tree.body if top_level_only else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return frozenset(n for n in names if n.split(".")[0] in PACKAGES)
+
+
+def imported_names(path: Path, top_level_only: bool = False) -> frozenset[str]:
+    """Project modules (and ``module.name`` candidates) that ``path`` imports."""
+    return _imports(path, path.stat().st_mtime_ns, top_level_only)
+
+
+def closure(modules: tuple[str, ...] | list[str], root: Path = SOURCE_ROOT,
+            top_level_only: frozenset[str] = DISPATCHERS) -> set[Path]:
+    """Source files reachable from ``modules``, with each package's ``__init__`` on the way."""
+    todo, seen = list(modules), set()
+    files: set[Path] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        f = module_file(name, root)
+        if f is None:
+            continue
+        files.add(f)
+        todo += sorted(imported_names(f, top_level_only=name in top_level_only))
+    return files
+
+
+def files_hash(files: set[Path] | list[Path], root: Path = SOURCE_ROOT) -> str:
+    """sha256 over the files' names relative to ``root`` and their contents, in sorted order."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.read_bytes() if f.is_file() else b"<missing>")
+        h.update(b"\0")
+    return h.hexdigest()

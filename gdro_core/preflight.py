@@ -1,0 +1,137 @@
+"""What `gdro check` verifies on disk before any stage spends time: every path and checkpoint directory the
+configured stages will load exists and is complete.
+
+A wrong judge or detector path used to fail at `train` or `score`, after the rollouts (the expensive part on a
+GPU); a placeholder ``/path/to/...`` passed. Each problem is one line naming the param, what is missing and the
+fix. Nothing here loads weights: it reads directory listings and small JSON files only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gdro_core.params import Params
+
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
+PIPELINE_PARTS = {  # model_index.json component class -> the files it needs (any one of each group)
+    "scheduler": (("scheduler_config.json",),),
+    "tokenizer": (TOKENIZER_FILES,),
+    "model": (("config.json",), WEIGHT_FILES),
+}
+
+
+class PreflightError(ValueError):
+    """Paths the configured stages need that are missing or incomplete; one line each."""
+
+
+def _has_any(directory: Path, patterns: tuple[str, ...]) -> bool:
+    return any(next(directory.glob(p), None) is not None for p in patterns)
+
+
+def _resolve(path: str, root: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def pretrained_dir(key: str, path: str, root: Path, what: str, needs: tuple[tuple[str, ...], ...]) -> list[str]:
+    """A transformers-style directory (config, weights, processor/tokenizer files); ``needs`` are groups of
+    file patterns of which each group needs one."""
+    if not path:
+        return [f"{key} is empty: set it to the local directory of {what}"]
+    directory = _resolve(path, root)
+    if not directory.is_dir():
+        return [f"{key}: no directory {directory} ({what}); download it there first (nothing is fetched at run time)"]
+    missing = [" or ".join(group) for group in needs if not _has_any(directory, group)]
+    return [f"{key}: {directory} is incomplete ({what}): no {m}" for m in missing]
+
+
+def model_source(params: Params, root: Path) -> list[str]:
+    """``model.source``: ``builtin``, a complete diffusers checkpoint directory, or a hub id in the local cache."""
+    source = params.model.source
+    if source == "builtin":
+        return []
+    path = _resolve(source, root)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            return [f"model.source: no model_index.json in {path}: give the diffusers checkpoint directory "
+                    "(the folder holding model_index.json, transformer/, vae/, ...)"]
+        problems = []
+        for part, spec in json.loads(index.read_text()).items():
+            if part.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+                continue
+            kind = ("scheduler" if "Scheduler" in str(spec[1]) else
+                    "tokenizer" if "Tokenizer" in str(spec[1]) else "model")
+            sub = path / part
+            if not sub.is_dir():
+                problems.append(f"model.source: {path} is incomplete: model_index.json names {part}/ but it is missing")
+                continue
+            for group in PIPELINE_PARTS[kind]:
+                if not _has_any(sub, group):
+                    problems.append(f"model.source: {sub} is incomplete: no {' or '.join(group)}")
+        return problems
+    if path.exists():
+        return [f"model.source: {path} is a file, not a diffusers checkpoint directory"]
+    from gdro_core.models.families import read_model_index
+
+    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if looks_like_hub_id and read_model_index(source) is not None:
+        return []
+    return [f"model.source: no directory {path}" + (" and no hub id of that name in the local cache" if looks_like_hub_id
+                                                     else "") +
+            ": set model.source to your local diffusers checkpoint directory (or 'builtin')"]
+
+
+def prompt_files(params: Params, root: Path) -> list[str]:
+    if params.task == "geneval":
+        m = params.geneval.metadata_dir
+        if not m:
+            return []
+        d = _resolve(m, root)
+        if not d.is_dir():
+            return [f"geneval.metadata_dir: no directory {d}: copy the GenEval / Flow-GRPO metadata files there"]
+        if not any(d.glob("*_metadata.jsonl")) and not (d / "evaluation_metadata.jsonl").is_file():
+            return [f"geneval.metadata_dir: {d} holds no *_metadata.jsonl (train_metadata.jsonl, test_metadata.jsonl)"]
+        return []
+    if not params.prompts.source:
+        return []
+    d = _resolve(params.prompts.source, root)
+    if not d.is_dir():
+        return [f"prompts.source: no directory {d}: put your train.txt and test.txt there"]
+    return [f"prompts.source: {d} has no {name}: one prompt per line, target in double quotes"
+            for name in ("train.txt", "test.txt") if not (d / name).is_file()]
+
+
+def judge(params: Params, root: Path) -> list[str]:
+    if params.judge.kind != "unified_reward":
+        return []
+    return pretrained_dir("judge.model_path", params.judge.model_path, root, "the UnifiedReward-style VLM judge",
+                          (("config.json",), WEIGHT_FILES, PROCESSOR_FILES + TOKENIZER_FILES))
+
+
+def detector(params: Params, root: Path) -> list[str]:
+    d = params.geneval.detector
+    if params.task != "geneval" or d.kind != "mask2former":
+        return []
+    return (pretrained_dir("geneval.detector.mask2former_path", d.mask2former_path, root,
+                           "the Mask2Former COCO instance-segmentation checkpoint",
+                           (("config.json",), WEIGHT_FILES, PROCESSOR_FILES))
+            + pretrained_dir("geneval.detector.clip_path", d.clip_path, root, "the CLIP checkpoint for colours",
+                             (("config.json",), WEIGHT_FILES, PROCESSOR_FILES, TOKENIZER_FILES)))
+
+
+def warnings(params: Params) -> list[str]:
+    """What runs but means little: the built-in pixel judge knows only the built-in world's images."""
+    if params.model.source != "builtin" and params.judge.kind == "pixel":
+        return ["judge.kind is 'pixel' with a real checkpoint: the pixel judge compares images with the built-in "
+                "world's clean renders, so the corrected score and the kept checkpoint rest on a judge that does not "
+                "know these images; set judge.kind: unified_reward and judge.model_path for a VLM judge"]
+    return []
+
+
+def problems(params: Params, root: Path) -> list[str]:
+    """Every path problem of these params, one line each (empty: all there)."""
+    return [*model_source(params, root), *prompt_files(params, root), *judge(params, root), *detector(params, root)]

@@ -1,0 +1,76 @@
+"""The rollout cache key holds every input that changes the images: a new size, dtype, device or timestep shift
+remakes the rollouts instead of finding the old ones complete (on a real-architecture checkpoint, whose base
+directory records only the checkpoint, not the size it is sampled at)."""
+
+import pytest
+import yaml
+
+from conftest import TINY
+from gdro_core.cache_keys import rollout_fingerprint
+from gdro_core.data.rollout import load_rollouts
+from gdro_core.data.store import read_json
+from gdro_core.layout import Layout
+from gdro_core.models.tiny import save_tiny_pipeline
+from gdro_core.params import parse_params
+
+
+def family_params(source, **world) -> dict:
+    return {**TINY, "prompts": {"n_train": 2, "n_test": 2, "n_val": 2}, "rollout": {"images_per_prompt": 3},
+            "train": {**TINY["train"], "group_size": 2},
+            "world": {"height": 32, "width": 48, **world}, "model": {"source": str(source), "device": "cpu"}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_pipeline("sd35", tmp_path_factory.mktemp("sd35") / "checkpoint")
+
+
+def test_size_change_remakes_the_rollouts_at_the_new_size(checkpoint, tmp_path, monkeypatch, prefect_server,
+                                                         one_thread):
+    from flows.base import base_flow
+    from flows.prompts import prompts_flow
+    from flows.rollout import rollout_flow
+
+    monkeypatch.setenv("GDRO_ROOT", str(tmp_path))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(family_params(checkpoint)))
+    prompts_flow(params_path="params.yaml")
+    base_flow(params_path="params.yaml")
+    rollout_flow(params_path="params.yaml")
+    first = load_rollouts(tmp_path / "data" / "rollouts")
+    fp = read_json(tmp_path / "data" / "rollouts" / "manifest.json")["fingerprint"]
+
+    rollout_flow(params_path="params.yaml", overrides={"world.height": 48})
+    second = load_rollouts(tmp_path / "data" / "rollouts")
+    assert read_json(tmp_path / "data" / "rollouts" / "manifest.json")["fingerprint"] != fp
+    assert first.item_shape[1:] != second.item_shape[1:]  # latents of the new size, not the old images kept
+    assert second.item_shape[1] / second.item_shape[2] == 1.0 and first.item_shape[1] / first.item_shape[2] < 1.0
+
+
+@pytest.mark.parametrize("key,value", [
+    ("world.height", 48), ("model.dtype", "bfloat16"), ("model.device", "cpu:0"), ("sampler.shift", 2.0),
+    ("sampler.steps", 4), ("sampler.guidance", 3.0), ("rollout.seed", 7),
+])
+def test_every_input_of_the_images_is_in_the_key(key, value, checkpoint, tmp_path):
+    (tmp_path / "data" / "prompts").mkdir(parents=True)
+    (tmp_path / "data" / "prompts" / "train.jsonl").write_text('{"prompt": "\\"12\\" on a sign", "target": "12"}\n')
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    base = parse_params(family_params(checkpoint))
+    section, _, leaf = key.rpartition(".")
+    data = base.model_dump()
+    node = data
+    for part in section.split("."):
+        node = node[part]
+    node[leaf] = value
+    other = parse_params(data)
+    assert rollout_fingerprint(Layout(tmp_path, base)) != rollout_fingerprint(Layout(tmp_path, other)), key
+
+
+def test_where_shards_run_and_what_training_does_are_not_in_the_key(checkpoint, tmp_path):
+    (tmp_path / "data" / "prompts").mkdir(parents=True)
+    (tmp_path / "data" / "prompts" / "train.jsonl").write_text('{"prompt": "\\"12\\" on a sign", "target": "12"}\n')
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    base = family_params(checkpoint)
+    for change in ({"scale": {"runner": "dask", "workers": 2}}, {"train": {**TINY["train"], "group_size": 2,
+                                                                           "beta": 3.0}}):
+        assert rollout_fingerprint(Layout(tmp_path, parse_params(base))) == \
+            rollout_fingerprint(Layout(tmp_path, parse_params({**base, **change}))), change

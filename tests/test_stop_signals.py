@@ -1,0 +1,104 @@
+"""A stage stops within seconds of SIGTERM, also when the signal reaches only `dvc repro` (which exits without
+passing it on): the MLflow run ends KILLED, the last checkpoint is kept, and the next run resumes from it."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import yaml
+
+from conftest import ROOT, TINY, staged_project
+from gdro_core.params import parse_params
+
+BIN = Path(sys.executable).parent
+STOP_WITHIN = 15.0  # seconds from SIGTERM to the stage's process being gone
+
+
+def wait_for(ready, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def gone_within(proc: psutil.Process, seconds: float) -> float:
+    start = time.monotonic()
+    try:
+        proc.wait(timeout=seconds)
+    except psutil.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{' '.join(proc.cmdline())} still ran {seconds:.0f} s after SIGTERM") from None
+    return time.monotonic() - start
+
+
+def runs(root: Path, stage: str) -> list[str]:
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`gdro.stage` = '{stage}'",
+                               order_by=["attributes.start_time ASC"])
+    return list(found["status"])
+
+
+def logged_steps(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"step (\d+):", log)]
+
+
+def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(tmp_path, prefect_server):
+    from prefect.settings import PREFECT_API_URL
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", project)
+    for code in ("gdro_core", "flows", "prompt_files"):
+        shutil.copytree(ROOT / code, project / code, ignore=shutil.ignore_patterns("__pycache__"))
+    params = parse_params({**TINY, "pretrain": {**TINY["pretrain"], "steps": 400, "checkpoint_every": 5,
+                                                "log_every": 1}})
+    (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
+           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(project), "GDRO_ROOT": str(project)}
+    for cmd in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=project, env=env, check=True)
+    repro = subprocess.Popen([BIN / "dvc", "repro", "base"], cwd=project, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: any((project / "checkpoints" / "base").glob("*/step-*")), "the first pretraining checkpoint")
+    stage = next(p for p in psutil.Process(repro.pid).children(recursive=True) if "base" in " ".join(p.cmdline()))
+    repro.send_signal(signal.SIGTERM)
+    repro.wait(timeout=60)
+    gone_within(stage, STOP_WITHIN)
+    assert runs(project, "base") == ["KILLED"]
+    kept = sorted((project / "checkpoints" / "base").glob("*/step-*"))
+    assert kept, "the last checkpoint was not kept"
+    last = int(kept[-1].name.split("-")[1])
+    assert last < 400
+
+    again = subprocess.run([BIN / "dvc", "repro", "base"], cwd=project, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    steps = logged_steps(again.stdout + again.stderr)
+    assert steps and steps[0] > last and steps[-1] == 400, (last, steps[:3], steps[-1:])  # resumed, not restarted
+    assert runs(project, "base") == ["KILLED", "FINISHED"]
+
+
+def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(tmp_path, prefect_server):
+    params = {**TINY, "train": {**TINY["train"], "steps": 300, "checkpoint_every": 5, "log_every": 1},
+              "evaluate": {**TINY["evaluate"], "checkpoint_every": 0}}
+    env = staged_project(tmp_path, params, ("prompts", "base", "rollout", "score"))
+    proc = subprocess.Popen([BIN / "gdro", "train"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: any((tmp_path / "checkpoints" / "train").glob("*/step-*")), "the first training checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    gone_within(psutil.Process(proc.pid), STOP_WITHIN) if proc.poll() is None else None
+    assert proc.wait() != 0
+    assert runs(tmp_path, "train") == ["KILLED"]
+    kept = sorted((tmp_path / "checkpoints" / "train").glob("*/step-*"))
+    last = int(kept[-1].name.split("-")[1])
+    again = subprocess.run([BIN / "gdro", "train"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    steps = logged_steps(again.stdout + again.stderr)
+    assert steps and steps[0] > last, (last, steps[:3])
+    assert runs(tmp_path, "train")[-1] == "FINISHED"
