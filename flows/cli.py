@@ -153,12 +153,14 @@ def check_params(args: argparse.Namespace) -> int:
     """Validate every section before DVC runs (and so first deletes the outputs of) any other stage."""
     from flows.context import project_root
     from gdro_core.data.store import write_json
+    from gdro_core.models import ModelError, check_image_size
     from gdro_core.params import ParamsError, load_params
 
     root = project_root()
     try:
         params = load_params(root / args.params, parse_overrides(args.overrides))
-    except ParamsError as err:
+        check_image_size(params)
+    except (ParamsError, ModelError) as err:
         print(f"gdro check: {err}", file=sys.stderr)
         return 2
     out = root / params.paths.reports_dir / CHECK_FILE
