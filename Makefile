@@ -33,7 +33,7 @@ demo: setup  ## the whole pipeline on the built-in offline default, via DVC
 # thread, and on a loaded two-core machine two threads made pretraining 12x slower (README "GenEval").
 demo-geneval: setup  ## the GenEval task on its built-in shapes world (params-geneval.yaml; outputs under *-geneval/)
 	@start=$$(date +%s); OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/gdro pipeline --params params-geneval.yaml; \
-	  echo; echo "metrics (reports-geneval/metrics.json):"; $(BIN)/python -m gdro_core.tasks.geneval_report reports-geneval/metrics.json; \
+	  echo; echo "metrics (reports-geneval/metrics.json):"; $(BIN)/python -m gdro_core.tasks.geneval.report reports-geneval/metrics.json; \
 	  echo "minutes: $$(( ($$(date +%s) - start) / 60 ))"
 
 pipeline: setup  ## the same stages as one Prefect flow, without DVC

@@ -34,11 +34,11 @@ from gdro_core.evaluation.curves import best_step
 from gdro_core.evaluation.heldout import assess, generate
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
-from gdro_core.models import load_flow_model
+from gdro_core.models import load_model
 from gdro_core.models.lora import lora_state, set_lora_state
 from gdro_core.models.offload import PreEncoded
 from gdro_core.params import load_params
-from gdro_core.tasks import make_task, world_of
+from gdro_core.tasks.registry import make_task
 from gdro_core.training.loop import train
 
 OUT_NAME = "checkpoint_choice"
@@ -65,8 +65,7 @@ def score_checkpoints(lay: Layout, seed: int, steps: int, val_prompts: int) -> p
     judge = make_task_judge(task, p.judge)
     data = open_rollouts(lay.rollout_dir)
     rewards = reward_matrix(read_table(lay.rewards, data.fingerprint), *data.shape)
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
-                            shift=p.sampler.shift, guidance=p.sampler.guidance)
+    model = load_model(p, lay.base_dir)
     view = PreEncoded(model, [q.prompt for q in val + test], p.sampler.batch_size)
     tables = []
 

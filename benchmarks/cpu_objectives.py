@@ -58,21 +58,23 @@ import pandas as pd
 import torch
 import yaml
 
-from gdro_core.data.prompts import OcrPrompt, read_prompts
+from gdro_core import models
 from gdro_core.data.rollout import MANIFEST, Rollouts, generate_rollouts, load_rollouts
-from gdro_core.data.scoring import read_table, reward_matrix, score_rollouts
+from gdro_core.data.scoring import read_table, reward_matrix
 from gdro_core.data.store import read_json, write_json
-from gdro_core.evaluation.judge import Judge, make_judge
+from gdro_core.evaluation.judge import make_task_judge
+from gdro_core.evaluation.judge_scores import Judge
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.layout import Layout
-from gdro_core.models import load_flow_model
 from gdro_core.models.base import FlowModel
 from gdro_core.models.lora import lora_state
 from gdro_core.params import Params, Train, load_params
-from gdro_core.tasks.ocr import Reader, reader_from_params
-from gdro_core.tasks.ocr_task import OcrTask
+from gdro_core.tasks.ocr.prompts import OcrPrompt, read_prompts
+from gdro_core.tasks.ocr.reader import Reader, reader_from_params
+from gdro_core.tasks.ocr.reward import score_rollouts
+from gdro_core.tasks.ocr.task import OcrTask
 from gdro_core.training.loop import LoraEma, ema_decay, train
-from gdro_core.training.online_grpo import RewardFn, encode_prompts, reader_reward, train_online
+from gdro_core.training.online_grpo import RewardFn, encode_prompts, task_reward, train_online
 
 METHODS: dict[str, dict] = {
     "gdro": {},
@@ -140,8 +142,7 @@ def missing_outputs(lay: Layout) -> list[Path]:
 
 
 def load_model(lay: Layout) -> FlowModel:
-    p = lay.params
-    return load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
+    return models.load_model(lay.params, lay.base_dir)
 
 
 def make_monitor(model: FlowModel, shared: Shared, workdir: Path) -> CheckpointMonitor:
@@ -500,8 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         base_model = load_model(lay)
-        shared = Shared(lay, data, rewards, train_prompts, eval_prompts, reader, make_judge(p.world, p.judge),
-                        reader_reward(reader, p.reward.substring_full_credit, p.reward.batch_size), {})
+        task = OcrTask(p, reader=reader)
+        shared = Shared(lay, data, rewards, train_prompts, eval_prompts, reader, make_task_judge(task, p.judge),
+                        task_reward(task, train_prompts), {})
         base_monitor = make_monitor(base_model, shared, workdir / "base")
         base_monitor.evaluate_base()  # also warms up the sampler and the reader before anything is timed
         shared.base = {k: float(base_monitor.curve[k].iloc[0]) for k in SCORES}

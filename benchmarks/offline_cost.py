@@ -35,15 +35,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from gdro_core.data.prompts import read_prompts
 from gdro_core.data.rollout import MANIFEST, generate_rollouts
-from gdro_core.data.scoring import score_rollouts
 from gdro_core.data.store import read_json, write_json
 from gdro_core.layout import Layout
-from gdro_core.models import load_flow_model
+from gdro_core.models import load_model
 from gdro_core.params import load_params
-from gdro_core.tasks.ocr import EasyOcrReader, normalise, ocr_reward, prepare
-from gdro_core.tasks.text_render import render_text
+from gdro_core.tasks.ocr.prompts import read_prompts
+from gdro_core.tasks.ocr.reader import EasyOcrReader, prepare
+from gdro_core.tasks.ocr.reward import normalise, ocr_reward, score_rollouts
+from gdro_core.tasks.ocr.world import render_text
 
 OUT_NAME = "offline_cost"
 
@@ -105,7 +105,7 @@ def compare_modes(images: list[Image.Image], targets: list[str], upscale: int, p
 def sampler_steps(lay: Layout, steps_list: list[int], n_prompts: int, reader_mode: str) -> dict:
     """Mean reward and generation cost of the base's rollouts for each sampler step count."""
     p = lay.params
-    model = load_flow_model(p.model.source, lay.base_dir, p.world, p.model.device, p.model.dtype)
+    model = load_model(p, lay.base_dir)
     prompts = read_prompts(lay.prompts("train"))[:n_prompts]
     reader = EasyOcrReader(p.reward.upscale, p.reward.pad,
                            p.world.alphabet if p.reward.restrict_to_alphabet else None, mode=reader_mode)

@@ -1,7 +1,7 @@
 """Rollout and scoring throughput with 1 and 2 workers here, and a projection for an 8-GPU node.
 
 Measured on this machine, through the same jobs and Prefect task runners the `rollout` and `score`
-stages use (``gdro_core/data/fanout.py``):
+stages use (``gdro_core/data/fanout.py``, ``gdro_core/tasks/jobs.py``):
 
 - in-process (``scale.runner: local``, the default), then a Dask LocalCluster of 1 and of 2 worker
   processes; each time includes starting the cluster and loading the model or reader in every worker;
@@ -37,16 +37,17 @@ from prefect.cache_policies import NO_CACHE
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gdro_core.data.fanout import RolloutJob, ScoreJob, run_jobs, run_rollout_job, run_score_job  # noqa: E402
-from gdro_core.data.prompts import make_prompt_sets  # noqa: E402
+from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job  # noqa: E402
 from gdro_core.data.rollout import generate_rollouts, plan_shards, prepare_rollouts  # noqa: E402
 from gdro_core.data.scoring import score_task_rollouts  # noqa: E402
-from gdro_core.models import load_flow_model  # noqa: E402
+from gdro_core.models import load_model  # noqa: E402
 from gdro_core.models.base import velocity  # noqa: E402
 from gdro_core.models.builtin import build_builtin_pipeline  # noqa: E402
 from gdro_core.params import Scale, load_params  # noqa: E402
-from gdro_core.tasks import make_task  # noqa: E402
-from gdro_core.tasks.text_render import render_text  # noqa: E402
+from gdro_core.tasks.jobs import ScoreJob, run_score_job  # noqa: E402
+from gdro_core.tasks.ocr.prompts import make_prompt_sets  # noqa: E402
+from gdro_core.tasks.ocr.world import render_text  # noqa: E402
+from gdro_core.tasks.registry import make_task  # noqa: E402
 
 
 @task(cache_policy=NO_CACHE)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     p.add_argument("--out", default=str(ROOT / "reports" / "benchmark" / "scaling.json"))
     args = p.parse_args(argv)
-    params = load_params(args.params)
+    params = load_params(args.params, {"model.source": "builtin", "model.device": "cpu", "model.dtype": "float32"})
     per = params.rollout.images_per_prompt
     w = params.world
     prompts = make_prompt_sets(w.alphabet, w.min_len, w.max_len, params.prompts.templates, args.prompts, 1,
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     shard_prompts = args.shard_prompts or max(1, params.sampler.batch_size // per)
     work = Path(tempfile.mkdtemp(prefix="gdro-scaling-"))
     base = work / "base"
-    build_builtin_pipeline(params.model.builtin, w, params.sampler.shift, seed=0).save_pretrained(base)
+    build_builtin_pipeline(params.model.builtin, params.image_shape, params.sampler.shift, seed=0).save_pretrained(base)
     shards = plan_shards(prompts, per, params.rollout.seed, shard_prompts)
     # Scoring input: clean renders of each row's string, under the rows' image names.
     score_dir = work / "score"
@@ -123,16 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     def jobs_for(out: Path, threads: int) -> list[RolloutJob]:
         prepare_rollouts(out)
-        return [RolloutJob(shard=s, source="builtin", base_dir=str(base), world=w, device="cpu", dtype="float32",
-                           per_prompt=per, steps=params.sampler.steps, guidance=params.sampler.guidance,
-                           out_dir=str(out), fingerprint="bench", threads=threads) for s in shards]
+        return [RolloutJob(shard=s, params_json=params.model_dump_json(), base_dir=str(base), out_dir=str(out),
+                           fingerprint="bench", threads=threads) for s in shards]
 
     @flow(name="scaling-benchmark")
     def measure() -> dict:
         cores = torch.get_num_threads()
         results = {}
         start = time.perf_counter()
-        model = load_flow_model("builtin", base, w, "cpu", "float32")
+        model = load_model(params, base)
         generate_rollouts(model, prompts, per, params.rollout.seed, params.sampler.steps, params.sampler.guidance,
                           shard_prompts, work / "local", "bench")
         t_roll = time.perf_counter() - start

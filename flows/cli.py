@@ -149,16 +149,17 @@ def check_params(args: argparse.Namespace) -> int:
     stage's code hash (``reports/code/<stage>.json``), the one code dep of that stage in dvc.yaml."""
     from flows.context import project_root
     from gdro_core.data.store import write_json
+    from gdro_core.models import ModelError, check_image_size
     from gdro_core.params import ParamsError, load_params
-    from gdro_core.stages import CODE_DIR, code_record
-
     from gdro_core import preflight
+    from gdro_core.stages import CODE_DIR, code_record
 
     root = project_root()
     try:
         params = load_params(root / args.params, parse_overrides(args.overrides))
+        check_image_size(params)
         records = {name: code_record(name, params) for name in STAGE_NAMES}
-    except (ParamsError, KeyError) as err:
+    except (ParamsError, ModelError, KeyError) as err:
         print(f"gdro check: {err}", file=sys.stderr)
         return 2
     problems = preflight.problems(params, root)
@@ -301,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # bad params or --set fail now, before a Prefect server starts (5-20 s)
         from flows.context import project_root
+        from gdro_core.models import check_image_size
         from gdro_core.params import load_params
 
-        load_params(project_root() / args.params, parse_overrides(args.overrides))
+        check_image_size(load_params(project_root() / args.params, parse_overrides(args.overrides)))
     except ValueError as err:
         print(f"gdro {args.command}: {err}", file=sys.stderr)
         return 2

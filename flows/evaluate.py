@@ -15,10 +15,10 @@ from prefect.cache_policies import NO_CACHE
 from flows.context import load_layout
 from gdro_core.evaluation.heldout import assess, generate, sample_grid
 from gdro_core.evaluation.judge import make_task_judge
-from gdro_core.models import load_flow_model
+from gdro_core.models import load_model
 from gdro_core.layout import Layout
 from gdro_core.params import check_train_eval_seeds
-from gdro_core.tasks import make_task, world_of
+from gdro_core.tasks.registry import make_task
 from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
 from gdro_core.tracking.registry import register_adapter
@@ -36,8 +36,7 @@ def score_models(lay: Layout) -> dict:
     records = [q for q in prompts for _ in range(per)]
     targets = [q.target for q in records]
     judge = make_task_judge(task, p.judge)
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
-                            shift=p.sampler.shift, guidance=p.sampler.guidance)
+    model = load_model(p, lay.base_dir)
     train_prompts = []
     if p.evaluate.train_prompts:
         train_prompts = task.read_prompts(lay.prompts("train"))[: p.evaluate.train_prompts]

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.context import load_layout
-from gdro_core.tasks import make_task
+from gdro_core.tasks.registry import make_task
 from gdro_core.tracking.runs import stage_run
 
 

@@ -12,11 +12,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from gdro_core.models import load_flow_model
+from gdro_core.models import load_model
 from gdro_core.models.identity import base_fingerprint
 from gdro_core.cache_keys import rollout_fingerprint
 from gdro_core.layout import Layout
-from gdro_core.tasks import make_task, world_of
+from gdro_core.tasks.registry import make_task
 from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job, worker_count, worker_threads
 from gdro_core.data.rollout import (
     MANIFEST, generate_rollouts, is_complete, pending_shards, plan_shards, prepare_rollouts, write_manifest,
@@ -42,8 +42,7 @@ def sample_pools(lay: Layout, fp: str) -> dict:
     """All shards in this process with the model loaded once (scale.runner: local)."""
     p = lay.params
     logger = get_run_logger()
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
-                            shift=p.sampler.shift, guidance=p.sampler.guidance)
+    model = load_model(p, lay.base_dir)
     if lay.round > 1:
         model.load_adapter(lay.previous_adapter())
     prompts = make_task(p).read_prompts(lay.prompts("train"))
@@ -70,10 +69,8 @@ def fan_out_pools(lay: Layout, fp: str) -> dict:
     logger.info("rollout: %d of %d shards to sample on %s (%d workers)", len(todo), len(shards), p.scale.runner,
                 workers)
     jobs = [
-        RolloutJob(shard=s, source=p.model.source, base_dir=str(lay.base_dir), world=world_of(p), device=p.model.device,
-                   dtype=p.model.dtype, per_prompt=p.rollout.images_per_prompt, steps=p.sampler.steps,
-                   guidance=p.sampler.guidance, out_dir=str(lay.rollout_dir), fingerprint=fp,
-                   threads=worker_threads(p.scale, workers), adapter_dir=policy_adapter(lay))
+        RolloutJob(shard=s, params_json=p.model_dump_json(), base_dir=str(lay.base_dir), out_dir=str(lay.rollout_dir),
+                   fingerprint=fp, threads=worker_threads(p.scale, workers), adapter_dir=policy_adapter(lay))
         for s in todo
     ]
     run_jobs(p.scale, rollout_shard, jobs, progress=lambda i, n: logger.info("rollout shard %d/%d", i, n))

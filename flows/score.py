@@ -11,9 +11,10 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.layout import Layout
-from gdro_core.tasks import make_task
+from gdro_core.tasks.jobs import ScoreJob, run_score_job
+from gdro_core.tasks.registry import make_task
 from gdro_core.data.rollout import MANIFEST, RolloutError
-from gdro_core.data.fanout import ScoreJob, run_jobs, run_score_job, worker_count, worker_threads
+from gdro_core.data.fanout import run_jobs, worker_count, worker_threads
 from gdro_core.data.scoring import check_errors, merge_tables, score_task_rollouts, split_rows, write_table
 from gdro_core.data.store import read_json
 from gdro_core.tracking.runs import stage_run

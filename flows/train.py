@@ -14,11 +14,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from gdro_core.models import load_flow_model
+from gdro_core.models import load_model
 from gdro_core.models.family import BASE_FILE
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
-from gdro_core.tasks import make_task, world_of
+from gdro_core.tasks.registry import make_task
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.training.online_grpo import encode_prompts, task_reward, train_online
 from gdro_core.data.pool import open_rollouts
@@ -42,8 +42,7 @@ def _offline_inputs(lay: Layout):
     p = lay.params
     data = open_rollouts(lay.rollout_dir)
     rewards = reward_matrix(read_table(lay.rewards, data.fingerprint), *data.shape)
-    model = load_flow_model(p.model.source, lay.base_dir, world_of(p), p.model.device, p.model.dtype,
-                            shift=p.sampler.shift, guidance=p.sampler.guidance)
+    model = load_model(p, lay.base_dir)
     return data, rewards, model
 
 

@@ -540,18 +540,14 @@ class Params(Section):
     registry: Registry = Registry()
     scale: Scale = Scale()
 
-    @model_validator(mode="after")
-    def _size_fits_model(self) -> Params:
-        """Image sides must be a multiple the model family can take (patch size, VAE factor x patch)."""
-        from gdro_core.models.base import ModelError
-        from gdro_core.models.families import check_size
-
-        world = self.geneval.world if self.task == "geneval" else self.world  # the task's images (tasks.world_of)
-        try:
-            check_size(self.model.source, world.height, world.width, self.model.builtin)
-        except ModelError as err:
-            raise ValueError(str(err)) from None
-        return self
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of the task's images: ``geneval.world`` in colour for GenEval, ``world`` in
+        grayscale otherwise. Whether a model family can take that size is checked where the model is known
+        (:func:`gdro_core.models.check_image_size`)."""
+        if self.task == "geneval":
+            return self.geneval.world.height, self.geneval.world.width, 3
+        return self.world.height, self.world.width, 1
 
     @model_validator(mode="after")
     def _group_fits_pool(self) -> Params:

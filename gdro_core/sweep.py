@@ -115,7 +115,10 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 
 def check_configs(params: Params, configs: list[SweepConfig]) -> None:
-    """Validate every config against the params schema before anything runs; the error names config and key."""
+    """Validate every config against the params schema (and its images against the model family) before anything
+    runs; the error names config and key."""
+    from gdro_core.models import ModelError, check_image_size
+
     if not configs:
         raise SweepError("the sweep has no configs: set sweep.grid (e.g. train.beta: [6, 12]) or sweep.configs")
     for config in configs:
@@ -124,9 +127,11 @@ def check_configs(params: Params, configs: list[SweepConfig]) -> None:
         for key, value in config.values.items():
             _set_dotted(data, key, value)
         try:
-            parse_params(data, f"sweep config '{config.label}'")
+            check_image_size(parse_params(data, f"sweep config '{config.label}'"))
         except ParamsError as err:
             raise SweepError(str(err)) from None
+        except ModelError as err:
+            raise SweepError(f"sweep config '{config.label}': {err}") from None
 
 
 def results_frame(results: list[dict], rank_by: list[str]) -> tuple[pd.DataFrame, str | None]:

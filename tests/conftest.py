@@ -89,7 +89,7 @@ def tiny_project(root: Path, params: dict) -> Path:
         prompts_flow(params_path="params.yaml")
     finally:
         mp.undo()
-    build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0).save_pretrained(root / "models" / "base")
+    build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, seed=0).save_pretrained(root / "models" / "base")
     return root
 
 

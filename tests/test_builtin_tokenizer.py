@@ -4,12 +4,18 @@ words read whole (``model.builtin.tokenizer: word``), and what a saved base load
 import pytest
 import torch
 
-from gdro_core.data.prompts import PromptError
-from gdro_core.models import load_flow_model
+from gdro_core.data.prompt_checks import PromptError
+from gdro_core.models import load_model
 from gdro_core.models.builtin import build_builtin_pipeline, build_tokenizer
 from gdro_core.params import load_params
-from gdro_core.tasks import builtin_tokenizer, caption_words, channels_of, make_task, world_of
-from gdro_core.tasks.geneval_prompts import validate_sets
+from gdro_core.tasks.geneval.prompts import validate_sets
+from gdro_core.tasks.registry import caption_words, make_task
+
+
+def builtin_tokenizer(params):
+    """The tokenizer the built-in model is built with for ``params``: its task's caption words, or characters."""
+    return build_tokenizer(caption_words(params))
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,9 +62,9 @@ def test_prompt_limit_counts_the_tokenizer_in_use():
 
 def test_saved_word_level_base_loads_back_with_the_same_encoding(tmp_path):
     p = geneval("word", 16)
-    pipe = build_builtin_pipeline(p.model.builtin, world_of(p), 1.0, 0, channels=channels_of(p), words=caption_words(p))
+    pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, 1.0, 0, words=caption_words(p))
     pipe.save_pretrained(tmp_path / "base")
-    model = load_flow_model("builtin", tmp_path / "base", world_of(p))
+    model = load_model(p, tmp_path / "base")
     prompts = ["a photo of a red square left of a blue circle", "a photo of four crosses"]
     with torch.no_grad():
         loaded = model.encode(prompts)

@@ -7,8 +7,8 @@ from PIL import Image
 
 from gdro_core.evaluation.corrected_score import corrected_score, judge_mean, mean_corrected
 from gdro_core.evaluation.curves import best_step, hacking_trend, plot_curves
-from gdro_core.evaluation.judge import JudgeConfig, PixelJudge
-from gdro_core.tasks.text_render import render_text
+from gdro_core.tasks.ocr.judge import JudgeConfig, PixelJudge
+from gdro_core.tasks.ocr.world import render_text
 
 # The paper's Table 3 (FLUX.1-dev): (reward, corrected) for OCR and GenEval.
 TABLE3 = {

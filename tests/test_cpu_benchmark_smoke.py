@@ -10,14 +10,15 @@ import pytest
 import yaml
 
 from conftest import TINY, load_benchmark
-from gdro_core.models import load_flow_model
+from gdro_core.models import load_model
 from gdro_core.models.builtin import build_builtin_pipeline
 from gdro_core.layout import Layout
-from gdro_core.tasks.ocr import make_reader
+from gdro_core.tasks.ocr.reader import make_reader
 from gdro_core.params import parse_params
-from gdro_core.data.prompts import make_prompt_sets, read_prompts, write_prompts
+from gdro_core.tasks.ocr.prompts import make_prompt_sets, read_prompts, write_prompts
 from gdro_core.data.rollout import generate_rollouts
-from gdro_core.data.scoring import score_rollouts, write_table
+from gdro_core.data.scoring import write_table
+from gdro_core.tasks.ocr.reward import score_rollouts
 
 PARAMS = {**TINY, "train": {**TINY["train"], "grpo_prompts_per_iteration": 2, "grpo_group_size": 3,
                             "grpo_sample_steps": 3}}
@@ -39,8 +40,8 @@ def make_project(root: Path) -> Layout:
                             p.prompts.n_train, p.prompts.n_test, p.prompts.seed, p.prompts.n_val)
     for split, items in sets.items():
         write_prompts(lay.prompts(split), items)
-    build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0).save_pretrained(lay.base_dir)
-    model = load_flow_model("builtin", lay.base_dir, p.world, "cpu", "float32")
+    build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, seed=0).save_pretrained(lay.base_dir)
+    model = load_model(p, lay.base_dir, device="cpu")
     manifest = generate_rollouts(model, read_prompts(lay.prompts("train")), p.rollout.images_per_prompt, p.rollout.seed,
                                  p.sampler.steps, p.sampler.guidance, 2, lay.rollout_dir, "tiny")
     reader = make_reader(p.reward.backend, p.reward.upscale, p.reward.pad, p.world.alphabet, p.reward.reader_mode)

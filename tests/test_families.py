@@ -17,16 +17,25 @@ from diffusers import DiffusionPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from gdro_core.models import load_flow_model
+from gdro_core.models import check_image_size, load_model
 from gdro_core.models.base import ModelError, velocity
+from gdro_core.models.flux import FLUX_DEFAULT_GUIDANCE
 from gdro_core.models.lora import ADAPTER, add_lora
 from gdro_core.models.sampling import sample
 from gdro_core.models.tiny import VARIANTS, save_tiny_pipeline
-from gdro_core.params import Lora, ParamsError, World, parse_params
+from gdro_core.params import Lora, World, parse_params
 
 WORLD = World(height=32, width=48)
 PROMPTS = ['"407" on a sign', '"12" as a label']
 SEEDS = [3, 4]
+
+
+def load(source, **sampler):
+    """The checkpoint as the stages load it (``load_model``), for WORLD-sized images on the CPU; FLUX.1-dev's
+    embedded guidance defaults to FluxPipeline's own unless ``sampler`` says otherwise."""
+    params = parse_params({"model": {"source": str(source), "device": "cpu"}, "world": WORLD.model_dump(),
+                           "sampler": {"guidance": FLUX_DEFAULT_GUIDANCE, **sampler}})
+    return load_model(params, "")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +59,7 @@ def pipeline_images(source: Path, variant: str, guidance: float, steps: int) -> 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sampler_gives_the_pipelines_images(checkpoints, variant, one_thread):
-    model = load_flow_model(str(checkpoints[variant]), "", WORLD, "cpu")
+    model = load(str(checkpoints[variant]))
     for guidance in (1.0, 2.5):
         latents = sample(model, model.encode(PROMPTS), model.encode([""]), SEEDS, 2, guidance)
         ours = np.stack([np.asarray(im) for im in model.decode(latents)]).astype(int)
@@ -62,7 +71,7 @@ def test_sampler_gives_the_pipelines_images(checkpoints, variant, one_thread):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_nothing_but_the_adapter_holds_gradients(checkpoints, variant):
-    model = load_flow_model(str(checkpoints[variant]), "", WORLD, "cpu")
+    model = load(str(checkpoints[variant]))
     add_lora(model.transformer, Lora(rank=2, alpha=2.0))
     trainable = {n for n, p in model.pipe.components.items()
                  if isinstance(p, torch.nn.Module) and any(q.requires_grad for q in p.parameters())}
@@ -86,7 +95,7 @@ def randomise_lora(transformer: torch.nn.Module) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_adapter_round_trips_with_alpha_through_load_lora_weights(checkpoints, variant, tmp_path, one_thread):
     source = str(checkpoints[variant])
-    model = load_flow_model(source, "", WORLD, "cpu")
+    model = load(source)
     add_lora(model.transformer, Lora(rank=4, alpha=12.0, target_modules=[]))  # alpha != rank, family targets
     randomise_lora(model.transformer)
     gen = torch.Generator().manual_seed(2)
@@ -111,17 +120,17 @@ def test_adapter_round_trips_with_alpha_through_load_lora_weights(checkpoints, v
         torch.testing.assert_close(velocity(fresh, x, t, cond), trained)
 
     # and so does evaluate / the registry (model.load_adapter)
-    again = load_flow_model(source, "", WORLD, "cpu")
+    again = load(source)
     again.load_adapter(tmp_path / "adapter")
     assert again.transformer.peft_config[ADAPTER].lora_alpha == 12.0
     with torch.no_grad():
         torch.testing.assert_close(velocity(again, x, t, cond), trained)
-        base_v = velocity(load_flow_model(source, "", WORLD, "cpu"), x, t, cond)
+        base_v = velocity(load(source), x, t, cond)
     assert (base_v - trained).abs().max() > 1e-3  # the adapter changes the velocity: the comparison is not vacuous
 
 
 def test_flux_default_targets_include_feed_forward_and_single_block_projections(checkpoints):
-    model = load_flow_model(str(checkpoints["flux-dev"]), "", WORLD, "cpu")
+    model = load(str(checkpoints["flux-dev"]))
     add_lora(model.transformer, Lora(rank=2, alpha=2.0))
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.transformer.named_parameters() if ".lora_A" in n}
     for name in ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff_context.net.2",
@@ -134,8 +143,8 @@ def test_flux_default_targets_include_feed_forward_and_single_block_projections(
 
 
 def test_flux_dev_uses_dynamic_shift_and_embedded_guidance(checkpoints):
-    dev = load_flow_model(str(checkpoints["flux-dev"]), "", WORLD, "cpu")
-    schnell = load_flow_model(str(checkpoints["flux-schnell"]), "", WORLD, "cpu")
+    dev = load(str(checkpoints["flux-dev"]))
+    schnell = load(str(checkpoints["flux-schnell"]))
     assert dev.embedded_guidance and not schnell.embedded_guidance
     # mu from the image length (6 packed tokens) gives a schedule other than schnell's unshifted one
     assert not torch.allclose(dev.sampling_scheduler(4).sigmas, schnell.sampling_scheduler(4).sigmas)
@@ -148,7 +157,7 @@ def test_flux_dev_uses_dynamic_shift_and_embedded_guidance(checkpoints):
 
 @pytest.mark.parametrize("variant", ["sd35", "flux-dev"])
 def test_model_from_a_bare_transformer_predicts_as_the_whole_checkpoint(checkpoints, variant):
-    whole = load_flow_model(str(checkpoints[variant]), "", WORLD, "cpu")
+    whole = load(str(checkpoints[variant]))
     bare = type(whole).from_transformer(whole.transformer, whole.scheduler, WORLD.height, WORLD.width)
     assert (bare.family, bare.latent_shape, bare.embedded_guidance) == (
         whole.family, whole.latent_shape, whole.embedded_guidance)
@@ -165,18 +174,18 @@ def test_model_from_a_bare_transformer_predicts_as_the_whole_checkpoint(checkpoi
 
 
 def test_sampler_shift_replaces_the_checkpoints_shift(checkpoints):
-    own = load_flow_model(str(checkpoints["sd35"]), "", WORLD, "cpu")
-    shifted = load_flow_model(str(checkpoints["sd35"]), "", WORLD, "cpu", shift=1.0)
+    own = load(str(checkpoints["sd35"]))
+    shifted = load(str(checkpoints["sd35"]), shift=1.0)
     assert own.sampling_scheduler(4).config.shift == 3.0
     assert shifted.sampling_scheduler(4).config.shift == 1.0
     assert not torch.allclose(own.sampling_scheduler(4).sigmas, shifted.sampling_scheduler(4).sigmas)
 
 
 def test_adapter_for_another_base_is_refused(checkpoints, tmp_path):
-    flux = load_flow_model(str(checkpoints["flux-schnell"]), "", WORLD, "cpu")
+    flux = load(str(checkpoints["flux-schnell"]))
     add_lora(flux.transformer, Lora(rank=2, alpha=2.0))
     flux.save_adapter(tmp_path / "flux")
-    sd3 = load_flow_model(str(checkpoints["sd3"]), "", WORLD, "cpu")
+    sd3 = load(str(checkpoints["sd3"]))
     with pytest.raises(ModelError, match="trained on flux"):
         sd3.load_adapter(tmp_path / "flux")
     # same architecture, other weights: the fingerprint tells them apart
@@ -184,23 +193,24 @@ def test_adapter_for_another_base_is_refused(checkpoints, tmp_path):
     add_lora(sd3.transformer, Lora(rank=2, alpha=2.0))
     sd3.save_adapter(tmp_path / "sd3")
     with pytest.raises(ModelError, match="fingerprint"):
-        load_flow_model(str(other), "", WORLD, "cpu").load_adapter(tmp_path / "sd3")
+        load(str(other)).load_adapter(tmp_path / "sd3")
 
 
 @pytest.mark.parametrize("variant", ["sd3", "flux-dev"])
 def test_image_size_the_family_cannot_take_fails_at_params_load(checkpoints, variant):
-    with pytest.raises(ParamsError, match="multiples of 16"):
-        parse_params({"model": {"source": str(checkpoints[variant])}})  # the default 24x48 world
-    parse_params({"model": {"source": str(checkpoints[variant])}, "world": {"height": 32, "width": 48}})
-    with pytest.raises(ParamsError, match="multiples of 4"):
-        parse_params({"world": {"height": 26, "width": 48}})  # built-in model, patch size 4
+    with pytest.raises(ModelError, match="multiples of 16"):
+        check_image_size(parse_params({"model": {"source": str(checkpoints[variant])}}))  # the default 24x48 world
+    check_image_size(parse_params({"model": {"source": str(checkpoints[variant])},
+                                   "world": {"height": 32, "width": 48}}))
+    with pytest.raises(ModelError, match="multiples of 4"):
+        check_image_size(parse_params({"world": {"height": 26, "width": 48}}))  # built-in model, patch size 4
 
 
 def test_unsupported_family_names_the_supported_ones(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ModelError, match="StableDiffusionXLPipeline is not supported; supported: builtin, "
                                          "StableDiffusion3Pipeline.*FluxPipeline"):
-        load_flow_model(str(tmp_path), "", WORLD, "cpu")
+        load(str(tmp_path))
 
 
 @pytest.mark.parametrize("variant", ["sd35", "flux-dev"])
@@ -210,7 +220,7 @@ def test_registered_model_takes_seed_steps_guidance_and_refuses_another_base(che
     source = str(checkpoints[variant])
     params = parse_params({"model": {"source": source, "device": "cpu"}, "world": {"height": 32, "width": 48},
                            "sampler": {"steps": 2}, "tracking": {"registered_model": "fam"}})
-    model = load_flow_model(source, "", params.world, "cpu")
+    model = load_model(params, "")
     add_lora(model.transformer, Lora(rank=2, alpha=4.0))
     randomise_lora(model.transformer)
     model.save_adapter(tmp_path / "adapter")
@@ -244,9 +254,9 @@ def test_registered_model_takes_seed_steps_guidance_and_refuses_another_base(che
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_online_flow_grpo_and_offline_gdro_train_every_family(checkpoints, variant, tmp_path, one_thread):
-    from gdro_core.data.prompts import OcrPrompt
     from gdro_core.data.rollout import Rollouts
     from gdro_core.models.lora import lora_state
+    from gdro_core.tasks.ocr.prompts import OcrPrompt
     from gdro_core.training.loop import train
     from gdro_core.training.online_grpo import encode_prompts, train_online
 
@@ -259,7 +269,7 @@ def test_online_flow_grpo_and_offline_gdro_train_every_family(checkpoints, varia
     def brightness(images, targets):
         return torch.tensor([float(np.asarray(im, dtype=np.float32).mean() / 255) for im in images])
 
-    model = load_flow_model(str(checkpoints[variant]), "", WORLD, "cpu")
+    model = load(str(checkpoints[variant]))
     cond, null = encode_prompts(model, prompts, batch_size=2)
     logs = []
     weights = train_online(model, prompts, cond, null, brightness, cfg, tmp_path / "online",
@@ -267,7 +277,7 @@ def test_online_flow_grpo_and_offline_gdro_train_every_family(checkpoints, varia
     assert len(logs) == 2 and all(np.isfinite(m["train/loss"]) for m in logs)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
-    model = load_flow_model(str(checkpoints[variant]), "", WORLD, "cpu")
+    model = load(str(checkpoints[variant]))
     latents = torch.stack([sample(model, {k: v[i:i + 1].expand(2, *v.shape[1:]) for k, v in cond.items()}, null,
                                   [10 * i, 10 * i + 1], 2, 1.0) for i in range(2)])
     data = Rollouts(latents, cond, [])

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from conftest import TINY, tiny_project
 from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job
-from gdro_core.data.prompts import read_prompts
+from gdro_core.tasks.ocr.prompts import read_prompts
 from gdro_core.data.rollout import plan_shards, prepare_rollouts, write_manifest
 from gdro_core.layout import Layout
 from gdro_core.params import Scale, parse_params
@@ -106,9 +106,8 @@ def test_a_killed_dask_worker_shard_is_redone_elsewhere(serial, tmp_path):
     fp, out, p = rollout_fingerprint(lay), lay.rollout_dir, lay.params
     shards = plan_shards(read_prompts(lay.prompts("train")), 4, p.rollout.seed, 1)
     prepare_rollouts(out)
-    jobs = [RolloutJob(shard=s, source="builtin", base_dir=str(lay.base_dir), world=p.world, device="cpu",
-                       dtype="float32", per_prompt=4, steps=p.sampler.steps, guidance=p.sampler.guidance,
-                       out_dir=str(out), fingerprint=fp, threads=1)
+    jobs = [RolloutJob(shard=s, params_json=p.model_dump_json(), base_dir=str(lay.base_dir), out_dir=str(out),
+                       fingerprint=fp, threads=1)
             for s in shards]
 
     @flow
@@ -141,7 +140,7 @@ def test_score_goes_on_past_a_reader_error_until_the_threshold(serial, tmp_path,
     root = _copy_inputs(serial, tmp_path / "flaky")
     shutil.copytree(serial / "data" / "rollouts", root / "data" / "rollouts")
     monkeypatch.setenv("GDRO_ROOT", str(root))
-    from gdro_core.tasks.ocr_task import OcrTask
+    from gdro_core.tasks.ocr.task import OcrTask
 
     monkeypatch.setattr(flows.score, "make_task", lambda params: OcrTask(params, reader=_ChokesOnOne()))
     score_flow(params_path="params.yaml", overrides={"reward.max_error_share": 0.1})

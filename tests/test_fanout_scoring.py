@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from gdro_core.data.fanout import FanoutError, task_runner, worker_count, worker_threads
-from gdro_core.data.scoring import ScoringError, check_errors, merge_tables, score_images, split_rows
+from gdro_core.data.scoring import ScoringError, check_errors, merge_tables, split_rows
 from gdro_core.params import Scale
+from gdro_core.tasks.ocr.reward import score_images
 
 
 class FlakyReader:

@@ -9,9 +9,9 @@ from PIL import Image
 
 from gdro_core.models.builtin import build_tokenizer
 from gdro_core.params import parse_params
-from gdro_core.tasks import make_task
-from gdro_core.tasks.detectors import DetectorError, Mask2FormerClipDetector, make_detector
-from gdro_core.tasks.geneval_prompts import all_prompts
+from gdro_core.tasks.geneval.detectors import DetectorError, Mask2FormerClipDetector, make_detector
+from gdro_core.tasks.geneval.prompts import all_prompts
+from gdro_core.tasks.registry import make_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@ Flow-GRPO's strict correctness and partial credit."""
 
 import pytest
 
-from gdro_core.tasks.geneval_rules import (
+from gdro_core.tasks.geneval.rules import (
     Detection,
     Rules,
     flow_grpo_score,

@@ -10,8 +10,7 @@ import torch
 
 from gdro_core.models.builtin import pixel_images
 from gdro_core.params import parse_params
-from gdro_core.tasks import channels_of, make_task, world_of
-from gdro_core.tasks.geneval_prompts import (
+from gdro_core.tasks.geneval.prompts import (
     TAGS,
     GenEvalPrompt,
     GenEvalPromptError,
@@ -20,7 +19,8 @@ from gdro_core.tasks.geneval_prompts import (
     metadata_sets,
     read_metadata,
 )
-from gdro_core.tasks.geneval_world import WorldError, WorldSpec
+from gdro_core.tasks.geneval.world import WorldError, WorldSpec
+from gdro_core.tasks.registry import make_task
 
 # Flow-GRPO's train_metadata.jsonl / test_metadata.jsonl lines (GenEval's evaluation_metadata.jsonl format)
 FLOW_GRPO_LINES = [
@@ -65,7 +65,7 @@ def test_flow_grpo_metadata_loads(tmp_path):
 
 
 def test_held_out_metadata_that_leaks_into_train_is_rejected(tmp_path):
-    from gdro_core.data.prompts import PromptError
+    from gdro_core.data.prompt_checks import PromptError
 
     write_lines(tmp_path / "train_metadata.jsonl", FLOW_GRPO_LINES)
     write_lines(tmp_path / "test_metadata.jsonl", FLOW_GRPO_LINES[:1])
@@ -148,7 +148,7 @@ def test_world_draws_only_its_shapes_and_colours():
 
 def test_grid_world_keeps_each_object_inside_one_cell_and_its_ceiling():
     from gdro_core.params import load_params
-    from gdro_core.tasks.geneval_world import layout
+    from gdro_core.tasks.geneval.world import layout
 
     p = load_params("params-geneval.yaml")  # the demo's world: a grid of cells
     w = p.geneval.world
@@ -172,7 +172,7 @@ def test_grid_world_keeps_each_object_inside_one_cell_and_its_ceiling():
 def test_pretrain_batches_are_colour_scenes_under_their_captions():
     p = parse_params(GENEVAL)
     task = make_task(p)
-    assert channels_of(p) == 3 and world_of(p).height == 32
+    assert p.image_shape[2] == 3 and p.image_shape[0] == 32
     images, captions = task.pretrain_batch(8, p.pretrain.model_copy(update={"cond_dropout": 0.0}), random.Random(0))
     assert images.shape == (8, 3, 32, 32) and images.dtype == np.float32
     assert images.min() == -1.0 and images.max() <= 1.0
@@ -217,7 +217,7 @@ def test_pixel_judge_prefers_clean_scenes_to_noise():
 
 
 def test_report_is_genevals_summary_table(tmp_path, capsys):
-    from gdro_core.tasks.geneval_report import main
+    from gdro_core.tasks.geneval.report import main
 
     metrics = {"base": {"tag.counting": 0.25, "geneval": 0.3, "score": 0.5},
                "trained": {"tag.counting": 0.5, "geneval": 0.45, "score": 0.6},

@@ -5,11 +5,11 @@ import pandas as pd
 import torch
 
 from conftest import TINY
-from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.ocr.prompts import OcrPrompt
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.models.lora import add_lora, lora_state
 from gdro_core.params import parse_params
-from gdro_core.tasks.ocr_task import OcrTask
+from gdro_core.tasks.ocr.task import OcrTask
 from training_fixtures import tiny_model
 
 

@@ -12,7 +12,13 @@ from gdro_core.models.sampling import initial_noise
 from gdro_core.objectives.group_loss import dpo_loss
 from gdro_core.objectives.implicit_reward import velocity_norm_ratio
 from gdro_core.objectives.offline import (
-    anchor_weight, best_worst_of_pool, draw_members, draw_randomness, group_objective, prior_noise, seed_matrix,
+    anchor_weight,
+    best_worst_of_pool,
+    draw_members,
+    draw_randomness,
+    group_objective,
+    prior_noise,
+    seed_matrix,
 )
 
 
@@ -84,7 +90,7 @@ def test_draw_members_uses_pool_extremes_only_for_offline_dpo(tiny_params):
 
 
 def _model(p):
-    pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0)
+    pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, seed=0)
     return BuiltinModelAdapter(pipe, (p.world.height, p.world.width))
 
 
@@ -158,8 +164,8 @@ def test_velocity_norm_ratio_hand_value():
 
 
 def test_velocity_norm_probe_is_one_for_a_fresh_adapter_and_moves_when_it_learns(tiny_params, one_thread):
-    from gdro_core.data.prompts import OcrPrompt
     from gdro_core.evaluation.monitor import velocity_norm_probe
+    from gdro_core.tasks.ocr.prompts import OcrPrompt
 
     p = tiny_params
     model = _model(p)

@@ -5,9 +5,10 @@ import random
 import numpy as np
 import pytest
 
-from gdro_core.tasks.ocr import EasyOcrReader, ink_box, normalise, ocr_reward, prepare
-from gdro_core.data.prompts import random_strings
-from gdro_core.tasks.text_render import render_text
+from gdro_core.tasks.ocr.reader import EasyOcrReader, ink_box, prepare
+from gdro_core.tasks.ocr.reward import normalise, ocr_reward
+from gdro_core.tasks.ocr.prompts import random_strings
+from gdro_core.tasks.ocr.world import render_text
 
 
 def test_normalise_lowercases_and_strips_spaces():

@@ -17,7 +17,7 @@ from gdro_core.training.online_grpo import (
     train_online,
     train_timesteps,
 )
-from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.ocr.prompts import OcrPrompt
 
 PROMPTS = [OcrPrompt(f'a sign that says "{t}"', t) for t in ("123", "456", "789")]
 GUIDANCE = 3.0
@@ -30,7 +30,7 @@ def _params(tiny_params, **update):
 
 
 def _model(p):
-    pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0)
+    pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, seed=0)
     return BuiltinModelAdapter(pipe, (p.world.height, p.world.width))
 
 

@@ -5,8 +5,8 @@ import random
 import numpy as np
 
 from gdro_core.params import World
-from gdro_core.training.pretrain import degrade, mislabel
-from gdro_core.tasks.text_render import render_batch
+from gdro_core.tasks.ocr.world import mislabel, render_batch
+from gdro_core.training.degrade import degrade
 
 
 def _renders(n: int) -> np.ndarray:
@@ -46,6 +46,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_schedule(tiny_p
 
     from gdro_core.training.checkpoint import latest_checkpoint, load_checkpoint
     from gdro_core.models.builtin import build_builtin_pipeline
+    from gdro_core.tasks.ocr.world import text_batch
     from gdro_core.training.pretrain import pretrain
 
     p = tiny_params
@@ -53,9 +54,9 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_schedule(tiny_p
     logs: dict[str, list[float]] = {"full": [], "resumed": []}
 
     def run(name: str, ckpt) -> dict[str, torch.Tensor]:
-        pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, cfg.seed)
-        pretrain(pipe, p.world, p.prompts.templates, cfg.model_copy(update={"log_every": 1}), ckpt,
-                 lambda step, m: logs[name].append(m["pretrain/lr"]))
+        pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, cfg.seed)
+        pretrain(pipe, (p.world.height, p.world.width), text_batch(p.world, p.prompts.templates),
+                 cfg.model_copy(update={"log_every": 1}), ckpt, lambda step, m: logs[name].append(m["pretrain/lr"]))
         return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
 
     full = run("full", tmp_path / "full")

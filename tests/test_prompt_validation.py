@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gdro_core.data.prompts import (
+from gdro_core.tasks.ocr.prompts import (
     OcrPrompt, PromptError, load_prompt_source, read_prompt_file, read_prompts, validate_prompt_sets, write_prompts,
 )
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gdro_core.data.prompts import PromptError, extract_target, make_prompt_sets, read_prompts, write_prompts
+from gdro_core.tasks.ocr.prompts import PromptError, extract_target, make_prompt_sets, read_prompts, write_prompts
 
 
 def test_target_is_the_quoted_text():

@@ -9,8 +9,8 @@ from gdro_core.evaluation.curves import best_step
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.evaluation.vlm_judge import UnifiedRewardJudge
 from gdro_core.params import parse_params
-from gdro_core.tasks.ocr_task import OcrTask
-from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.ocr.task import OcrTask
+from gdro_core.tasks.ocr.prompts import OcrPrompt
 from gdro_core.training.loop import train
 from training_fixtures import tiny_data, tiny_model
 

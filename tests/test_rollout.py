@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
-from gdro_core.data.prompts import make_prompt_sets
+from gdro_core.tasks.ocr.prompts import make_prompt_sets
 from gdro_core.data.rollout import RolloutError, generate_rollouts, is_complete, load_rollouts
 from gdro_core.data.store import TMP_SUFFIX, read_json
 from gdro_core.models.sampling import sample
@@ -16,7 +16,7 @@ from gdro_core.models.sampling import sample
 @pytest.fixture()
 def model(tiny_params):
     p = tiny_params
-    pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0)
+    pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, seed=0)
     return BuiltinModelAdapter(pipe, (p.world.height, p.world.width))
 
 

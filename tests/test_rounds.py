@@ -13,7 +13,7 @@ from conftest import TINY, tiny_project
 from gdro_core.data.rollout import load_rollouts
 from gdro_core.data.store import write_json
 from gdro_core.layout import Layout, RoundError
-from gdro_core.models import load_flow_model
+from gdro_core.models import load_model
 from gdro_core.models.lora import add_lora, lora_state, set_lora_state
 from gdro_core.params import ParamsError, parse_params, round_params
 from gdro_core.training.loop import start_training
@@ -30,7 +30,7 @@ def world(tmp_path_factory, prefect_server):
 def save_round_adapter(root: Path, scale: float, rank: int = TINY["train"]["lora"]["rank"]) -> dict[str, torch.Tensor]:
     """A round-1 adapter on the base at models/adapter: lora_B = ``scale`` x noise (0: the base's own policy)."""
     p = parse_params({**TINY, "train": {**TINY["train"], "lora": {"rank": rank, "alpha": 4.0}}})
-    model = load_flow_model("builtin", root / "models" / "base", p.world, "cpu", "float32")
+    model = load_model(p, root / "models" / "base")
     add_lora(model.transformer, p.train.lora)
     g = torch.Generator().manual_seed(1)
     state = {k: (torch.randn(v.shape, generator=g) * (scale if "lora_B" in k else 1.0)) for k, v in
@@ -95,7 +95,7 @@ def test_round_2_training_starts_from_round_1s_adapter_and_never_resumes_its_che
 
     saved = save_round_adapter(world, scale=0.3)
     p = parse_params(TINY)
-    model = load_flow_model("builtin", world / "models" / "base", p.world, "cpu", "float32")
+    model = load_model(p, world / "models" / "base")
     init = world / "models" / "adapter"
     _, _, _, _, ema, start = start_training(model, p.train, tmp_path / "ckpt", init_adapter=init)
     live = lora_state(model.transformer)
@@ -118,7 +118,7 @@ def test_round_2_training_starts_from_round_1s_adapter_and_never_resumes_its_che
 def test_an_adapter_with_other_lora_settings_cannot_start_a_round(world, tmp_path):
     save_round_adapter(world, scale=0.3, rank=2)
     p = parse_params(TINY)
-    model = load_flow_model("builtin", world / "models" / "base", p.world, "cpu", "float32")
+    model = load_model(p, world / "models" / "base")
     with pytest.raises(ValueError, match="set train.lora as that adapter was trained"):
         start_training(model, p.train, tmp_path / "ckpt", init_adapter=world / "models" / "adapter")
 

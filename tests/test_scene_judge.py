@@ -11,9 +11,9 @@ from scipy import ndimage
 
 from gdro_core.evaluation.corrected_score import judge_mean
 from gdro_core.params import parse_params
-from gdro_core.tasks import make_task
-from gdro_core.tasks.geneval_prompts import all_prompts
-from gdro_core.tasks.geneval_world import layout, render_antialiased, render_scene
+from gdro_core.tasks.geneval.prompts import all_prompts
+from gdro_core.tasks.geneval.world import layout, render_antialiased, render_scene
+from gdro_core.tasks.registry import make_task
 
 # the demo's world (params-geneval.yaml): 16x16 canvas, 2x2 cells, 7-pixel shapes
 WORLD = {"height": 16, "width": 16, "grid": 8, "object_size": 7, "jitter": 0}

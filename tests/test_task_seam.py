@@ -8,15 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from gdro_core.data.scoring import score_images, score_task_rollouts
+from gdro_core.data.scoring import score_task_rollouts
 from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
 from gdro_core.params import parse_params
-from gdro_core.tasks import channels_of, make_task, world_of
-from gdro_core.tasks.geneval_prompts import all_prompts
-from gdro_core.tasks.ocr_task import OcrTask
-from gdro_core.tasks.text_render import render_batch, render_text
+from gdro_core.tasks.geneval.prompts import all_prompts
+from gdro_core.tasks.ocr.reward import score_images
+from gdro_core.tasks.ocr.task import OcrTask
+from gdro_core.tasks.ocr.world import caption_batch, render_batch, render_text
+from gdro_core.tasks.registry import make_task
+from gdro_core.training.degrade import degrade
 from gdro_core.training.online_grpo import task_reward
-from gdro_core.training.pretrain import caption_batch, degrade
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +54,7 @@ def test_ocr_task_reward_is_score_images():
     table = task.reward(images, [task.record(f'"{t}" on a sign', t) for t in targets])
     expected = score_images(images, targets, FixedReader(reads), False, p.reward.batch_size)
     assert table.equals(expected) and table["reward"].tolist() == pytest.approx([1.0, 2 / 3, 0.0])
-    assert make_task(p).name == "ocr" and channels_of(p) == 1 and world_of(p) is p.world
+    assert make_task(p).name == "ocr" and p.image_shape == (p.world.height, p.world.width, 1)
 
 
 def test_score_task_rollouts_rebuilds_records_from_rows(tmp_path):
@@ -78,7 +79,7 @@ def test_online_reward_goes_through_the_task():
 def test_builtin_model_takes_the_tasks_channels():
     p = parse_params({"task": "geneval", "model": {"builtin": {"layers": 1, "heads": 2, "head_dim": 8,
                                                                "text_dim": 16, "text_layers": 1}}})
-    pipe = build_builtin_pipeline(p.model.builtin, world_of(p), 1.0, 0, channels=channels_of(p))
+    pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, 1.0, 0)
     model = BuiltinModelAdapter(pipe, make_task(p).world_shape)
     assert model.latent_shape == (3, 32, 32)
     (im,) = model.decode(torch.zeros(1, 3, 32, 32))

@@ -15,7 +15,7 @@ from gdro_core.training.loop import ema_decay, train
 
 
 def _model(p):
-    pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0)
+    pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, seed=0)
     return BuiltinModelAdapter(pipe, (p.world.height, p.world.width))
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gdro_core.evaluation.heldout import generate
-from gdro_core.data.prompts import OcrPrompt
+from gdro_core.tasks.ocr.prompts import OcrPrompt
 from gdro_core.models.offload import PreEncoded, offload_unused
 from training_fixtures import tiny_model
 

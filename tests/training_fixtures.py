@@ -8,7 +8,7 @@ from gdro_core.params import Params
 
 
 def tiny_model(p: Params) -> BuiltinModelAdapter:
-    pipe = build_builtin_pipeline(p.model.builtin, p.world, p.sampler.shift, seed=0)
+    pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, seed=0)
     return BuiltinModelAdapter(pipe, (p.world.height, p.world.width))
 
 

@@ -1,10 +1,10 @@
-"""Rollout and scoring shards as independent jobs, and the Prefect task runner that spreads them.
+"""Rollout shards as independent jobs, and the Prefect task runner that spreads any jobs over workers.
 
-A job carries everything its worker needs (plain, picklable values), runs the same library
-functions as the serial path (:func:`~gdro_core.data.rollout.write_shard`,
-:func:`~gdro_core.data.scoring.score_task_rollouts`) and writes only its own files, so any number of
-workers gives the same bytes as one process. Each worker process loads its model or reader once
-(an ``lru_cache`` per process) and reuses it for every job it is given.
+A job carries everything its worker needs (plain, picklable values: the params as JSON), runs the same
+library functions as the serial path (:func:`~gdro_core.data.rollout.write_shard`) and writes only its
+own files, so any number of workers gives the same bytes as one process. Each worker process loads its
+model once (an ``lru_cache`` per process) and reuses it for every job it is given. Scoring jobs need the
+task, so they live with the task registry (:mod:`gdro_core.tasks.jobs`); this module imports no task.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 import torch
 
 from gdro_core.data.rollout import Shard, shard_is_valid, write_shard
-from gdro_core.data.scoring import score_task_rollouts
 from gdro_core.data.store import read_json
 from gdro_core.params import Params, Scale
 
@@ -34,31 +31,16 @@ class FanoutError(RuntimeError):
 
 @dataclass(frozen=True)
 class RolloutJob:
-    """One rollout shard and how to sample it."""
+    """One rollout shard and how to sample it: the model, the images per prompt and the sampler are the params'
+    (``params_json``, the stage's params as :meth:`Params.model_dump_json` writes them)."""
 
     shard: Shard
-    source: str
+    params_json: str
     base_dir: str
-    world: Any  # the params section sizing the built-in model's images (gdro_core.tasks.world_of)
-    device: str
-    dtype: str
-    per_prompt: int
-    steps: int
-    guidance: float
     out_dir: str
     fingerprint: str
     threads: int
     adapter_dir: str = ""  # a later round samples with the previous round's adapter applied; "" = the base
-
-
-@dataclass(frozen=True)
-class ScoreJob:
-    """One chunk of rollout rows and the params (as JSON) of the task that scores them."""
-
-    rows: tuple[dict, ...]
-    rollout_dir: str
-    params_json: str
-    threads: int
 
 
 def worker_count(scale: Scale) -> int:
@@ -94,24 +76,16 @@ def worker_device(device: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def worker_model(source: str, base_dir: str, world: Any, device: str, dtype: str, fingerprint: str,
-                 adapter_dir: str = ""):
-    """The frozen base (with ``adapter_dir``'s adapter applied, if given), loaded once per worker process (the
-    fingerprint keys a changed base or adapter)."""
-    from gdro_core.models import load_flow_model
+def worker_model(params_json: str, base_dir: str, fingerprint: str, adapter_dir: str = ""):
+    """The frozen base as the params describe it (with ``adapter_dir``'s adapter applied, if given), on this
+    worker's device, loaded once per worker process (the fingerprint keys a changed base or adapter)."""
+    from gdro_core.models import load_model
 
-    model = load_flow_model(source, base_dir, world, worker_device(device), dtype)
+    params = Params.model_validate_json(params_json)
+    model = load_model(params, base_dir, device=worker_device(params.model.device))
     if adapter_dir:
         model.load_adapter(Path(adapter_dir))
     return model
-
-
-@lru_cache(maxsize=1)
-def worker_task(params_json: str):
-    """The params' task (and so its reader), built once per worker process."""
-    from gdro_core.tasks import make_task
-
-    return make_task(Params.model_validate_json(params_json))
 
 
 def run_rollout_job(job: RolloutJob) -> dict:
@@ -120,14 +94,10 @@ def run_rollout_job(job: RolloutJob) -> dict:
     out = Path(job.out_dir)
     if shard_is_valid(out, job.shard, job.fingerprint):
         return read_json(out / job.shard.record)
-    model = worker_model(job.source, job.base_dir, job.world, job.device, job.dtype, job.fingerprint, job.adapter_dir)
-    return write_shard(model, job.shard, job.per_prompt, job.steps, job.guidance, out, job.fingerprint)
-
-
-def run_score_job(job: ScoreJob) -> pd.DataFrame:
-    """Score one chunk of rows with this worker's task (the stage's own entry point, score_task_rollouts)."""
-    torch.set_num_threads(job.threads)
-    return score_task_rollouts(list(job.rows), Path(job.rollout_dir), worker_task(job.params_json))
+    p = Params.model_validate_json(job.params_json)
+    model = worker_model(job.params_json, job.base_dir, job.fingerprint, job.adapter_dir)
+    return write_shard(model, job.shard, p.rollout.images_per_prompt, p.sampler.steps, p.sampler.guidance, out,
+                       job.fingerprint)
 
 
 def task_runner(scale: Scale):

@@ -2,8 +2,9 @@
 
 Scoring is split by rollout shard so that shards can be scored on separate workers; the table
 is put back in (prompt_index, member) order, so it is the same bytes whoever scored which shard.
-A reader that fails on an image scores it 0 and keeps the error in its row instead of ending the
-run; :func:`check_errors` fails the stage once the share of such images passes a threshold.
+A task whose reward can fail on single images (the OCR reader) scores them 0 and keeps the error
+in an ``error`` column instead of ending the run; :func:`check_errors` fails the stage once the
+share of such images passes a threshold.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import pandas as pd
 from PIL import Image
 
 from gdro_core.data.store import atomic_write
-from gdro_core.tasks.ocr import Reader, ocr_reward
+from gdro_core.tasks.base import Task
 
 Progress = Callable[[int, int], None]
-COLUMNS = ["read", "reward", "exact", "similarity", "error"]
 ORDER = ["prompt_index", "member"]
 
 
@@ -26,49 +26,9 @@ class ScoringError(RuntimeError):
     """Too many images could not be scored."""
 
 
-def _read_each(reader: Reader, images: list[Image.Image]) -> list[tuple[str, str]]:
-    """Read a batch; if the batch fails, read its images one by one so one bad image costs only itself."""
-    try:
-        return [(text, "") for text in reader.read(images)]
-    except Exception:  # noqa: BLE001 - any reader failure is isolated to the image that causes it
-        out = []
-        for im in images:
-            try:
-                out.append((reader.read([im])[0], ""))
-            except Exception as err:  # noqa: BLE001 - recorded in the image's row, counted by check_errors
-                out.append(("", f"{type(err).__name__}: {err}"))
-        return out
-
-
-def score_images(
-    images: list[Image.Image], targets: list[str], reader: Reader, substring_full_credit: bool, batch_size: int,
-    progress: Progress | None = None,
+def score_task_rollouts(
+    rows: list[dict], rollout_dir: Path, task: Task, progress: Progress | None = None
 ) -> pd.DataFrame:
-    """Columns read, reward, exact, similarity, error for each (image, target); unreadable images score 0."""
-    records = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        for (read, error), target in zip(_read_each(reader, chunk), targets[start : start + batch_size]):
-            s = ocr_reward(read, target, substring_full_credit)
-            reward, similarity = (0.0, 0.0) if error else (s.reward, s.similarity)
-            records.append(
-                {"read": s.read, "reward": reward, "exact": s.exact and not error, "similarity": similarity,
-                 "error": error}
-            )
-        if progress:
-            progress(min(start + batch_size, len(images)), len(images))
-    return pd.DataFrame.from_records(records, columns=COLUMNS)
-
-
-def score_rollouts(rows: list[dict], rollout_dir: Path, reader: Reader, substring_full_credit: bool, batch_size: int,
-                   progress: Progress | None = None) -> pd.DataFrame:
-    """One row per rollout image: its manifest row plus its scores."""
-    images = [Image.open(Path(rollout_dir) / r["image"]) for r in rows]
-    scores = score_images(images, [r["target"] for r in rows], reader, substring_full_credit, batch_size, progress)
-    return pd.concat([pd.DataFrame.from_records(rows), scores], axis=1)
-
-
-def score_task_rollouts(rows: list[dict], rollout_dir: Path, task, progress: Progress | None = None) -> pd.DataFrame:
     """One row per rollout image: its manifest row plus the task reward and its parts."""
     images = [Image.open(Path(rollout_dir) / r["image"]) for r in rows]
     scores = task.reward(images, [task.record(r["prompt"], r["target"]) for r in rows], progress)

@@ -8,13 +8,11 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from gdro_core.evaluation.corrected_score import corrected_score, judge_mean
+from gdro_core.evaluation.judge_scores import Judge
+from gdro_core.evaluation.summary import summarise  # noqa: F401 - the summary of a score table, used with assess
 from gdro_core.models.base import FlowModel
-from gdro_core.evaluation.judge import Judge
-from gdro_core.tasks.ocr import Reader
-from gdro_core.tasks.base import PromptRecord, Task
-from gdro_core.tasks.text_render import render_text
 from gdro_core.models.sampling import sample
-from gdro_core.data.scoring import score_images
+from gdro_core.tasks.base import PromptRecord, Task
 
 
 def eval_seeds(base_seed: int, n_prompts: int, per_prompt: int) -> list[int]:
@@ -37,18 +35,6 @@ def generate(
     return images
 
 
-SUMMARY = ("reward", "exact", "similarity", "alignment", "coherence", "style", "u_hat", "corrected")
-
-
-def summarise(scores: pd.DataFrame) -> dict[str, float]:
-    """Means of every score column present; images the judge gave no answer for are left out of the judge
-    means and counted as ``judge_missing``."""
-    out = {k: float(scores[k].mean()) for k in SUMMARY if k in scores}
-    if "u_hat" in scores:
-        out["judge_missing"] = float(scores["u_hat"].isna().sum())
-    return out
-
-
 def assess(
     images: list[Image.Image], records: Sequence[PromptRecord], task: Task, judge: Judge, judge_task: str
 ) -> pd.DataFrame:
@@ -60,14 +46,6 @@ def assess(
     scores["u_hat"] = [judge_mean(row, judge_task) for row in judged.to_dict("records")]
     scores["corrected"] = [corrected_score(r, u) for r, u in zip(scores["reward"], scores["u_hat"])]
     return scores
-
-
-def reader_ceiling(
-    targets: Sequence[str], reader: Reader, height: int, width: int, font_size: int, substring: bool, batch_size: int
-) -> dict[str, float]:
-    """The reward of the world's own clean renders: the best any model can score with this reader."""
-    images = [render_text(t, height, width, font_size) for t in targets]
-    return summarise(score_images(images, list(targets), reader, substring, batch_size))
 
 
 def sample_grid(rows: dict[str, list[Image.Image]], captions: Sequence[str], scale: int = 2) -> Image.Image:

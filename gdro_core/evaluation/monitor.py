@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from gdro_core.evaluation.curves import best_step
 from gdro_core.evaluation.heldout import assess, eval_seeds, generate
 from gdro_core.models.base import FlowModel, velocity
-from gdro_core.evaluation.judge import Judge
+from gdro_core.evaluation.judge_scores import Judge
 from gdro_core.models.lora import lora_state, reference, set_lora_state
 from gdro_core.models.sampling import initial_noise
 from gdro_core.objectives.implicit_reward import velocity_norm_ratio

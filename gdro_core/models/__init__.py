@@ -1,4 +1,8 @@
-"""Model families behind one interface (:class:`~gdro_core.models.base.FlowModel`)."""
+"""Model families behind one interface (:class:`~gdro_core.models.base.FlowModel`).
+
+:func:`load_model` is the one way a stage builds its model from params; the families themselves take
+plain values (image size, channels, the ``model.builtin`` section as an object), never a params type.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,28 @@ from pathlib import Path
 import torch
 
 from gdro_core.models.base import FlowModel, ModelError, pick_device
-from gdro_core.params import World
 
 
-def load_flow_model(
-    source: str, base_dir: str | Path, world: World, device: str = "auto", dtype: str = "float32",
+def load_model(params, base_dir: str | Path, device: str | None = None) -> FlowModel:
+    """The model ``params`` describe: the built-in base saved in ``base_dir`` or the real checkpoint
+    ``model.source``, for the task's images (``params.image_shape``), on ``model.device`` (or ``device``) in
+    ``model.dtype``, with ``sampler.shift`` and ``sampler.guidance``."""
+    m, s = params.model, params.sampler
+    height, width, _ = params.image_shape
+    return _load_family_model(m.source, base_dir, (height, width), device or m.device, m.dtype, s.shift, s.guidance)
+
+
+def check_image_size(params) -> None:
+    """Raise :class:`ModelError` (a ``ValueError``) naming the multiple when the model family of ``model.source``
+    cannot take the task's images (patch size, VAE factor x patch); a checkpoint not found locally is not checked."""
+    from gdro_core.models.families import check_size
+
+    height, width, _ = params.image_shape
+    check_size(params.model.source, height, width, params.model.builtin)
+
+
+def _load_family_model(
+    source: str, base_dir: str | Path, size: tuple[int, int], device: str = "auto", dtype: str = "float32",
     shift: float | None = None, guidance: float | None = None,
 ) -> FlowModel:
     """Load the built-in base from ``base_dir`` or a real diffusers checkpoint named by ``source``.
@@ -22,6 +43,7 @@ def load_flow_model(
     from gdro_core.models.builtin import BuiltinModelAdapter, TextRenderPipeline
     from gdro_core.models.families import check_size, family_for_class, read_model_index
 
+    height, width = size
     torch_dtype = getattr(torch, dtype)
     dev = pick_device(device)
     if source == "builtin":
@@ -29,7 +51,7 @@ def load_flow_model(
         if not (base_dir / "model_index.json").is_file():
             raise ModelError(f"no built-in base model at {base_dir}: run `gdro base` (or `dvc repro base`) first")
         pipe = TextRenderPipeline.from_pretrained(base_dir, dtype=torch_dtype).to(dev)
-        return BuiltinModelAdapter(pipe, (world.height, world.width), base_dir, shift, guidance)
+        return BuiltinModelAdapter(pipe, (height, width), base_dir, shift, guidance)
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise ModelError(f"{source} is not a diffusers checkpoint directory (no model_index.json)")
     index = read_model_index(source)
@@ -37,7 +59,7 @@ def load_flow_model(
         raise ModelError(f"cannot find checkpoint {source!r}: give model.source as a local diffusers directory, "
                          "or a hub id already in the local cache")
     family = family_for_class(index.get("_class_name", ""))
-    check_size(source, world.height, world.width)
+    check_size(source, height, width)
     try:
         pipe = family.pipeline_class.from_pretrained(source, dtype=torch_dtype)
     except OSError as err:
@@ -45,4 +67,4 @@ def load_flow_model(
             f"cannot load checkpoint {source!r}: {err}. Give model.source as a local diffusers directory, "
             "or a hub id already in the local cache"
         ) from None
-    return family(pipe.to(dev), world.height, world.width, source, shift=shift, guidance=guidance)
+    return family(pipe.to(dev), height, width, source, shift=shift, guidance=guidance)

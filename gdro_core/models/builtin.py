@@ -22,7 +22,6 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from gdro_core.models.base import Condition, ModelError
 from gdro_core.models.family import DiffusersFlowModel
 from gdro_core.models.sd3 import SD3_TARGETS, sd3_timesteps, sd3_velocity
-from gdro_core.params import BuiltinModel, World
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CHARACTERS = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
@@ -84,10 +83,13 @@ class TextRenderPipeline(DiffusionPipeline):
 
 
 def build_builtin_pipeline(
-    cfg: BuiltinModel, world: World, shift: float | None, seed: int, channels: int = 1, words: Sequence[str] = ()
+    cfg, image_shape: tuple[int, int, int], shift: float | None, seed: int, words: Sequence[str] = ()
 ) -> TextRenderPipeline:
-    """A freshly initialised built-in model sized for the world's images (``channels``: 1 grayscale, 3 RGB;
-    ``words``: read whole by the tokenizer, see :func:`gdro_core.tasks.caption_words`; none: character-level)."""
+    """A freshly initialised built-in model for images of ``image_shape`` (height, width, channels: 1 grayscale,
+    3 RGB; ``Params.image_shape``). ``cfg`` is the ``model.builtin`` params section (layers, heads, head_dim,
+    patch_size, text_dim, text_layers, max_tokens); ``words`` are read whole by the tokenizer (see
+    :func:`gdro_core.tasks.registry.caption_words`; none: character-level)."""
+    height, width, channels = image_shape
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words)
     text_config = CLIPTextConfig(
@@ -102,11 +104,9 @@ def build_builtin_pipeline(
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
         pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
     )
-    side = max(world.height, world.width)
-    if world.height % cfg.patch_size or world.width % cfg.patch_size:
-        raise ModelError(
-            f"world size {world.height}x{world.width} is not divisible by model.builtin.patch_size={cfg.patch_size}"
-        )
+    side = max(height, width)
+    if height % cfg.patch_size or width % cfg.patch_size:
+        raise ModelError(f"world size {height}x{width} is not divisible by model.builtin.patch_size={cfg.patch_size}")
     transformer = SD3Transformer2DModel(
         sample_size=side,
         patch_size=cfg.patch_size,
@@ -142,7 +142,8 @@ class BuiltinModelAdapter(DiffusersFlowModel):
                          shift, guidance)
 
     @staticmethod
-    def size_multiple(cfg: BuiltinModel) -> tuple[int, str]:
+    def size_multiple(cfg) -> tuple[int, str]:
+        """``cfg``: the ``model.builtin`` params section."""
         return cfg.patch_size, f"model.builtin.patch_size={cfg.patch_size}"
 
     def encode(self, prompts: list[str]) -> Condition:

@@ -80,7 +80,7 @@ class DiffusersFlowModel:
         if part is None:
             raise ModelError(
                 f"this {self.family} model has no {name}: it was built from a transformer alone "
-                "(from_transformer); load the whole checkpoint with load_flow_model to encode prompts or decode latents"
+                "(from_transformer); load the whole checkpoint with load_model to encode prompts or decode latents"
             )
         return part
 

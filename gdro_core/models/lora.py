@@ -15,7 +15,6 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from gdro_core.data.store import canonical_safetensors
-from gdro_core.params import Lora
 
 ADAPTER = "gdro"
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -29,10 +28,11 @@ def default_targets(transformer: torch.nn.Module) -> list[str]:
     return family_for_transformer(transformer).default_lora_targets(transformer)
 
 
-def add_lora(transformer: torch.nn.Module, cfg: Lora) -> list[torch.nn.Parameter]:
+def add_lora(transformer: torch.nn.Module, cfg) -> list[torch.nn.Parameter]:
     """Attach a fresh adapter (B = 0, so the policy starts equal to the reference); return its parameters.
 
-    An empty ``cfg.target_modules`` means the family's default targets.
+    ``cfg`` is the ``train.lora`` params section (rank, alpha, dropout, target_modules); an empty
+    ``cfg.target_modules`` means the family's default targets.
     """
     targets = list(cfg.target_modules) or default_targets(transformer)
     missing = [m for m in targets if not any(n.endswith(m) for n, _ in transformer.named_modules())]

@@ -2,22 +2,26 @@
 
 Every stage works through a :class:`Task`: the prompts stage writes its prompt sets, the base stage
 pretrains on its world, the score stage, the checkpoint monitor, the online baseline and the evaluate
-stage reward images with it, and the pixel judge takes its references from its world.
+stage reward images with it, and the pixel judge takes its references from its world. The flows build
+the task named in params with :func:`gdro_core.tasks.registry.make_task`; library code receives it as an
+argument and imports nothing but this module's types.
 """
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
-
-import numpy as np
-import pandas as pd
-from PIL import Image
+from typing import TYPE_CHECKING, Protocol
 
 from gdro_core.evaluation.judge_scores import Judge
+
+if TYPE_CHECKING:
+    import random
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
 
 Progress = Callable[[int, int], None]
 

@@ -41,14 +41,11 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
     """Base model + GDRO adapter; ``predict(prompts)`` returns one uint8 image array per prompt."""
 
     def load_context(self, context) -> None:
-        from gdro_core.models import load_flow_model
-        from gdro_core.tasks import world_of
+        from gdro_core.models import load_model
 
         self.params = parse_params(json.loads(Path(context.artifacts["params"]).read_text()), "registered params")
-        m, s = self.params.model, self.params.sampler
-        base = context.artifacts.get("base", "") if m.source == "builtin" else m.source
-        self.model = load_flow_model(m.source, base, world_of(self.params), m.device, m.dtype, shift=s.shift,
-                                     guidance=s.guidance)
+        base = context.artifacts.get("base", "") if self.params.model.source == "builtin" else self.params.model.source
+        self.model = load_model(self.params, base)
         self.model.load_adapter(Path(context.artifacts["adapter"]))  # refuses a base with another fingerprint
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:

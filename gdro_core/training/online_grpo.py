@@ -26,10 +26,8 @@ from gdro_core.objectives.flow_grpo import gaussian_kl, group_advantages, grpo_l
 from gdro_core.models.base import Condition, FlowModel
 from gdro_core.models.base import guided_velocity as family_guided_velocity
 from gdro_core.models.lora import lora_state, reference, set_lora_state
-from gdro_core.tasks.ocr import Reader
 from gdro_core.params import Train
-from gdro_core.tasks.base import PromptRecord
-from gdro_core.data.scoring import score_images
+from gdro_core.tasks.base import PromptRecord, Task
 from gdro_core.training.loop import Logger, LoraEma, OnCheckpoint, ema_decay, end_of_step, start_training
 
 RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float] | Tensor]
@@ -177,17 +175,7 @@ def encode_prompts(model: FlowModel, prompts: Sequence[PromptRecord], batch_size
     return cond, {k: v.cpu() for k, v in model.encode([""]).items()}
 
 
-def reader_reward(reader: Reader, substring_full_credit: bool, batch_size: int) -> RewardFn:
-    """The OCR task reward through :func:`gdro_core.scoring.score_images`, as the score stage computes it."""
-
-    def reward(images: list[Image.Image], targets: list[str]) -> Tensor:
-        table = score_images(images, targets, reader, substring_full_credit, batch_size)
-        return torch.tensor(table["reward"].to_numpy(dtype="float32"))
-
-    return reward
-
-
-def task_reward(task, prompts: Sequence) -> RewardFn:
+def task_reward(task: Task, prompts: Sequence[PromptRecord]) -> RewardFn:
     """The task's reward as the score stage computes it; targets are looked up among ``prompts``."""
     records = {p.target: p for p in prompts}
 

@@ -1,38 +1,15 @@
-"""OCR reward, scored as Flow-GRPO does: r = 1 − min(Lev(pred, target), |target|) / |target|."""
+"""OCR readers: what an image's text reads as (easyocr, or rapidocr's PP-OCRv4), behind one interface.
+
+The reward on what they read is :mod:`gdro_core.tasks.ocr.reward`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
-import Levenshtein
 import numpy as np
 from PIL import Image, ImageOps
-
-
-def normalise(text: str) -> str:
-    """Lower-case and strip all whitespace, as the Flow-GRPO OCR reward does."""
-    return "".join(text.lower().split())
-
-
-@dataclass(frozen=True)
-class OcrScore:
-    reward: float
-    exact: bool
-    similarity: float
-    read: str
-
-
-def ocr_reward(read: str, target: str, substring_full_credit: bool = False) -> OcrScore:
-    """Reward for text ``read`` against ``target``; similarity is the plain normalised edit similarity."""
-    pred, tgt = normalise(read), normalise(target)
-    if not tgt:
-        raise ValueError("OCR target is empty after normalisation; the quoted text must contain a character")
-    dist = Levenshtein.distance(pred, tgt)
-    similarity = 1.0 - min(dist, len(tgt)) / len(tgt)
-    reward = 1.0 if substring_full_credit and tgt in pred else similarity
-    return OcrScore(reward=reward, exact=pred == tgt, similarity=similarity, read=pred)
 
 
 class Reader(Protocol):
@@ -122,9 +99,6 @@ class EasyOcrReader:
         results = get_text(r.character, imgH, width, r.recognizer, r.converter, crops, ignore, "greedy", 5,
                            len(crops), 0.1, 0.5, 0.003, 0, r.device)
         return [res[1] for res in results]
-
-
-
 
 
 @lru_cache(maxsize=2)

@@ -1,9 +1,9 @@
 """The built-in GenEval world: flat shapes in flat colours on black, laid out as a GenEval prompt asks.
 
 Scenes are drawn with PIL from a record's metadata: the included objects (counts, colours, relative
-positions), never touching, at random places. Because the world is synthetic its exact detector can
-read a scene back from the pixels: each pixel takes its nearest palette colour, connected blobs of one
-colour are objects, and each blob's class is the shape whose clean drawing at the blob's box overlaps it best.
+positions), never touching, at random places. The same scenes are the built-in model's pretraining data
+(:func:`scene_batch`), the ceiling's clean images and the pixel judge's references. The shapes and the
+palette are :mod:`.shapes`, which the world's exact detector (:mod:`.detectors`) reads scenes back with.
 """
 
 from __future__ import annotations
@@ -11,28 +11,18 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
-from gdro_core.tasks.geneval_rules import Detection, relative_position
+from gdro_core.tasks.geneval.prompts import GenEvalPrompt
+from gdro_core.tasks.geneval.rules import Detection, relative_position
+from gdro_core.tasks.geneval.shapes import BACKGROUND, PALETTE, SHAPES, WorldError, draw_shape
+from gdro_core.training.degrade import degrade
 
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40), "green": (40, 200, 60), "blue": (60, 100, 250), "yellow": (235, 220, 40),
-    "orange": (245, 140, 20), "purple": (150, 60, 200), "pink": (245, 130, 190), "white": (245, 245, 245),
-    "brown": (140, 80, 30),
-}
-"""Colours the world can draw (GenEval's colour names); black is the background."""
-
-SHAPES = ("square", "circle", "triangle", "cross", "diamond")
-BACKGROUND = (0, 0, 0)
 PLACEMENT_TRIES = 200
-
-
-class WorldError(ValueError):
-    """A world or scene request the built-in GenEval world cannot draw."""
+CEILING_SEED = 0
+"""Seed of the clean scenes the ceiling and the pixel judge's references are drawn with."""
 
 
 @dataclass(frozen=True)
@@ -57,35 +47,6 @@ class WorldSpec:
         bad = [c for c in self.colors if c not in PALETTE]
         if bad:
             raise WorldError(f"the built-in GenEval world's colours are {list(PALETTE)}; it cannot draw {bad}")
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
-    """``shape`` filling the inclusive pixel box (x0, y0, x1, y1)."""
-    x0, y0, x1, y1 = box
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
-    elif shape == "cross":
-        w, h = (x1 - x0 + 1) / 3, (y1 - y0 + 1) / 3
-        top, left = round(y0 + h), round(x0 + w)
-        draw.rectangle((x0, top, x1, max(top, round(y1 - h))), fill=fill)
-        draw.rectangle((left, y0, max(left, round(x1 - w)), y1), fill=fill)
-    else:
-        raise WorldError(f"unknown shape {shape!r}; the world draws {list(SHAPES)}")
-
-
-@lru_cache(maxsize=4096)
-def shape_mask(shape: str, w: int, h: int) -> np.ndarray:
-    """The clean drawing of ``shape`` filling a w x h box, as a boolean mask."""
-    img = Image.new("L", (w, h), 0)
-    draw_shape(ImageDraw.Draw(img), shape, (0, 0, w - 1, h - 1), 255)
-    return np.asarray(img) > 127
 
 
 @dataclass(frozen=True)
@@ -177,38 +138,53 @@ def to_array(images: Sequence[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) for im in images]) / 127.5 - 1.0
 
 
-class ExactDetector:
-    """The built-in world's detector: palette colours, connected blobs, best-overlapping shape.
+def world_spec(geneval) -> WorldSpec:
+    """The world the ``geneval`` params section describes."""
+    w = geneval.world
+    return WorldSpec(w.height, w.width, w.object_size, w.jitter, tuple(geneval.classes), tuple(geneval.colors), w.grid)
 
-    Confidence is the blob's overlap (IoU) with the clean drawing of its class at its box: 1 for a clean
-    render, lower for a smeared or misshapen one, so GenEval's confidence thresholds keep their meaning.
-    """
 
-    def __init__(self, classes: Sequence[str], colors: Sequence[str], min_pixels: int, tolerance: float):
-        self.classes, self.colors = tuple(classes), tuple(colors)
-        self.min_pixels, self.tolerance = min_pixels, tolerance
-        self.refs = np.array([BACKGROUND, *(PALETTE[c] for c in self.colors)], dtype=np.float32)
+def render(record: GenEvalPrompt, spec: WorldSpec, rng: random.Random, position_threshold: float) -> Image.Image:
+    """A clean scene for ``record``."""
+    return render_scene(layout(record.metadata, spec, rng, position_threshold), spec)
 
-    def detect(self, image: Image.Image) -> dict[str, list[Detection]]:
-        x = np.asarray(image.convert("RGB"), dtype=np.float32)
-        dist = np.linalg.norm(x[:, :, None, :] - self.refs[None, None], axis=-1)
-        nearest = dist.argmin(-1)
-        nearest[dist.min(-1) > self.tolerance] = 0  # off-palette pixels are not part of any object
-        out: dict[str, list[Detection]] = {}
-        for k, color in enumerate(self.colors, start=1):
-            labels, n = ndimage.label(nearest == k)
-            for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-                blob = labels[sl] == i
-                if blob.sum() < self.min_pixels:
-                    continue
-                h, w = blob.shape
-                ious = [self._iou(blob, shape_mask(c, w, h)) for c in self.classes]
-                best = int(np.argmax(ious))
-                box = (sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1)
-                out.setdefault(self.classes[best], []).append(Detection(box, float(ious[best]), color))
-        return out
 
-    @staticmethod
-    def _iou(a: np.ndarray, b: np.ndarray) -> float:
-        union = np.logical_or(a, b).sum()
-        return float(np.logical_and(a, b).sum() / union) if union else 0.0
+def clean_images(records: Sequence[GenEvalPrompt], spec: WorldSpec, position_threshold: float) -> list[Image.Image]:
+    """Clean scenes of ``records`` drawn from the ceiling's seed: the best a model can draw for them."""
+    rng = random.Random(CEILING_SEED)
+    return [render(r, spec, rng, position_threshold) for r in records]
+
+
+def scene_batch(scenes: Sequence[GenEvalPrompt], spec: WorldSpec, position_threshold: float, n: int, cfg,
+                rng: random.Random) -> tuple[np.ndarray, list[str]]:
+    """Scenes of random prompts among ``scenes`` (tags equally likely), captioned with their prompts; some
+    dropped, some mislabelled (``caption_noise``), some blurred (``low_quality_share``), as ``pretrain`` params
+    ``cfg`` say."""
+    by_tag: dict[str, list[GenEvalPrompt]] = {}
+    for r in scenes:
+        by_tag.setdefault(r.tag, []).append(r)
+    tags = list(by_tag)
+    records = [rng.choice(by_tag[rng.choice(tags)]) for _ in range(n)]
+    images = to_array([render(r, spec, rng, position_threshold) for r in records])
+    captions = []
+    for r in records:
+        if rng.random() < cfg.cond_dropout:
+            captions.append("")
+        elif rng.random() < cfg.caption_noise:
+            captions.append(rng.choice(scenes).prompt)
+        else:
+            captions.append(r.prompt)
+    return degrade(images, cfg.low_quality_share, cfg.low_quality_blur, rng), captions
+
+
+def reference_images(scenes: Sequence[GenEvalPrompt], spec: WorldSpec, n: int, supersample: int,
+                     position_threshold: float) -> list[Image.Image]:
+    """The pixel judge's references: half the scenes as the world draws them, half anti-aliased at a random
+    sub-pixel offset (``supersample``), so the judge's spreads span faithful drawings, not one rasteriser's."""
+    rng = random.Random(CEILING_SEED)
+    refs = []
+    for i in range(n):
+        objects = layout(rng.choice(scenes).metadata, spec, rng, position_threshold)
+        factor = supersample if i % 2 else 1
+        refs.append(render_antialiased(objects, spec, factor, rng))
+    return refs

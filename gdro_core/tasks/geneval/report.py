@@ -1,7 +1,7 @@
 """GenEval's summary table from an evaluate stage's metrics.json: per-tag accuracy of base and trained model,
 the overall GenEval score, the partial credit, the corrected score and the ceiling.
 
-``python -m gdro_core.tasks.geneval_report reports-geneval/metrics.json``
+``python -m gdro_core.tasks.geneval.report reports-geneval/metrics.json``
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from gdro_core.tasks.geneval_prompts import TAGS
+from gdro_core.tasks.geneval.prompts import TAGS
 
 ROWS = [*(f"tag.{t}" for t in TAGS), "geneval", "score", "strict", "u_hat", "corrected"]
 

@@ -1,4 +1,4 @@
-"""OCR prompt sets: templates around a quoted target string."""
+"""OCR prompt sets: templates around a quoted target string; their files, their checks, the caption words."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique
 from gdro_core.data.store import atomic_write, jsonl_records
+from gdro_core.tasks.base import words_of
 
 _QUOTED = re.compile(r'"([^"]+)"')
-
-
-class PromptError(ValueError):
-    """A prompt the OCR task cannot score."""
 
 
 @dataclass(frozen=True)
@@ -135,13 +133,6 @@ def load_prompt_source(source: Path, n_val: int) -> dict[str, list[OcrPrompt]]:
     return sets
 
 
-def check_unique(prompts: list[OcrPrompt], where: str) -> None:
-    seen: set[str] = set()
-    dup = sorted({p.prompt for p in prompts if p.prompt in seen or seen.add(p.prompt)})
-    if dup:
-        raise PromptError(f"{where}: {len(dup)} duplicate prompt(s), e.g. {dup[0]!r}: each prompt must occur once")
-
-
 def check_disjoint(sets: dict[str, list[OcrPrompt]], where: str) -> None:
     """No held-out target (normalised as the reward reads it) may occur among the training prompts."""
     train = {"".join(p.target.lower().split()) for p in sets.get("train", [])}
@@ -152,20 +143,6 @@ def check_disjoint(sets: dict[str, list[OcrPrompt]], where: str) -> None:
                 f"{where}: {len(leaked)} {split} target(s) also occur in train, e.g. {leaked[0]!r}: held-out "
                 "targets must never be trained on; remove them from train"
             )
-
-
-def check_encodable(prompts: list[OcrPrompt], vocab: set[str], max_tokens: int, count_tokens, where: str) -> None:
-    """Every character must be in the tokenizer's vocabulary and every prompt within its length, or the
-    target would silently become end-of-text tokens or be cut off."""
-    for p in prompts:
-        bad = sorted({c for c in p.prompt if not c.isspace() and c.lower() not in vocab})
-        if bad:
-            raise PromptError(f"{where}: prompt {p.prompt!r} has characters the text encoder cannot read: "
-                              f"{''.join(bad)!r}; use only {''.join(sorted(vocab))!r}")
-        n = count_tokens(p.prompt)
-        if n > max_tokens:
-            raise PromptError(f"{where}: prompt {p.prompt!r} is {n} tokens, over the text encoder's limit of "
-                              f"{max_tokens} (model.builtin.max_tokens): shorten it or raise the limit")
 
 
 def check_targets_in_alphabet(prompts: list[OcrPrompt], alphabet: str, where: str) -> None:
@@ -186,9 +163,14 @@ def validate_prompt_sets(sets: dict[str, list[OcrPrompt]], params, where: str) -
     if params.reward.restrict_to_alphabet:
         check_targets_in_alphabet(every, params.world.alphabet, where)
     if params.model.source == "builtin":
-        from gdro_core.models.builtin import CHARACTERS
-        from gdro_core.tasks import builtin_tokenizer
+        check_builtin_encodable(every, params.model.builtin.max_tokens, tokenizer_words(params), where)
 
-        tok = builtin_tokenizer(params)
-        vocab = set(CHARACTERS)
-        check_encodable(every, vocab, params.model.builtin.max_tokens, lambda s: len(tok(s).input_ids), where)
+
+def caption_words(params) -> list[str]:
+    """The words of the built-in world's captions: the templates' words (the quoted text is spelt out)."""
+    return words_of([t.format(text="") for t in params.prompts.templates])
+
+
+def tokenizer_words(params) -> list[str]:
+    """The words the built-in tokenizer reads whole: none (``model.builtin.tokenizer: char``) or the captions'."""
+    return caption_words(params) if params.model.builtin.tokenizer == "word" else []

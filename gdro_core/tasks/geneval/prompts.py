@@ -14,9 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique
 from gdro_core.data.store import atomic_write, jsonl_records
-from gdro_core.tasks.geneval_rules import RELATIONS
+from gdro_core.tasks.base import words_of
 
+RELATIONS = ("left of", "right of", "above", "below")
+"""GenEval's relative positions (what a ``position`` clause may ask; :mod:`.rules` reads them from boxes)."""
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 SPLITS = ("train", "test", "val")
@@ -116,8 +119,6 @@ def metadata_sets(metadata_dir: Path, n_val: int) -> dict[str, list[GenEvalPromp
 
 def validate_sets(sets: Mapping[str, Sequence[GenEvalPrompt]], params, where: str) -> None:
     """No prompt twice in a set, no held-out prompt in train, and (built-in model) every prompt encodable."""
-    from gdro_core.data.prompts import PromptError, check_encodable, check_unique
-
     for split, records in sets.items():
         check_unique(list(records), f"{where} ({split})")
     train = {r.prompt for r in sets.get("train", [])}
@@ -127,13 +128,8 @@ def validate_sets(sets: Mapping[str, Sequence[GenEvalPrompt]], params, where: st
             raise PromptError(f"{where}: {len(leaked)} {split} prompt(s) also occur in train, e.g. {leaked[0]!r}: "
                               "held-out prompts must never be trained on; remove them from train")
     if params.model.source == "builtin":
-        from gdro_core.models.builtin import CHARACTERS
-        from gdro_core.tasks import builtin_tokenizer
-
-        tok = builtin_tokenizer(params)
-        vocab = set(CHARACTERS)
         every = [r for records in sets.values() for r in records]
-        check_encodable(every, vocab, params.model.builtin.max_tokens, lambda s: len(tok(s).input_ids), where)
+        check_builtin_encodable(every, params.model.builtin.max_tokens, tokenizer_words(params), where)
 
 
 # --- generation, as GenEval's prompt generator does it ------------------------------------------------------
@@ -232,3 +228,21 @@ def generate_sets(
             )
         out[s] = chosen
     return out
+
+
+# --- the built-in world's captions ---------------------------------------------------------------------------
+
+
+def scene_prompts(geneval) -> list[GenEvalPrompt]:
+    """Every prompt the world can caption (``geneval`` params section): what the built-in model pretrains on."""
+    return [r for t in geneval.tags for r in all_prompts(t, geneval.classes, geneval.colors, geneval.max_count)]
+
+
+def caption_words(params) -> list[str]:
+    """The words of the built-in world's captions."""
+    return words_of([r.prompt for r in scene_prompts(params.geneval)])
+
+
+def tokenizer_words(params) -> list[str]:
+    """The words the built-in tokenizer reads whole: none (``model.builtin.tokenizer: char``) or the captions'."""
+    return caption_words(params) if params.model.builtin.tokenizer == "word" else []

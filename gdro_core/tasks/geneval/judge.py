@@ -27,6 +27,8 @@ from PIL import Image
 from scipy import ndimage
 
 from gdro_core.evaluation.judge_scores import SCORE_MAX, SCORE_MIN, JudgeScores
+from gdro_core.tasks.geneval.shapes import PALETTE
+from gdro_core.tasks.geneval.world import WorldSpec
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,11 @@ class SceneJudge:
             style = _to_score(_quality(z, self.cfg.z_scale))
             out.append(JudgeScores(_to_score(c), coherence, style))
         return out
+
+
+def scene_judge_config(spec: WorldSpec, geneval, judge_params) -> SceneJudgeConfig:
+    """The judge's constants from the world and the ``geneval`` and ``judge`` params sections. A speck is a blob
+    no larger than a cross's arm square ((smallest object side / 3)²): no shape is that small."""
+    smallest = max(spec.object_size - spec.jitter, 3)
+    return SceneJudgeConfig(tuple(PALETTE[c] for c in geneval.colors), geneval.detector.palette_tolerance,
+                            speck_pixels=int((smallest / 3) ** 2), z_scale=judge_params.z_scale)

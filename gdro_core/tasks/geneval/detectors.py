@@ -1,6 +1,8 @@
 """GenEval detectors behind one interface: images in, :class:`Detection` lists per class out (unfiltered).
 
-- ``exact``: the built-in world's detector (:class:`~gdro_core.tasks.geneval_world.ExactDetector`).
+- ``exact``: the built-in world's detector (:class:`ExactDetector`): because the world is synthetic it can
+  read a scene back from the pixels: each pixel takes its nearest palette colour, connected blobs of one
+  colour are objects, and each blob's class is the shape whose clean drawing at the blob's box overlaps it best.
 - ``mask2former``: GenEval's family for real images: Mask2Former instance segmentation with COCO-instance
   weights, and CLIP ViT-L/14 zero-shot colour classification of each masked, cropped object on grey
   (GenEval's ``#999`` background and its three colour templates). Both load from local paths.
@@ -15,8 +17,10 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 
-from gdro_core.tasks.geneval_rules import Detection
+from gdro_core.tasks.geneval.rules import Detection
+from gdro_core.tasks.geneval.shapes import BACKGROUND, PALETTE, shape_mask
 
 CROP_BACKGROUND = (153, 153, 153)  # GenEval's "#999"
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
@@ -28,6 +32,43 @@ class DetectorError(ValueError):
 
 class Detector(Protocol):
     def detect(self, images: list[Image.Image]) -> list[dict[str, list[Detection]]]: ...
+
+
+class ExactDetector:
+    """The built-in world's detector: palette colours, connected blobs, best-overlapping shape.
+
+    Confidence is the blob's overlap (IoU) with the clean drawing of its class at its box: 1 for a clean
+    render, lower for a smeared or misshapen one, so GenEval's confidence thresholds keep their meaning.
+    """
+
+    def __init__(self, classes: Sequence[str], colors: Sequence[str], min_pixels: int, tolerance: float):
+        self.classes, self.colors = tuple(classes), tuple(colors)
+        self.min_pixels, self.tolerance = min_pixels, tolerance
+        self.refs = np.array([BACKGROUND, *(PALETTE[c] for c in self.colors)], dtype=np.float32)
+
+    def detect(self, image: Image.Image) -> dict[str, list[Detection]]:
+        x = np.asarray(image.convert("RGB"), dtype=np.float32)
+        dist = np.linalg.norm(x[:, :, None, :] - self.refs[None, None], axis=-1)
+        nearest = dist.argmin(-1)
+        nearest[dist.min(-1) > self.tolerance] = 0  # off-palette pixels are not part of any object
+        out: dict[str, list[Detection]] = {}
+        for k, color in enumerate(self.colors, start=1):
+            labels, n = ndimage.label(nearest == k)
+            for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+                blob = labels[sl] == i
+                if blob.sum() < self.min_pixels:
+                    continue
+                h, w = blob.shape
+                ious = [self._iou(blob, shape_mask(c, w, h)) for c in self.classes]
+                best = int(np.argmax(ious))
+                box = (sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1)
+                out.setdefault(self.classes[best], []).append(Detection(box, float(ious[best]), color))
+        return out
+
+    @staticmethod
+    def _iou(a: np.ndarray, b: np.ndarray) -> float:
+        union = np.logical_or(a, b).sum()
+        return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 class ExactWorldDetector:
@@ -141,8 +182,6 @@ def make_detector(geneval) -> Detector:
     """The detector ``geneval.detector.kind`` names."""
     d = geneval.detector
     if d.kind == "exact":
-        from gdro_core.tasks.geneval_world import ExactDetector
-
         return ExactWorldDetector(ExactDetector(geneval.classes, geneval.colors, d.min_pixels, d.palette_tolerance))
     if d.kind == "mask2former":
         return Mask2FormerClipDetector.from_paths(d.mask2former_path, d.clip_path, d.clip_colors, d.batch_size,

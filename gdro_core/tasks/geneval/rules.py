@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-RELATIONS = ("left of", "right of", "above", "below")
-
 
 @dataclass(frozen=True)
 class Detection:

@@ -1,0 +1,64 @@
+"""The GenEval reward: a detector's objects judged by GenEval's rules, one row per image.
+
+The reward table holds, per image: ``score`` (Flow-GRPO's partial credit), ``correct`` (GenEval's per-prompt
+0/1), ``strict`` (Flow-GRPO's exact-count 0/1) and ``reward`` (``score`` or ``correct``, as
+``geneval.reward`` says). Summaries add GenEval's per-tag table (``tag.<tag>``) and its overall score
+(``geneval``, the mean of the tag means).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from gdro_core.tasks.geneval.detectors import Detector
+from gdro_core.tasks.geneval.prompts import GenEvalPrompt
+from gdro_core.tasks.geneval.rules import Rules, judge_detections, tag_summary
+
+Progress = Callable[[int, int], None]
+SUMMARY = ("reward", "score", "correct", "strict", "alignment", "coherence", "style", "u_hat", "corrected")
+
+
+def make_rules(geneval) -> Rules:
+    """GenEval's evaluation-script constants from the ``geneval.detector`` params."""
+    d = geneval.detector
+    return Rules(d.threshold, d.counting_threshold, d.max_objects, d.nms_threshold, d.position_threshold)
+
+
+def reward_table(
+    images: list[Image.Image], records: Sequence[GenEvalPrompt], detector: Detector, rules: Rules, batch_size: int,
+    reward: str, progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Columns reward (the ``reward`` column's value), score, correct, strict, tag and reason for each image."""
+    rows = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        for dets, rec in zip(detector.detect(chunk), records[start : start + batch_size]):
+            v = judge_detections(dets, rec.metadata, rules)
+            rows.append({"score": v.score, "correct": float(v.correct), "strict": float(v.strict),
+                         "tag": rec.tag, "reason": "; ".join(v.reasons)})
+        if progress:
+            progress(min(start + batch_size, len(images)), len(images))
+    table = pd.DataFrame.from_records(rows, columns=["score", "correct", "strict", "tag", "reason"])
+    table.insert(0, "reward", table[reward].astype(float) if len(table) else [])
+    return table
+
+
+def summarise(scores: pd.DataFrame) -> dict[str, float]:
+    """Means of the reward, its parts and the judge columns, plus GenEval's per-tag table and overall score."""
+    out = {k: float(scores[k].mean()) for k in SUMMARY if k in scores}
+    if "tag" in scores and len(scores):
+        out |= tag_summary(list(scores["tag"]), list(scores["correct"]))
+    return out
+
+
+def shape_fidelity(detector: Detector, images: list[Image.Image]) -> list[float]:
+    """Mean detector confidence (overlap with the closest clean shape) over an image's objects; 0 if none."""
+    out = []
+    for found in detector.detect(images):
+        conf = [d.confidence for dets in found.values() for d in dets]
+        out.append(float(np.mean(conf)) if conf else 0.0)
+    return out
