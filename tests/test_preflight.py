@@ -64,7 +64,7 @@ def test_judge_detector_and_prompt_files_are_checked_when_configured(tmp_path):
     assert any(line.startswith("judge.model_path") and "no *.safetensors" in line for line in out), out
     out = preflight.problems(parse_params({"task": "geneval", "geneval": {"detector": {"kind": "mask2former"}}}),
                              tmp_path)
-    assert {line.split(":")[0] for line in out} == {"geneval.detector.mask2former_path", "geneval.detector.clip_path"}
+    assert {line.split(" ")[0] for line in out} == {"geneval.detector.mask2former_path", "geneval.detector.clip_path"}
     out = preflight.problems(params(prompts={"source": "prompt_files/mine"}), tmp_path)
     assert out and out[0].startswith("prompts.source: no directory")
 
