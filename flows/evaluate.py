@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
-import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from gdro_core.evaluation.heldout import assess, generate, sample_grid
+from gdro_core.evaluation.base_vs_trained import evaluate_models
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.models import load_model
 from gdro_core.layout import Layout
@@ -29,45 +28,18 @@ from gdro_core.tracking.runs import stage_run, tracking_optional
 @task(cache_policy=NO_CACHE)
 def score_models(lay: Layout) -> dict:
     p = lay.params
-    logger = get_run_logger()
     task = make_task(p)
-    per = p.evaluate.images_per_prompt
-    prompts = task.read_prompts(lay.prompts("test"))
-    records = [q for q in prompts for _ in range(per)]
-    targets = [q.target for q in records]
-    judge = make_task_judge(task, p.judge)
-    model = load_model(p, lay.base_dir)
     train_prompts = []
     if p.evaluate.train_prompts:
         train_prompts = task.read_prompts(lay.prompts("train"))[: p.evaluate.train_prompts]
         check_train_eval_seeds(p, len(train_prompts), lay.round)
-
-    def sample_on(chosen, seed):
-        return generate(model, chosen, per, seed, p.sampler.steps, p.sampler.guidance, p.sampler.batch_size)
-
-    images, metrics, tables = {}, {}, []
-    for name in ("base", "trained"):
-        if name == "trained":
-            model.load_adapter(lay.adapter_dir)
-        images[name] = sample_on(prompts, p.evaluate.seed)
-        scores = assess(images[name], records, task, judge, p.judge.task)
-        metrics[name] = task.summarise(scores)
-        tables.append(scores.assign(model=name, target=targets))
-        logger.info("%s: %s", name, metrics[name])
-        if train_prompts:  # the same model on its own training prompts, with noise no rollout drew
-            seen = task.reward(sample_on(train_prompts, p.evaluate.train_seed),
-                               [q for q in train_prompts for _ in range(per)])
-            metrics[f"{name}_train"] = task.summarise(seen)
-            logger.info("%s on training prompts: %s", name, metrics[f"{name}_train"])
-    metrics["ceiling"] = task.ceiling(prompts)
-    metrics["delta"] = {k: metrics["trained"][k] - metrics["base"][k] for k in ("reward", "corrected", "geneval")
-                        if k in metrics["base"]}
-    if train_prompts:
-        metrics["delta_train"] = {k: metrics["trained_train"][k] - metrics["base_train"][k]
-                                  for k in ("reward", "geneval") if k in metrics["base_train"]}
-    n = min(p.evaluate.grid_prompts, len(prompts))
-    grid = sample_grid({k: v[::per][:n] for k, v in images.items()}, [getattr(q, "caption", q.target) for q in prompts[:n]])
-    return {"metrics": metrics, "grid": grid, "scores": pd.concat(tables, ignore_index=True)}
+    e, s = p.evaluate, p.sampler
+    return evaluate_models(
+        load_model(p, lay.base_dir), lay.adapter_dir, task, make_task_judge(task, p.judge), p.judge.task,
+        task.read_prompts(lay.prompts("test")), train_prompts, e.images_per_prompt, e.seed, e.train_seed, s.steps,
+        s.guidance, s.batch_size, e.grid_prompts, with_ceiling=p.model.source == "builtin",
+        log=get_run_logger().info,
+    )
 
 
 @flow(name="evaluate")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import yaml
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -30,49 +29,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.context import load_layout, project_root
 from flows.evaluate import evaluate_flow
 from flows.rollout import rollout_flow
-from gdro_core.cache_keys import rollout_fingerprint
 from flows.score import score_flow
 from flows.train import train_flow
 from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
-from gdro_core.layout import Layout
 from gdro_core.params import load_params
-from gdro_core.data.rollout import MANIFEST, is_complete
 from gdro_core.servers import tool
-from gdro_core.data.store import atomic_write, read_json, write_json
+from gdro_core.data.store import atomic_write, write_json
 from gdro_core.sweep import (
+    stale_stages,
     SweepConfig, SweepError, check_configs, config_overrides, dotted_defaults, dotted_keys, dvc_exp_commands,
     resolve_sweep, results_frame, sweep_configs,
 )
 from gdro_core.tracking.runs import stage_run
-
-
-def missing_inputs(lay: Layout) -> list[str]:
-    """Cached inputs a sweep needs and does not make itself."""
-    needed = [
-        lay.prompts("train"), lay.prompts("val"), lay.prompts("test"), lay.base_dir, lay.rollout_dir / MANIFEST,
-        lay.rewards,
-    ]
-    return [str(p.relative_to(lay.root) if p.is_relative_to(lay.root) else p) for p in needed if not p.exists()]
-
-
-def stale_stages(lay: Layout) -> list[str]:
-    """Stages whose cached output no longer matches its params: ``[]``, ``["score"]`` or ``["rollout", "score"]``.
-
-    Missing cached data is an error (a sweep never makes it from scratch); rollouts made with other rollout,
-    sampler or base params are remade, and a reward table that does not cover the rollouts is rescored.
-    """
-    missing = missing_inputs(lay)
-    if missing:
-        raise SweepError(
-            f"a sweep trains on the cached rollouts and reward table, and these are missing: {', '.join(missing)}; "
-            "make them first with `dvc repro score` (or `gdro prompts && gdro base && gdro rollout && gdro score`)"
-        )
-    if not is_complete(lay.rollout_dir, rollout_fingerprint(lay)):
-        return ["rollout", "score"]
-    seeds = sorted(r["seed"] for r in read_json(lay.rollout_dir / MANIFEST)["rows"])
-    scored = sorted(pd.read_parquet(lay.rewards, columns=["seed"])["seed"].tolist())
-    return [] if seeds == scored else ["score"]
 
 
 def _run_adopted(client: mlflow.MlflowClient, parent_run_id: str, fn):

@@ -107,7 +107,7 @@ def stale(path, env) -> set[str]:
     import json
 
     run([BIN / "dvc", "repro", "check"], path, env)
-    return set(json.loads(run([BIN / "dvc", "status", "--json"], path, env) or "{}"))
+    return set(json.loads(run([BIN / "dvc", "status", "--json", "dvc.yaml"], path, env) or "{}"))
 
 
 def test_a_code_edit_reruns_exactly_the_stages_that_run_that_code(dvc_project):
@@ -128,7 +128,7 @@ def test_rerunning_every_stage_on_unchanged_inputs_writes_the_same_bytes(dvc_pro
     again = run([BIN / "dvc", "repro", "--force"], path, env)  # every stage runs again, as `gdro pipeline` would
     assert {"check", "prompts", "base", "rollout", "score", "train", "evaluate"} <= ran_stages(again)
     assert (path / "dvc.lock").read_text() == before  # every dep and out hash as it was
-    assert "up to date" in run([BIN / "dvc", "status"], path, env)
+    assert "up to date" in run([BIN / "dvc", "status", "dvc.yaml"], path, env)
 
 
 def ran_stages(log: str) -> set[str]:

@@ -153,7 +153,7 @@ def test_sweep_trains_every_config_on_the_cached_rollouts_as_nested_runs(cached_
     rollouts, prompts = dvc_md5(root / "data" / "rollouts"), dvc_md5(root / "data" / "prompts")
     for v in versions:
         assert v.tags["data.rollouts"] == rollouts and v.tags["data.prompts"] == prompts
-        assert v.tags["param.train.beta"] in ("6.0", "24.0")
+        assert client.get_run(v.run_id).data.params["train.beta"] in ("6.0", "24.0")
     scored = sorted(versions, key=lambda v: (-float(v.tags["metric.trained.corrected"]), int(v.version)))
     aliases = client.get_registered_model("gdro-ocr-lora").aliases
     assert {k: int(v) for k, v in aliases.items()} == {"champion": int(scored[0].version)}

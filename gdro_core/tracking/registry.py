@@ -85,15 +85,23 @@ def log_adapter_model(params: Params, adapter_dir: Path, base_dir: Path, registe
         )
 
 
+IDENTIFYING_PARAMS = ("train.objective", "model.source")
+"""The params a version's tags repeat: what it is and which base it needs. Every other param and metric is on the
+source run the version links to (``gdro compare`` reads them there), so MLflow's model page stays readable."""
+
+
 def version_tags(params: Params, metrics: dict[str, dict[str, float]], data: dict[str, str],
                  base: dict[str, str] | None = None) -> dict[str, str]:
-    """Tags of a registered version: params (``param.*``), metrics (``metric.*``), data version and ``base.*``
-    (family, source, fingerprint of the base it needs)."""
-    base = base or {}
-    tags = {f"param.{k}": str(v) for k, v in section_dict(params, "train", "evaluate", "judge").items()}
-    tags["param.model.source"] = params.model.source
-    tags.update({f"base.{k}": str(v) for k, v in base.items()})
-    tags.update({f"metric.{k}.{m}": f"{float(v):.6g}" for k, d in metrics.items() for m, v in d.items()})
+    """Tags of a registered version: what identifies and ranks it. The objective and model source
+    (``param.*``), the base it needs (``base.*``), its data version (``data.*``) and the metrics the registry ranks by
+    (``metric.*``, ``registry.rank_by``)."""
+    flat = section_dict(params, "train", "model")
+    tags = {f"param.{k}": str(flat[k]) for k in IDENTIFYING_PARAMS}
+    tags.update({f"base.{k}": str(v) for k, v in (base or {}).items()})
+    for name in params.registry.rank_by:
+        section, _, metric = name.partition(".")
+        if metric in metrics.get(section, {}):
+            tags[f"metric.{name}"] = f"{float(metrics[section][metric]):.6g}"
     tags.update(data)
     return tags
 
