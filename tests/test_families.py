@@ -19,8 +19,9 @@ from safetensors import safe_open
 
 from gdro_core.models import check_image_size, load_model
 from gdro_core.models.base import ModelError, velocity
+from gdro_core.models.families import add_lora
 from gdro_core.models.flux import FLUX_DEFAULT_GUIDANCE
-from gdro_core.models.lora import ADAPTER, add_lora
+from gdro_core.models.lora import ADAPTER
 from gdro_core.models.sampling import sample
 from gdro_core.models.tiny import VARIANTS, save_tiny_pipeline
 from gdro_core.params import Lora, World, parse_params

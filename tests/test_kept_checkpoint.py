@@ -3,14 +3,15 @@
 import numpy as np
 import pandas as pd
 import torch
-
 from conftest import TINY
-from gdro_core.tasks.ocr.prompts import OcrPrompt
-from gdro_core.evaluation.monitor import CheckpointMonitor
-from gdro_core.models.lora import add_lora, lora_state
-from gdro_core.params import parse_params
-from gdro_core.tasks.ocr.task import OcrTask
 from training_fixtures import tiny_model
+
+from gdro_core.evaluation.monitor import CheckpointMonitor
+from gdro_core.models.families import add_lora
+from gdro_core.models.lora import lora_state
+from gdro_core.params import parse_params
+from gdro_core.tasks.ocr.prompts import OcrPrompt
+from gdro_core.tasks.ocr.task import OcrTask
 
 
 def test_a_tie_can_keep_a_checkpoint_from_before_the_last_best(tmp_path, one_thread, monkeypatch):

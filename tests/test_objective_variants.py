@@ -7,7 +7,7 @@ import torch
 
 from gdro_core.data.rollout import image_seed
 from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
-from gdro_core.models.lora import add_lora
+from gdro_core.models.families import add_lora
 from gdro_core.models.sampling import initial_noise
 from gdro_core.objectives.group_loss import dpo_loss
 from gdro_core.objectives.implicit_reward import velocity_norm_ratio

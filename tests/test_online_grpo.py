@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from gdro_core.objectives.flow_grpo import group_advantages, sde_step
 from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
-from gdro_core.models.lora import add_lora, lora_state, reference
+from gdro_core.models.families import add_lora
+from gdro_core.models.lora import lora_state, reference
+from gdro_core.objectives.flow_grpo import group_advantages, sde_step
+from gdro_core.tasks.ocr.prompts import OcrPrompt
 from gdro_core.training.online_grpo import (
     ADV_EPS,
     encode_prompts,
@@ -17,7 +19,6 @@ from gdro_core.training.online_grpo import (
     train_online,
     train_timesteps,
 )
-from gdro_core.tasks.ocr.prompts import OcrPrompt
 
 PROMPTS = [OcrPrompt(f'a sign that says "{t}"', t) for t in ("123", "456", "789")]
 GUIDANCE = 3.0

@@ -13,7 +13,7 @@ SAVE = """
 import sys
 from conftest import TINY
 from gdro_core.params import parse_params
-from gdro_core.models.lora import add_lora, save_adapter
+from gdro_core.models.families import add_lora, save_adapter
 from training_fixtures import tiny_model
 p = parse_params(TINY)
 model = tiny_model(p)

@@ -14,7 +14,8 @@ from gdro_core.data.rollout import load_rollouts
 from gdro_core.data.store import write_json
 from gdro_core.layout import Layout, RoundError
 from gdro_core.models import load_model
-from gdro_core.models.lora import add_lora, lora_state, set_lora_state
+from gdro_core.models.families import add_lora
+from gdro_core.models.lora import lora_state, set_lora_state
 from gdro_core.params import ParamsError, parse_params, round_params
 from gdro_core.training.loop import start_training
 

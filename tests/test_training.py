@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from gdro_core.models.base import velocity
-
-from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
-from gdro_core.models.lora import add_lora, reference
-from gdro_core.objectives.offline import anchor_weight, draw_groups, group_objective
 from gdro_core.data.rollout import Rollouts
+from gdro_core.models.base import velocity
+from gdro_core.models.builtin import BuiltinModelAdapter, build_builtin_pipeline
+from gdro_core.models.families import add_lora
+from gdro_core.models.lora import reference
+from gdro_core.objectives.offline import anchor_weight, draw_groups, group_objective
 from gdro_core.training.loop import ema_decay, train
 
 

@@ -1,4 +1,5 @@
-"""The model-family registry: which family a checkpoint or transformer belongs to, and the sizes it takes.
+"""The model-family registry: which family a checkpoint or transformer belongs to, the sizes it takes and the
+LoRA adapter it takes by default (its target modules, its save format).
 
 A checkpoint's family is its ``model_index.json`` ``_class_name``; everything else is the family's
 (see :mod:`gdro_core.models.family`).
@@ -14,6 +15,7 @@ import torch
 from gdro_core.models.base import ModelError
 from gdro_core.models.builtin import BuiltinModelAdapter
 from gdro_core.models.flux import FluxModel
+from gdro_core.models.lora import attach_lora, save_lora
 from gdro_core.models.sd3 import StableDiffusion3Model
 
 FAMILIES: dict[str, type] = {
@@ -58,6 +60,25 @@ def family_for_transformer(transformer: torch.nn.Module) -> type:
         if isinstance(transformer, family.transformer_class):
             return family
     raise ModelError(f"no model family has a {type(transformer).__name__} transformer; supported: {SUPPORTED}")
+
+
+def default_targets(transformer: torch.nn.Module) -> list[str]:
+    """The family's default LoRA target modules for this transformer."""
+    return family_for_transformer(transformer).default_lora_targets(transformer)
+
+
+def add_lora(transformer: torch.nn.Module, cfg) -> list[torch.nn.Parameter]:
+    """Attach a fresh adapter (B = 0, so the policy starts equal to the reference); return its parameters.
+
+    ``cfg`` is the ``train.lora`` params section (rank, alpha, dropout, target_modules); an empty
+    ``cfg.target_modules`` means the family's default targets.
+    """
+    return attach_lora(transformer, cfg, list(cfg.target_modules) or default_targets(transformer))
+
+
+def save_adapter(transformer: torch.nn.Module, out_dir: Path) -> Path:
+    """:func:`~gdro_core.models.lora.save_lora` in the format of the transformer's family."""
+    return save_lora(transformer, out_dir, family_for_transformer(transformer).pipeline_class)
 
 
 def size_multiple(source: str, builtin=None) -> tuple[int, str] | None:

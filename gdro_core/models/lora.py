@@ -3,6 +3,8 @@
 Adapters are saved in the family's own diffusers LoRA format (keys prefixed ``transformer.``), with
 the adapter's settings (rank, alpha, target modules) as diffusers' LoRA adapter metadata, so
 ``pipe.load_lora_weights(dir)`` and :func:`load_lora` rebuild exactly the adapter that was trained.
+This module knows no family: the family's default targets and save format are applied by
+:func:`gdro_core.models.families.add_lora` and :func:`~gdro_core.models.families.save_adapter`.
 """
 
 from __future__ import annotations
@@ -21,20 +23,10 @@ WEIGHTS = "pytorch_lora_weights.safetensors"
 PREFIX = "transformer"
 
 
-def default_targets(transformer: torch.nn.Module) -> list[str]:
-    """The family's default LoRA target modules for this transformer."""
-    from gdro_core.models.families import family_for_transformer
-
-    return family_for_transformer(transformer).default_lora_targets(transformer)
-
-
-def add_lora(transformer: torch.nn.Module, cfg) -> list[torch.nn.Parameter]:
-    """Attach a fresh adapter (B = 0, so the policy starts equal to the reference); return its parameters.
-
-    ``cfg`` is the ``train.lora`` params section (rank, alpha, dropout, target_modules); an empty
-    ``cfg.target_modules`` means the family's default targets.
-    """
-    targets = list(cfg.target_modules) or default_targets(transformer)
+def attach_lora(transformer: torch.nn.Module, cfg, targets: list[str]) -> list[torch.nn.Parameter]:
+    """Attach a fresh adapter on the modules ``targets`` names (B = 0, so the policy starts equal to the reference);
+    return its parameters. ``cfg`` is the ``train.lora`` params section (rank, alpha, dropout). The family's
+    default targets are :func:`gdro_core.models.families.add_lora`'s."""
     missing = [m for m in targets if not any(n.endswith(m) for n, _ in transformer.named_modules())]
     if missing:
         raise ValueError(f"train.lora.target_modules {missing} match no module of the transformer")
@@ -85,13 +77,6 @@ def save_lora(transformer: torch.nn.Module, out_dir: Path, pipeline_class: type)
         transformer_lora_adapter_metadata=adapter_metadata(transformer),
     )
     return canonical_safetensors(Path(out_dir) / WEIGHTS)  # same weights, same bytes, in any process
-
-
-def save_adapter(transformer: torch.nn.Module, out_dir: Path) -> Path:
-    """:func:`save_lora` in the format of the transformer's family."""
-    from gdro_core.models.families import family_for_transformer
-
-    return save_lora(transformer, out_dir, family_for_transformer(transformer).pipeline_class)
 
 
 def load_lora(transformer: torch.nn.Module, path: Path) -> None:

@@ -22,7 +22,8 @@ from accelerate import Accelerator
 from gdro_core.data.pool import RolloutPool
 from gdro_core.data.rollout import Rollouts
 from gdro_core.models.base import FlowModel
-from gdro_core.models.lora import add_lora, init_lora_from, lora_state, set_lora_state
+from gdro_core.models.families import add_lora
+from gdro_core.models.lora import init_lora_from, lora_state, set_lora_state
 from gdro_core.objectives.offline import OFFLINE_OBJECTIVES, draw_members, draw_randomness, group_objective, prior_noise, seed_matrix
 from gdro_core.params import Train
 from gdro_core.training.checkpoint import load_latest, restore_rng, rng_state, save_checkpoint

@@ -37,6 +37,11 @@ class GenEvalTask:
         self._scenes: list[GenEvalPrompt] | None = None
 
     @property
+    def position_threshold(self) -> float:
+        """GenEval's relative-position threshold, which the world lays scenes out by and the rules check."""
+        return self.cfg.detector.position_threshold
+
+    @property
     def rules(self) -> Rules:
         if self._rules is None:
             from gdro_core.tasks.geneval.reward import make_rules
@@ -114,7 +119,7 @@ class GenEvalTask:
         """The summary of the world's clean scenes for ``records``."""
         from gdro_core.tasks.geneval.world import clean_images
 
-        images = clean_images(records, self._world(), self.rules.position_threshold)
+        images = clean_images(records, self._world(), self.position_threshold)
         return self.summarise(self.reward(images, records))
 
     # the built-in world
@@ -130,7 +135,7 @@ class GenEvalTask:
         """A clean scene for ``record``."""
         from gdro_core.tasks.geneval.world import render
 
-        return render(record, self._world(), rng, self.rules.position_threshold)
+        return render(record, self._world(), rng, self.position_threshold)
 
     @property
     def world_shape(self) -> tuple[int, int]:
@@ -141,7 +146,7 @@ class GenEvalTask:
         mislabelled (``caption_noise``), some blurred (``low_quality_share``)."""
         from gdro_core.tasks.geneval.world import scene_batch
 
-        return scene_batch(self.scene_prompts(), self._world(), self.rules.position_threshold, n, cfg, rng)
+        return scene_batch(self.scene_prompts(), self._world(), self.position_threshold, n, cfg, rng)
 
     def pixel_judge(self, judge_params):
         """The scene judge: references are the world's scenes (half anti-aliased, ``judge.reference_supersample``);
@@ -152,7 +157,7 @@ class GenEvalTask:
 
         spec = self._world()
         refs = reference_images(self.scene_prompts(), spec, judge_params.reference_images,
-                                judge_params.reference_supersample, self.rules.position_threshold)
+                                judge_params.reference_supersample, self.position_threshold)
 
         def align(images: list[Image.Image], targets: list[str]) -> list[float]:
             return list(self.reward(images, [self.record("", t) for t in targets])["score"])
