@@ -10,12 +10,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
+from gdro_core.cache_keys import pretrain_fingerprint
 from gdro_core.models.builtin import build_builtin_pipeline
 from gdro_core.models.families import base_identity
 from gdro_core.layout import Layout
 from gdro_core.tasks.registry import caption_words, make_task
 from gdro_core.training.pretrain import pretrain
-from gdro_core.data.store import fingerprint, write_json
+from gdro_core.data.store import write_json
 from gdro_core.tracking.runs import metric_logger, stage_run, tracking_optional
 
 
@@ -25,12 +26,9 @@ def pretrain_builtin(lay: Layout) -> None:
     logger = get_run_logger()
     pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, p.pretrain.seed,
                                   words=caption_words(p))
-    parts = [p.model.builtin.model_dump(), p.world.model_dump(), p.pretrain.model_dump(), p.prompts.templates]
-    if p.task != "ocr":  # OCR keeps its fingerprint, so existing checkpoints still resume
-        parts += [p.task, p.geneval.model_dump(exclude={"detector", "metadata_dir", "reward"})]
-    fp = fingerprint(parts)
     log = metric_logger(logger.info, p.tracking.metric_pause)
-    pretrain(pipe, p.image_shape[:2], make_task(p).pretrain_batch, p.pretrain, lay.checkpoints("base", fp), log)
+    pretrain(pipe, p.image_shape[:2], make_task(p).pretrain_batch, p.pretrain,
+             lay.checkpoints("base", pretrain_fingerprint(lay)), log)
     tmp = lay.base_dir.with_name(".base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)

@@ -152,7 +152,8 @@ def check_params(args: argparse.Namespace) -> int:
     from gdro_core.models import ModelError, check_image_size
     from gdro_core.params import ParamsError, load_params
     from gdro_core import preflight
-    from gdro_core.stages import CODE_DIR, code_record
+    from gdro_core.code_closure import code_record
+    from gdro_core.stages import CODE_DIR
 
     root = project_root()
     try:
@@ -184,7 +185,7 @@ def stages_command(args: argparse.Namespace) -> int:
     from flows.context import project_root
     from gdro_core.dvc_files import write_dvc_files
     from gdro_core.params import ParamsError, load_params
-    from gdro_core.stages import stage_files
+    from gdro_core.code_closure import stage_files
 
     root = project_root()
     if args.write:
@@ -244,6 +245,28 @@ def run_flow(flow, args: argparse.Namespace) -> None:
     extra = {"round": args.round} if getattr(args, "round", None) else {}
     with tags(*run_tags()):
         flow(params_path=args.params, overrides=parse_overrides(args.overrides), **extra)
+
+
+STOPPED_EXIT = 128 + 15
+"""The exit status of a stage stopped by SIGTERM or Ctrl-C (the shell's convention for SIGTERM)."""
+
+
+def exit_stopped_nonzero() -> None:
+    """A stage stopped from outside never exits 0, which DVC or a scheduler would take as done: depending on
+    whether a Prefect server is attached, Prefect re-raises SIGTERM or lets the interpreter end normally after
+    marking the run Crashed. Registered first, this runs last at exit."""
+    import atexit
+
+    from gdro_core.tracking.runs import STOPPED
+
+    def check() -> None:
+        if STOPPED:
+            sys.stderr.write(f"gdro: stopped ({STOPPED[0]}); the last checkpoint is kept and the next run resumes "
+                             "from it\n")
+            sys.stderr.flush()
+            os._exit(STOPPED_EXIT)
+
+    atexit.register(check)
 
 
 def stop_with_parent() -> None:
@@ -311,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     flow = pipeline_flow() if args.command == "pipeline" else stage_flow(args.command)
     quiet_expected_errors()
+    exit_stopped_nonzero()
     try:
         if args.command == "train":
             code = run_data_parallel(args, argv if argv is not None else sys.argv[1:])

@@ -36,8 +36,8 @@ from gdro_core.tracking.data_version import data_version
 from gdro_core.params import load_params
 from gdro_core.servers import tool
 from gdro_core.data.store import atomic_write, write_json
+from gdro_core.cache_keys import stale_stages
 from gdro_core.sweep import (
-    stale_stages,
     SweepConfig, SweepError, check_configs, config_overrides, dotted_defaults, dotted_keys, dvc_exp_commands,
     resolve_sweep, results_frame, sweep_configs,
 )

@@ -8,10 +8,15 @@ instead of finding old images "complete".
 
 from __future__ import annotations
 
+import pandas as pd
+
+from gdro_core.data.rollout import MANIFEST, is_complete
 from gdro_core.data.store import dir_hash, fingerprint, read_json, sha256_file
 from gdro_core.layout import Layout
 from gdro_core.models.identity import base_fingerprint
-from gdro_core.stages import param_values, stage_code_hash, stage_params
+from gdro_core.code_closure import stage_code_hash
+from gdro_core.stages import param_values, stage_params
+from gdro_core.sweep import SweepError
 
 TRAIN_LAYOUT_PARAMS = ("train.num_processes", "train.gradient_accumulation_steps", "train.gradient_checkpointing")
 """How each step's batch is computed (processes, micro-batches, recomputation): the same run either way, so an
@@ -34,16 +39,51 @@ def rollout_fingerprint(lay: Layout) -> str:
 
 
 def train_fingerprint(lay: Layout) -> str:
-    """The train stage's params (less how a batch is split), the rollouts and reward table it trains on, and in a
-    later round the adapter it starts from. The code hash is added by :meth:`Layout.checkpoints`."""
+    """The train stage's params (less how a batch is split) and code, the rollouts, reward table and prompts it
+    trains on, and in a later round the adapter it starts from."""
     p = lay.params
     later = {"round": lay.round, "init_adapter": dir_hash(lay.previous_adapter())} if lay.round > 1 else {}
     values = param_values(p, stage_params("train", lay.round))
     values["train"] = {k: v for k, v in values["train"].items() if f"train.{k}" not in TRAIN_LAYOUT_PARAMS}
     return fingerprint({
         "params": values,
+        "code": stage_code_hash("train", p),
         "rollouts": read_json(lay.rollout_dir / "manifest.json")["fingerprint"],
         "rewards": sha256_file(lay.rewards),
         "prompts": {split: sha256_file(lay.prompts(split)) for split in ("train", "val") if lay.prompts(split).is_file()},
         **later,
     })
+
+
+def pretrain_fingerprint(lay: Layout) -> str:
+    """The base stage's params and code: pretraining checkpoints made by other params or code are never resumed."""
+    p = lay.params
+    return fingerprint({"params": param_values(p, stage_params("base")), "code": stage_code_hash("base", p)})
+
+
+def missing_inputs(lay: Layout) -> list[str]:
+    """Cached inputs a sweep needs and does not make itself."""
+    needed = [
+        lay.prompts("train"), lay.prompts("val"), lay.prompts("test"), lay.base_dir, lay.rollout_dir / MANIFEST,
+        lay.rewards,
+    ]
+    return [str(p.relative_to(lay.root) if p.is_relative_to(lay.root) else p) for p in needed if not p.exists()]
+
+
+def stale_stages(lay: Layout) -> list[str]:
+    """Stages whose cached output no longer matches its params: ``[]``, ``["score"]`` or ``["rollout", "score"]``.
+
+    Missing cached data is an error (a sweep never makes it from scratch); rollouts made with other rollout,
+    sampler or base params are remade, and a reward table that does not cover the rollouts is rescored.
+    """
+    missing = missing_inputs(lay)
+    if missing:
+        raise SweepError(
+            f"a sweep trains on the cached rollouts and reward table, and these are missing: {', '.join(missing)}; "
+            "make them first with `dvc repro score` (or `gdro prompts && gdro base && gdro rollout && gdro score`)"
+        )
+    if not is_complete(lay.rollout_dir, rollout_fingerprint(lay)):
+        return ["rollout", "score"]
+    seeds = sorted(r["seed"] for r in read_json(lay.rollout_dir / MANIFEST)["rows"])
+    scored = sorted(pd.read_parquet(lay.rewards, columns=["seed"])["seed"].tolist())
+    return [] if seeds == scored else ["score"]

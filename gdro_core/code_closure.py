@@ -12,6 +12,10 @@ import ast
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+from gdro_core.params import Params
+from gdro_core.stages import STAGE_ENTRY, stage
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gdro_core", "flows")
@@ -74,3 +78,34 @@ def files_hash(files: set[Path] | list[Path], root: Path = SOURCE_ROOT) -> str:
         h.update(f.read_bytes() if f.is_file() else b"<missing>")
         h.update(b"\0")
     return h.hexdigest()
+
+
+def task_modules(task: str, parts: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The task package's part modules a stage runs, and its task class module (whose method-level imports are
+    the parts, so only its module-level imports count)."""
+    from gdro_core.tasks.registry import task_package
+
+    package = task_package(task)
+    return tuple(f"{package}.{p}" for p in parts), (f"{package}.task",)
+
+
+def stage_files(name: str, params: Params, root: Path = SOURCE_ROOT) -> set[Path]:
+    """Every project source file stage ``name`` runs with these params (the configured task's parts only)."""
+    s = stage(name)
+    modules: tuple[str, ...] = STAGE_ENTRY + s.code
+    top_level: tuple[str, ...] = ()
+    if s.task_parts:
+        parts, top_level = task_modules(params.task, s.task_parts)
+        modules += parts + top_level
+    return closure(modules, root, DISPATCHERS | frozenset(top_level))
+
+
+def stage_code_hash(name: str, params: Params, root: Path = SOURCE_ROOT) -> str:
+    return files_hash(stage_files(name, params, root), root)
+
+
+def code_record(name: str, params: Params, root: Path = SOURCE_ROOT) -> dict[str, Any]:
+    """What ``gdro check`` writes for a stage: DVC reruns the stage exactly when this changes."""
+    files = stage_files(name, params, root)
+    return {"stage": name, "sha256": files_hash(files, root),
+            "files": sorted(str(f.relative_to(root)) for f in files)}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdro_core.params import Params
-from gdro_core.stages import ROUND_STAGES, stage_code_hash
+from gdro_core.stages import ROUND_STAGES
 
 
 ROUNDS_DIR = "rounds"
@@ -89,7 +89,7 @@ class Layout:
         return self.reports_dir / "metrics.json"
 
     def checkpoints(self, stage: str, fingerprint: str) -> Path:
-        """Per-configuration and per-code checkpoints: a changed config or changed stage code never resumes
-        another's state."""
-        key = hashlib.sha256(f"{fingerprint}:{stage_code_hash(stage, self.params)}".encode()).hexdigest()
+        """Per-key checkpoints: the key (:mod:`gdro_core.cache_keys`) holds the stage's params, inputs and code
+        hash, so a changed config or changed stage code never resumes another's state."""
+        key = hashlib.sha256(fingerprint.encode()).hexdigest()
         return self.root / "checkpoints" / stage / key[:16]

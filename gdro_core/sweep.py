@@ -16,10 +16,6 @@ from typing import Any
 
 import pandas as pd
 
-from gdro_core.cache_keys import rollout_fingerprint
-from gdro_core.data.rollout import MANIFEST, is_complete
-from gdro_core.data.store import read_json
-from gdro_core.layout import Layout
 from gdro_core.params import Params, ParamsError, Sweep, parse_params
 
 
@@ -187,31 +183,3 @@ def dotted_defaults(params: Params, keys: list[str]) -> dict[str, Any]:
             node = node[part]
         out[key] = node
     return out
-
-
-def missing_inputs(lay: Layout) -> list[str]:
-    """Cached inputs a sweep needs and does not make itself."""
-    needed = [
-        lay.prompts("train"), lay.prompts("val"), lay.prompts("test"), lay.base_dir, lay.rollout_dir / MANIFEST,
-        lay.rewards,
-    ]
-    return [str(p.relative_to(lay.root) if p.is_relative_to(lay.root) else p) for p in needed if not p.exists()]
-
-
-def stale_stages(lay: Layout) -> list[str]:
-    """Stages whose cached output no longer matches its params: ``[]``, ``["score"]`` or ``["rollout", "score"]``.
-
-    Missing cached data is an error (a sweep never makes it from scratch); rollouts made with other rollout,
-    sampler or base params are remade, and a reward table that does not cover the rollouts is rescored.
-    """
-    missing = missing_inputs(lay)
-    if missing:
-        raise SweepError(
-            f"a sweep trains on the cached rollouts and reward table, and these are missing: {', '.join(missing)}; "
-            "make them first with `dvc repro score` (or `gdro prompts && gdro base && gdro rollout && gdro score`)"
-        )
-    if not is_complete(lay.rollout_dir, rollout_fingerprint(lay)):
-        return ["rollout", "score"]
-    seeds = sorted(r["seed"] for r in read_json(lay.rollout_dir / MANIFEST)["rows"])
-    scored = sorted(pd.read_parquet(lay.rewards, columns=["seed"])["seed"].tolist())
-    return [] if seeds == scored else ["score"]

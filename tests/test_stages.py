@@ -11,9 +11,8 @@ from conftest import ROOT
 from gdro_core.dvc_files import render_dvc_yaml, render_rounds_yaml
 from gdro_core.layout import Layout
 from gdro_core.params import Params, parse_params
-from gdro_core.stages import (
-    ROUND_STAGES, STAGE_NAMES, STAGES, param_values, stage_code_hash, stage_files, stage_params,
-)
+from gdro_core.code_closure import stage_code_hash, stage_files
+from gdro_core.stages import ROUND_STAGES, STAGE_NAMES, STAGES, param_values, stage_params
 
 OCR, GENEVAL = Params(), parse_params({"task": "geneval"})
 

@@ -88,12 +88,19 @@ def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(tmp_p
     params = {**TINY, "train": {**TINY["train"], "steps": 300, "checkpoint_every": 5, "log_every": 1},
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 0}}
     env = staged_project(tmp_path, params, ("prompts", "base", "rollout", "score"))
-    proc = subprocess.Popen([BIN / "gdro", "train"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: any((tmp_path / "checkpoints" / "train").glob("*/step-*")), "the first training checkpoint")
-    proc.send_signal(signal.SIGTERM)
-    gone_within(psutil.Process(proc.pid), STOP_WITHIN) if proc.poll() is None else None
-    assert proc.wait() != 0
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([BIN / "gdro", "train"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                                stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: any((tmp_path / "checkpoints" / "train").glob("*/step-*")), "the first training checkpoint")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=STOP_WITHIN)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"gdro train still ran {STOP_WITHIN:.0f} s after SIGTERM") from None
+    assert code != 0, log.read_text()[-3000:]  # never an exit 0 that DVC or a scheduler would take as done
     assert runs(tmp_path, "train") == ["KILLED"]
     kept = sorted((tmp_path / "checkpoints" / "train").glob("*/step-*"))
     last = int(kept[-1].name.split("-")[1])

@@ -136,6 +136,10 @@ def _end_run(root: Path, run_id: str, status: str) -> None:
                    {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
 
 
+STOPPED: list[str] = []
+"""The stage runs of this process that were stopped from outside (the CLI's exit status reads it)."""
+
+
 def stopped(err: BaseException) -> bool:
     """Stopped from outside (Ctrl-C, or SIGTERM, which Prefect raises as TerminationSignal), not failed."""
     from prefect.exceptions import TerminationSignal
@@ -184,6 +188,8 @@ def stage_run(
             yield run
         except BaseException as err:
             status = RunStatus.to_string(RunStatus.KILLED if stopped(err) else RunStatus.FAILED)
+            if stopped(err):
+                STOPPED.append(f"{stage}: {type(err).__name__}")
             with tracking_optional("record the error"):
                 mlflow.log_text(traceback.format_exc(), "error.txt")
             raise
