@@ -30,9 +30,30 @@ def score_task_rollouts(
     rows: list[dict], rollout_dir: Path, task: Task, progress: Progress | None = None
 ) -> pd.DataFrame:
     """One row per rollout image: its manifest row plus the task reward and its parts."""
-    images = [Image.open(Path(rollout_dir) / r["image"]) for r in rows]
+    images = [open_rollout_image(Path(rollout_dir), r["image"]) for r in rows]
     scores = task.reward(images, [task.record(r["prompt"], r["target"]) for r in rows], progress)
     return pd.concat([pd.DataFrame.from_records(rows), scores.reset_index(drop=True)], axis=1)
+
+
+def open_rollout_image(rollout_dir: Path, name: str) -> Image.Image:
+    """A rollout image, read now; a missing or unreadable file names itself and how to remake it."""
+    path = rollout_dir / name
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated or corrupt data
+        problem = f"is not a readable image ({type(err).__name__})"
+    raise RolloutImageError(
+        f"rollout image {path} {problem}: run `gdro rollout` (or `dvc repro rollout`), which rebuilds missing and "
+        "corrupt images from the stored latents, then `gdro score`"
+    )
+
+
+class RolloutImageError(ValueError):
+    """A rollout image that cannot be read; the message says how to remake it."""
 
 
 def split_rows(manifest: dict) -> list[list[dict]]:
@@ -105,7 +126,20 @@ def reward_matrix(table: pd.DataFrame, n_prompts: int, per_prompt: int):
         raise ValueError(
             f"reward table has {len(table)} rows but rollouts hold {n_prompts}x{per_prompt}: rerun `gdro score`"
         )
-    t = table.sort_values(["prompt_index", "member"])
+    keys = table[ORDER].astype("int64")
+    dup = keys.duplicated(keep=False)
+    if dup.any():
+        first = keys[dup].iloc[0]
+        raise RewardTableError(
+            f"reward table has {int(dup.sum())} rows for repeated images (e.g. prompt_index {first.prompt_index}, "
+            f"member {first.member}); each rollout image must occur exactly once: rerun `gdro score`"
+        )
+    inside = keys["prompt_index"].between(0, n_prompts - 1) & keys["member"].between(0, per_prompt - 1)
+    if not inside.all():
+        bad = keys[~inside].iloc[0]
+        raise RewardTableError(f"reward table row prompt_index {bad.prompt_index}, member {bad.member} is no rollout "
+                               f"image (the rollouts hold {n_prompts}x{per_prompt}): rerun `gdro score`")
+    t = table.sort_values(ORDER)
     r = torch.tensor(t["reward"].to_numpy(dtype="float32")).view(n_prompts, per_prompt)
     if torch.isnan(r).any():
         raise ValueError("reward table contains NaN rewards: rerun `gdro score`")
