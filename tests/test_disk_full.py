@@ -38,3 +38,16 @@ def test_other_write_errors_pass_through(tmp_path):
 
     with pytest.raises(PermissionError):
         atomic_write(tmp_path / "x", denied)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1024 vs 998"),
+    Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"),
+])
+def test_every_writers_full_disk_text_is_recognised(tmp_path, error):
+    def full(p):
+        raise error
+
+    with pytest.raises(DiskFullError, match="no space left on the device while writing .*out.safetensors"):
+        atomic_write(tmp_path / "out.safetensors", full)
+    assert list(tmp_path.iterdir()) == []

@@ -35,11 +35,16 @@ class DiskFullError(OSError):
     """No space left where a file had to be written; the message names the place and what is free."""
 
 
+FULL_DISK_TEXTS = ("file write failed", "unexpected pos", "No space left on device", "ENOSPC")
+"""How writers that do not raise OSError(ENOSPC) report a full disk: torch's zip writer (RuntimeError "[enforce
+fail at inline_container.cc] ... file write failed" or "... unexpected pos"), safetensors (SafetensorError "... No
+space left on device")."""
+
+
 def _out_of_space(err: BaseException) -> bool:
-    # torch's writer reports a full disk as RuntimeError("[enforce fail at inline_container.cc...] file write failed")
-    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (
-        isinstance(err, RuntimeError) and "file write failed" in str(err)
-    )
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return not isinstance(err, OSError) and any(text in str(err) for text in FULL_DISK_TEXTS)
 
 
 @contextmanager
@@ -47,7 +52,7 @@ def explain_full_disk(path: Path) -> Iterator[None]:
     """Re-raise a full-disk failure while writing ``path`` as one that says so, with the free space left."""
     try:
         yield
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - re-raised as it was unless it is a full disk
         if not _out_of_space(err):
             raise
         free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else Path.cwd()).free
