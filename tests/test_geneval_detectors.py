@@ -89,3 +89,10 @@ def test_missing_weights_name_the_key_and_the_fix(tmp_path):
     p = parse_params({"task": "geneval", "geneval": {"detector": {"kind": "mask2former", "clip_path": str(tmp_path)}}})
     with pytest.raises(DetectorError, match="geneval.detector.mask2former_path .*local checkpoint"):
         make_detector(p.geneval)
+
+
+def test_coco_labels_take_genevals_object_names():
+    from gdro_core.tasks.geneval.detectors import geneval_name
+
+    assert [geneval_name(x) for x in ("mouse", "remote", "keyboard", "dog", "cell phone")] == [
+        "computer mouse", "tv remote", "computer keyboard", "dog", "cell phone"]

@@ -23,6 +23,16 @@ from gdro_core.tasks.geneval.rules import Detection
 from gdro_core.tasks.geneval.shapes import BACKGROUND, PALETTE, shape_mask
 
 CROP_BACKGROUND = (153, 153, 153)  # GenEval's "#999"
+COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+"""transformers' COCO labels where GenEval's object names differ: without the map, the 33 GenEval prompts that
+name these objects could never be correct."""
+
+
+def geneval_name(label: str) -> str:
+    """A detector's COCO label as GenEval's prompts name the object."""
+    return COCO_TO_GENEVAL.get(label, label)
+
+
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 
 
@@ -169,7 +179,7 @@ class Mask2FormerClipDetector:
                 for _, m in kept:
                     ys, xs = np.nonzero(m)
                     boxes.append((float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())))
-                names = [labels[int(info["label_id"])] for info, _ in kept]
+                names = [geneval_name(labels[int(info["label_id"])]) for info, _ in kept]
                 colors = self.classify_colors(im, [m for _, m in kept], boxes, names)
                 dets: dict[str, list[Detection]] = {}
                 for (info, _), box, name, color in zip(kept, boxes, names, colors):
