@@ -59,9 +59,31 @@ def test_flow_grpo_metadata_loads(tmp_path):
     assert [len(sets[s]) for s in ("train", "test", "val")] == [2, 2, 2]
     p = parse_params({**GENEVAL, "geneval": {"metadata_dir": tmp_path.name}, "prompts": {"n_val": 2}})
     task = make_task(p)
-    assert task.make_prompt_sets(tmp_path.parent)["test"][0].prompt == "a photo of a bench"
     task.write_prompts(tmp_path / "out.jsonl", recs)
     assert read_metadata(tmp_path / "out.jsonl") == recs
+    # COCO classes on the built-in shapes world: refused before anything runs, naming what it cannot draw
+    from gdro_core.data.prompt_checks import PromptError
+
+    with pytest.raises(PromptError, match=r"6 prompt\(s\) name classes or colours the built-in shapes world cannot "
+                                          r"draw \('bench', 'bus', 'car'\).*model.source"):
+        task.make_prompt_sets(tmp_path.parent)
+
+
+def test_repeated_prompts_as_flow_grpo_publishes_them_fold_into_one(tmp_path, caplog):
+    shapes = [{"tag": "counting", "include": [{"class": "square", "count": n}], "prompt": f"a photo of {w} squares"}
+              for n, w in ((2, "two"), (3, "three"), (4, "four"))]
+    write_lines(tmp_path / "train_metadata.jsonl", shapes[:2] + shapes[:1])
+    write_lines(tmp_path / "test_metadata.jsonl", [shapes[2]] * 4)  # test_metadata.jsonl: each prompt four times
+    with caplog.at_level("WARNING", logger="gdro"):
+        sets = metadata_sets(tmp_path, n_val=1)
+    assert [r.prompt for r in sets["test"]] == ["a photo of four squares"]
+    assert [r.prompt for r in sets["train"] + sets["val"]] == ["a photo of two squares", "a photo of three squares"]
+    assert "3 repeated lines folded into 1 prompts" in caplog.text
+    p = parse_params({**GENEVAL, "geneval": {"metadata_dir": tmp_path.name}, "prompts": {"n_val": 1}})
+    assert len(make_task(p).make_prompt_sets(tmp_path.parent)["test"]) == 1  # the shapes world draws squares
+    write_lines(tmp_path / "test_metadata.jsonl", [shapes[2], {**shapes[2], "tag": "single_object"}])
+    with pytest.raises(GenEvalPromptError, match="occurs with different metadata"):
+        metadata_sets(tmp_path, n_val=1)
 
 
 def test_held_out_metadata_that_leaks_into_train_is_rejected(tmp_path):

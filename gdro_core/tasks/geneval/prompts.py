@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -111,10 +112,47 @@ def metadata_sets(metadata_dir: Path, n_val: int) -> dict[str, list[GenEvalPromp
     test_file = d / "test_metadata.jsonl"
     if not test_file.is_file():
         test_file = d / "evaluation_metadata.jsonl"
-    train = read_metadata(d / "train_metadata.jsonl")
+    train = fold_repeats(read_metadata(d / "train_metadata.jsonl"), d / "train_metadata.jsonl")
     if len(train) <= n_val:
         raise GenEvalPromptError(f"{d / 'train_metadata.jsonl'} has {len(train)} prompts, not more than prompts.n_val={n_val}")
-    return {"train": train[: len(train) - n_val], "test": read_metadata(test_file), "val": train[len(train) - n_val :]}
+    return {"train": train[: len(train) - n_val], "test": fold_repeats(read_metadata(test_file), test_file),
+            "val": train[len(train) - n_val :]}
+
+
+def fold_repeats(records: Sequence[GenEvalPrompt], where: Path) -> list[GenEvalPrompt]:
+    """One record per prompt. Flow-GRPO's test_metadata.jsonl lists each of GenEval's 553 prompts four times (its
+    four images per prompt); here images per prompt are ``evaluate.images_per_prompt`` and
+    ``rollout.images_per_prompt``, so the repeats fold into one, with a note. The same prompt with other metadata
+    is an error."""
+    first: dict[str, GenEvalPrompt] = {}
+    for r in records:
+        seen = first.setdefault(r.prompt, r)
+        if seen != r:
+            raise GenEvalPromptError(f"{where}: prompt {r.prompt!r} occurs with different metadata ({seen.metadata} "
+                                     f"and {r.metadata}): keep one")
+    if len(first) < len(records):
+        logging.getLogger("gdro").warning(
+            "%s: %d repeated lines folded into %d prompts (images per prompt come from evaluate.images_per_prompt "
+            "and rollout.images_per_prompt)", where, len(records) - len(first), len(first))
+    return list(first.values())
+
+
+def check_world_can_draw(sets: Mapping[str, Sequence[GenEvalPrompt]], classes: Sequence[str],
+                         colors: Sequence[str], where: str) -> None:
+    """The built-in shapes world draws only ``geneval.classes`` in ``geneval.colors``: refuse prompts that name
+    anything else before any stage runs (a real checkpoint draws any class)."""
+    names = {(r.prompt, c.get("class"), c.get("color")) for rs in sets.values() for r in rs
+             for c in (*r.include, *r.exclude)}
+    bad_classes = sorted({c for _, c, _ in names if c not in classes})
+    bad_colors = sorted({k for _, _, k in names if k is not None and k not in colors})
+    if bad_classes or bad_colors:
+        n = len({p for p, c, k in names if c in bad_classes or k in bad_colors})
+        what = ", ".join(repr(x) for x in (bad_classes + bad_colors)[:3])
+        raise PromptError(
+            f"{where}: {n} prompt(s) name classes or colours the built-in shapes world cannot draw ({what}); it draws "
+            f"geneval.classes {list(classes)} in geneval.colors {list(colors)}: set model.source to a real checkpoint "
+            "for these prompts, or clear geneval.metadata_dir to generate prompts over the world's classes"
+        )
 
 
 def validate_sets(sets: Mapping[str, Sequence[GenEvalPrompt]], params, where: str) -> None:
@@ -128,6 +166,7 @@ def validate_sets(sets: Mapping[str, Sequence[GenEvalPrompt]], params, where: st
             raise PromptError(f"{where}: {len(leaked)} {split} prompt(s) also occur in train, e.g. {leaked[0]!r}: "
                               "held-out prompts must never be trained on; remove them from train")
     if params.model.source == "builtin":
+        check_world_can_draw(sets, params.geneval.classes, params.geneval.colors, where)
         every = [r for records in sets.values() for r in records]
         check_builtin_encodable(every, params.model.builtin.max_tokens, tokenizer_words(params), where)
 
