@@ -26,10 +26,21 @@ def load_layout(params_path: str = "params.yaml", overrides: dict[str, Any] | No
 
     root = project_root()
     path = Path(params_path)
-    params = load_params(path if path.is_absolute() else root / path, overrides)
+    params = absolute_source(load_params(path if path.is_absolute() else root / path, overrides), root)
     check_image_size(params)  # the task's images must fit the model family (a ModelError naming the multiple)
     # no global seeding: every draw takes an explicit generator, so parallel sweep threads do not interleave
     return Layout(root=root, params=round_params(params, round), round=round)
+
+
+def absolute_source(params, root: Path):
+    """``model.source`` as an absolute path when it names a directory relative to the project root: what stages
+    record for later (the base's ``source.json``, the adapter's ``base.json``, the registered model's params) then
+    loads from any working directory. A hub id stays as it is."""
+    source = params.model.source
+    if source == "builtin" or Path(source).is_absolute() or not (root / source).exists():
+        return params
+    model = params.model.model_copy(update={"source": str((root / source).resolve())})
+    return params.model_copy(update={"model": model})
 
 
 def stage_flow(name: str):

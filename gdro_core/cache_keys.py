@@ -23,13 +23,22 @@ TRAIN_LAYOUT_PARAMS = ("train.num_processes", "train.gradient_accumulation_steps
 interrupted run resumes on another process count."""
 
 
+def keyed_params(lay: Layout, stage: str) -> dict:
+    """The stage's declared params as its key holds them. A checkpoint's path is left out: its content is in the key
+    (``base_fingerprint``), so a project moved elsewhere keeps its rollouts and checkpoints."""
+    values = param_values(lay.params, stage_params(stage, lay.round))
+    if "model" in values and values["model"]["source"] != "builtin":
+        values["model"] = {**values["model"], "source": "checkpoint"}
+    return values
+
+
 def rollout_fingerprint(lay: Layout) -> str:
     """Base weights, training prompts, the rollout stage's params and code (and in a later round, the previous
     round's adapter the images are sampled with)."""
     p = lay.params
     later = {"round": lay.round, "adapter": dir_hash(lay.previous_adapter())} if lay.round > 1 else {}
     return fingerprint({
-        "params": param_values(p, stage_params("rollout", lay.round)),
+        "params": keyed_params(lay, "rollout"),
         "code": stage_code_hash("rollout", p),
         "base": dir_hash(lay.base_dir),
         "base_fingerprint": base_fingerprint(p.model.source, lay.base_dir),
@@ -43,7 +52,7 @@ def train_fingerprint(lay: Layout) -> str:
     trains on, and in a later round the adapter it starts from."""
     p = lay.params
     later = {"round": lay.round, "init_adapter": dir_hash(lay.previous_adapter())} if lay.round > 1 else {}
-    values = param_values(p, stage_params("train", lay.round))
+    values = keyed_params(lay, "train")
     values["train"] = {k: v for k, v in values["train"].items() if f"train.{k}" not in TRAIN_LAYOUT_PARAMS}
     return fingerprint({
         "params": values,
@@ -58,7 +67,7 @@ def train_fingerprint(lay: Layout) -> str:
 def pretrain_fingerprint(lay: Layout) -> str:
     """The base stage's params and code: pretraining checkpoints made by other params or code are never resumed."""
     p = lay.params
-    return fingerprint({"params": param_values(p, stage_params("base")), "code": stage_code_hash("base", p)})
+    return fingerprint({"params": keyed_params(lay, "base"), "code": stage_code_hash("base", p)})
 
 
 def missing_inputs(lay: Layout) -> list[str]:

@@ -74,3 +74,27 @@ def test_where_shards_run_and_what_training_does_are_not_in_the_key(checkpoint, 
                                                                            "beta": 3.0}}):
         assert rollout_fingerprint(Layout(tmp_path, parse_params(base))) == \
             rollout_fingerprint(Layout(tmp_path, parse_params({**base, **change}))), change
+
+
+def test_a_relative_checkpoint_path_is_recorded_absolute_and_its_place_is_not_in_the_key(checkpoint, tmp_path,
+                                                                                        monkeypatch):
+    import shutil
+
+    from flows.context import load_layout
+    from gdro_core.models.families import base_identity
+
+    keys = []
+    for name in ("here", "moved"):
+        project = tmp_path / name
+        shutil.copytree(checkpoint, project / "ckpt")
+        (project / "data" / "prompts").mkdir(parents=True)
+        (project / "data" / "prompts" / "train.jsonl").write_text('{"prompt": "\\"12\\" on a sign", "target": "12"}\n')
+        (project / "models" / "base").mkdir(parents=True)
+        (project / "params.yaml").write_text(yaml.safe_dump(family_params("ckpt")))
+        monkeypatch.setenv("GDRO_ROOT", str(project))
+        monkeypatch.chdir(tmp_path)  # another working directory than the project
+        lay = load_layout("params.yaml")
+        assert lay.params.model.source == str((project / "ckpt").resolve())
+        assert base_identity(lay.params.model.source)["source"] == str((project / "ckpt").resolve())
+        keys.append(rollout_fingerprint(lay))
+    assert keys[0] == keys[1]  # the same checkpoint content in another place: the same rollouts
