@@ -105,6 +105,32 @@ def server_specs(root: Path, params: Params, prefect_port: int | None = None,
     return specs
 
 
+DEPLOYMENTS = ("pipeline/gdro", "sweep/gdro")
+
+
+def _wait_deployments(api_url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """"ready" only once the Prefect server knows the deployments, so the UI can start them when it says so."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + timeout
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for name in DEPLOYMENTS:
+            while True:
+                if proc.poll() is not None:
+                    raise ServeError(f"the deployments process exited with code {proc.returncode} before {name} was "
+                                     "registered")
+                try:
+                    client.read_deployment_by_name(name)
+                    break
+                except ObjectNotFound:
+                    if time.monotonic() > deadline:
+                        raise ServeError(f"{name} was not registered within {timeout:.0f} s: raise "
+                                         "serve.startup_timeout on a slow machine") from None
+                    time.sleep(0.5)
+
+
 def serve(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
           prefect_port: int | None = None, mlflow_port: int | None = None, deployments: bool | None = None) -> int:
     """Start the servers, print their URLs, run until Ctrl-C / SIGTERM, then stop everything. Returns 0."""
@@ -129,8 +155,9 @@ def serve(params_path: str = "params.yaml", overrides: dict[str, Any] | None = N
             cmd = [sys.executable, "-m", "flows.cli", "deploy", "--params", params_path,
                    *[a for k, v in (overrides or {}).items() for a in ("--set", f"{k}={json.dumps(v)}")]]
             env = {**os.environ, "PREFECT_API_URL": api_url, "GDRO_ROOT": str(root)}
-            procs.append(("deployments", subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL,
-                                                          start_new_session=True)))
+            deploy = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+            procs.append(("deployments", deploy))
+            _wait_deployments(api_url, deploy, params.serve.startup_timeout)
         print(f"Prefect UI:  {prefect.ui_url}\nPrefect API: {api_url}\nMLflow UI:   {mlflow_url}\n"
               f"server logs: {log_dir}\n"
               + ("deployments: pipeline/gdro and sweep/gdro (start or schedule them from the Prefect UI)\n"
