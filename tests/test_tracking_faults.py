@@ -176,3 +176,20 @@ def test_a_temporary_server_orphaned_by_a_killed_command_is_stopped_and_others_a
         for p in (orphan, owned):
             p.kill()
             p.wait()
+
+
+def test_a_resumed_run_that_finishes_sets_the_failed_attempts_error_aside(tmp_path):
+    from gdro_core.tracking.runs import PREVIOUS_ERROR_TAG
+
+    params = parse_params(TINY)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with stage_run(params, tmp_path, "train", ("train",), resume_key="k1") as failed:
+            raise RuntimeError("disk on fire")
+    client = mlflow.MlflowClient()
+    assert client.get_run(failed.info.run_id).info.status == "FAILED"
+    assert [f.path for f in client.list_artifacts(failed.info.run_id)] == ["error.txt"]
+    with stage_run(params, tmp_path, "train", ("train",), resume_key="k1") as resumed:
+        assert resumed.info.run_id == failed.info.run_id
+    run = client.get_run(failed.info.run_id)
+    assert run.info.status == "FINISHED" and client.list_artifacts(run.info.run_id) == []
+    assert "disk on fire" in run.data.tags[PREVIOUS_ERROR_TAG]

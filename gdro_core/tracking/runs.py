@@ -147,6 +147,25 @@ def stopped(err: BaseException) -> bool:
     return isinstance(err, (KeyboardInterrupt, TerminationSignal))
 
 
+ERROR_FILE = "error.txt"
+PREVIOUS_ERROR_TAG = "gdro.previous_attempt_error"
+"""A resumed run's interrupted attempt: its error, moved from ``error.txt`` to this tag (shortened)."""
+MAX_TAG = 4000
+
+
+def _set_aside_error(run) -> None:
+    """A resumed run that then finishes must not carry the interrupted attempt's ``error.txt`` as if it failed:
+    the error moves to a tag, and the artifact is deleted."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = mlflow.MlflowClient()
+    if not any(f.path == ERROR_FILE for f in client.list_artifacts(run.info.run_id)):
+        return
+    text = Path(client.download_artifacts(run.info.run_id, ERROR_FILE)).read_text()
+    mlflow.set_tag(PREVIOUS_ERROR_TAG, text[-MAX_TAG:])
+    get_artifact_repository(run.info.artifact_uri).delete_artifacts(ERROR_FILE)
+
+
 @contextmanager
 def stage_run(
     params: Params, root: Path, stage: str, sections: tuple[str, ...] | None = None, nested: bool = False,
@@ -179,6 +198,8 @@ def stage_run(
         if resume is not None:
             log.info("continuing MLflow run %s of the interrupted %s", resume, stage)
             run = mlflow.start_run(run_id=resume, nested=nested, tags=tags)
+            with tracking_optional("set the interrupted attempt's error aside"):
+                _set_aside_error(run)
         else:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=nested, tags=tags)
         status = RunStatus.to_string(RunStatus.FINISHED)
@@ -191,7 +212,7 @@ def stage_run(
             if stopped(err):
                 STOPPED.append(f"{stage}: {type(err).__name__}")
             with tracking_optional("record the error"):
-                mlflow.log_text(traceback.format_exc(), "error.txt")
+                mlflow.log_text(traceback.format_exc(), ERROR_FILE)
             raise
         finally:
             _end_run(root, run.info.run_id, status)
