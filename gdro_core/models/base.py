@@ -64,8 +64,15 @@ def with_transformer(model: FlowModel, transformer: torch.nn.Module) -> FlowMode
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' asks accelerate for the best available device; anything else is taken as given."""
+    """'auto': this process's accelerator as accelerate assigns it (the local rank's GPU under torchrun), else the
+    CPU; anything else is taken as given.
+
+    Without an accelerator, accelerate's process-wide state is not created here: made before the trainer asks for
+    its process group, it would fix every rank of a CPU `torchrun` to "not distributed", and each would train
+    alone."""
     if name == "auto":
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            return torch.device("cpu")
         from accelerate import PartialState
 
         return PartialState().device
