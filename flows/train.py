@@ -52,7 +52,7 @@ def fit_adapter(lay: Layout) -> dict:
     if p.train.num_processes > 1 and not launched():
         raise ValueError(
             f"train.num_processes is {p.train.num_processes}: run `gdro train` (it starts torchrun) or "
-            "`accelerate launch --num_processes N -m flows.cli train`; the pipeline and sweep flows train in one process"
+            "`accelerate launch --multi_gpu --num_processes N -m flows.cli train`; the pipeline and sweep flows train in one process"
         )
     if lay.round > 1 and p.train.objective == "flow_grpo":
         raise ValueError("train.objective flow_grpo samples its own images online: later rounds (--round) are for the "
