@@ -27,7 +27,8 @@ def predict_params(params: Params) -> dict[str, int | float]:
 
 
 def signature(params: Params):
-    """Input: prompt strings (a list, or a one-column frame); params: ``seed`` (image i uses seed + i), ``steps``,
+    """Input: prompt strings (a list, or a one-column frame); params: ``seed`` (image i starts from the noise of
+    seed + i: a one-prompt call with that seed gives it to within one grey level), ``steps``,
     ``guidance``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
