@@ -39,9 +39,9 @@ def open_rollout_image(rollout_dir: Path, name: str) -> Image.Image:
     """A rollout image, read now; a missing or unreadable file names itself and how to remake it."""
     path = rollout_dir / name
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        im = Image.open(path)
+        im.load()  # decodes now (and closes the file), so a bad file fails here, not inside the reward
+        return im
     except FileNotFoundError:
         problem = "is missing"
     except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated or corrupt data
