@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -269,20 +270,44 @@ def exit_stopped_nonzero() -> None:
     atexit.register(check)
 
 
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"}
+PARENT_POLL_S = 0.5  # how often a stage under `dvc repro` checks that the repro still runs
+
+
 def stop_with_parent() -> None:
     """Under `dvc repro` (which sets DVC_STAGE), end with the repro: DVC exits on SIGTERM without signalling its
-    stage's command, which would otherwise train on, orphaned. Linux delivers SIGTERM when the parent exits, and
-    Prefect turns it into a Crashed run whose MLflow run ends KILLED, with the last checkpoint kept for the rerun."""
-    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+    stage's command, which would otherwise train on, orphaned. DVC runs the command through ``$SHELL -c`` (or
+    ``/bin/sh``); bash replaces itself with the command but dash stays between them, still alive after DVC is
+    gone. So a daemon thread watches the nearest ancestor that is not a shell and, once it is gone, sends this
+    process SIGTERM, which Prefect turns into a Crashed run whose MLflow run ends KILLED, with the last
+    checkpoint kept for the rerun."""
+    if "DVC_STAGE" not in os.environ:
         return
-    import ctypes
     import signal
+    import threading
 
-    parent = os.getppid()
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the parent was gone before the request took effect
+    import psutil
+
+    try:
+        repro = psutil.Process(os.getppid())
+        while repro.name() in SHELLS and repro.ppid() > 1:
+            repro = psutil.Process(repro.ppid())
+    except psutil.Error:
+        os.kill(os.getpid(), signal.SIGTERM)  # the repro was gone before the watch began
+        return
+
+    def alive() -> bool:
+        try:
+            return repro.is_running() and repro.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(PARENT_POLL_S)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="gdro-stop-with-dvc", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:

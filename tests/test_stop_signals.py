@@ -61,13 +61,15 @@ def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(tmp_path, 
                                                 "log_every": 1}})
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(project), "GDRO_ROOT": str(project)}
+           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(project), "GDRO_ROOT": str(project),
+           "SHELL": "/bin/sh"}  # DVC runs the stage through $SHELL; a POSIX sh (dash) stays alive between them
     for cmd in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=project, env=env, check=True)
     repro = subprocess.Popen([BIN / "dvc", "repro", "base"], cwd=project, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: any((project / "checkpoints" / "base").glob("*/step-*")), "the first pretraining checkpoint")
-    stage = next(p for p in psutil.Process(repro.pid).children(recursive=True) if "base" in " ".join(p.cmdline()))
+    stage = next(p for p in psutil.Process(repro.pid).children(recursive=True)
+                 if any(Path(arg).name == "gdro" for arg in p.cmdline()[:2]))  # the stage, not the shell around it
     repro.send_signal(signal.SIGTERM)
     repro.wait(timeout=60)
     gone_within(stage, STOP_WITHIN)
