@@ -338,8 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     stages = sub.add_parser("stages", parents=[common], help="each stage's params and code; --write regenerates dvc.yaml")
     stages.add_argument("--write", action="store_true",
                         help="regenerate dvc.yaml and rounds/dvc.yaml from gdro_core/stages.py")
+    sub.add_parser("rewards", help="the rewards rewards.weights can name: built-in and installed (gdro.rewards)")
     add_server_commands(sub, common)
     args = parser.parse_args(argv)
+    if args.command == "rewards":
+        from gdro_core.rewards.registry import BUILTIN, reward_names
+
+        for name, spec in sorted(reward_names().items()):
+            print(f"{name:14} {spec}{'' if name in BUILTIN else '  (installed)'}")
+        print("or a class of yours: 'module:Class' or 'path/to/file.py:Class' (relative to the project root)")
+        return 0
     if args.command in EXTRA_COMMANDS:
         return run_server_command(args)
     if args.command == "check":

@@ -35,7 +35,7 @@ def score_models(lay: Layout) -> dict:
         check_train_eval_seeds(p, len(train_prompts), lay.round)
     e, s = p.evaluate, p.sampler
     return evaluate_models(
-        load_model(p, lay.base_dir), lay.adapter_dir, task, make_task_judge(task, p.judge), p.judge.task,
+        load_model(p, lay.base_dir), lay.adapter_dir, task, make_task_judge(task, p.judge), p.judge_task,
         task.read_prompts(lay.prompts("test")), train_prompts, e.images_per_prompt, e.seed, e.train_seed, s.steps,
         s.guidance, s.batch_size, e.grid_prompts, with_ceiling=p.model.source == "builtin",
         log=get_run_logger().info,

@@ -67,7 +67,7 @@ def fit_adapter(lay: Layout) -> dict:
     # offline: the monitor's prompts are encoded now, so the encoders and VAE can leave the device
     monitored = model if online else PreEncoded(model, [q.prompt for q in val], p.sampler.batch_size)
     monitor = CheckpointMonitor(
-        monitored, val, task, make_task_judge(task, p.judge), judge_task=p.judge.task, seed=p.evaluate.seed,
+        monitored, val, task, make_task_judge(task, p.judge), judge_task=p.judge_task, seed=p.evaluate.seed,
         steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, keep=p.evaluate.keep,
         workdir=ckpt / "monitor", log=log, per_prompt=p.evaluate.checkpoint_images_per_prompt,
         tie_se=p.evaluate.tie_se,

@@ -2,7 +2,9 @@
 
 A stage's closure is every project source file reachable by imports from its entry modules (imports inside
 functions count: a lazy import still runs), with each package's ``__init__`` on the way, plus the parts of the
-configured task it uses (the task registry imports tasks by name, which no static scan can see). Editing a
+configured task it uses and the modules of the configured rewards (the task and reward registries import by
+name, which no static scan can see). A reward from outside the project counts by its file's hash (``module:Class``)
+or its distribution's version (an entry point). Editing a
 file outside a stage's closure cannot change what the stage writes, so it never reruns the stage.
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from functools import lru_cache
+import json
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ def module_file(name: str, root: Path = SOURCE_ROOT) -> Path | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _imports(path: Path, mtime_ns: int, top_level_only: bool) -> frozenset[str]:
     names: set[str] = set()
     tree = ast.parse(path.read_text(), str(path))
@@ -89,23 +92,45 @@ def task_modules(task: str, parts: tuple[str, ...]) -> tuple[tuple[str, ...], tu
     return tuple(f"{package}.{p}" for p in parts), (f"{package}.task",)
 
 
+REWARD_SEAM = ("gdro_core.rewards.registry", "gdro_core.rewards.weighted")
+
+
 def stage_files(name: str, params: Params, root: Path = SOURCE_ROOT) -> set[Path]:
-    """Every project source file stage ``name`` runs with these params (the configured task's parts only)."""
+    """Every project source file stage ``name`` runs with these params (the configured task's parts and rewards
+    only)."""
     s = stage(name)
     modules: tuple[str, ...] = STAGE_ENTRY + s.code
     top_level: tuple[str, ...] = ()
     if s.task_parts:
         parts, top_level = task_modules(params.task, s.task_parts)
         modules += parts + top_level
+    if "reward" in s.task_parts:
+        from gdro_core.rewards.registry import reward_sources
+
+        modules += REWARD_SEAM + tuple(reward_sources(params)[0])
     return closure(modules, root, DISPATCHERS | frozenset(top_level))
 
 
+def external_code(name: str, params: Params) -> list[dict[str, str]]:
+    """The configured rewards from outside the project that stage ``name`` runs, by file hash or version."""
+    if "reward" not in stage(name).task_parts:
+        return []
+    from gdro_core.rewards.registry import reward_sources
+
+    return reward_sources(params)[1]
+
+
 def stage_code_hash(name: str, params: Params, root: Path = SOURCE_ROOT) -> str:
-    return files_hash(stage_files(name, params, root), root)
+    return code_record(name, params, root)["sha256"]
 
 
 def code_record(name: str, params: Params, root: Path = SOURCE_ROOT) -> dict[str, Any]:
     """What ``gdro check`` writes for a stage: DVC reruns the stage exactly when this changes."""
     files = stage_files(name, params, root)
-    return {"stage": name, "sha256": files_hash(files, root),
-            "files": sorted(str(f.relative_to(root)) for f in files)}
+    digest = files_hash(files, root)
+    external = external_code(name, params)
+    record: dict[str, Any] = {"stage": name, "files": sorted(str(f.relative_to(root)) for f in files)}
+    if external:
+        digest = hashlib.sha256((digest + json.dumps(external, sort_keys=True)).encode()).hexdigest()
+        record["external"] = external
+    return {"stage": name, "sha256": digest, **record}

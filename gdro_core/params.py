@@ -216,6 +216,44 @@ class Reward(Section):
     )
 
 
+class Rewards(Section):
+    """Which rewards score the images, and how they sum (a weighted sum, as Flow-GRPO's ``multi_score``).
+
+    A name is a built-in reward (``gdro rewards`` lists them), one a package registers under the ``gdro.rewards``
+    entry point, or a local class as ``module:Class``. Empty ``weights``: the task's own reward alone."""
+
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Reward name -> weight, e.g. {ocr: 0.7, clip_score: 0.3}; each part stays a column of the "
+        "reward table. Empty: the task's own reward (ocr or geneval) with weight 1.",
+    )
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Reward name -> that reward's options (e.g. clip_score: {model_dir: models/clip}); each "
+        "reward validates its own.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        for name, w in weights.items():
+            if not name.strip():
+                raise ValueError("a reward name is empty")
+            if w != w or w in (float("inf"), float("-inf")):
+                raise ValueError(f"the weight of {name!r} is not a finite number")
+        if weights and not any(weights.values()):
+            raise ValueError("every weight is 0: give at least one reward a weight")
+        return weights
+
+    @model_validator(mode="after")
+    def _options_for_used(self) -> Rewards:
+        unused = sorted(set(self.options) - set(self.weights))
+        if unused and self.weights:
+            raise ValueError(f"options for {', '.join(map(repr, unused))}, which rewards.weights does not use: "
+                             "add it to rewards.weights or remove its options")
+        return self
+
+
 class Scale(Section):
     """Where rollout and scoring shards run; the results are identical whatever is chosen here."""
 
@@ -356,7 +394,8 @@ class JudgeParams(Section):
         "pixel", description="'pixel': the built-in world's judge; 'unified_reward': a local VLM judge."
     )
     model_path: str = Field("", description="Local directory of the UnifiedReward-style VLM (kind unified_reward).")
-    task: Literal["ocr", "geneval"] = Field("ocr", description="Which judge dimensions make û (geneval drops alignment).")
+    task: Literal["auto", "ocr", "geneval", "general"] = Field(
+        "auto", description="Which judge dimensions make û: auto follows the task (geneval drops alignment).")
     reference_images: int = Field(256, ge=8, description="Clean renders the pixel judge's statistics come from.")
     z_scale: float = Field(3.0, gt=0, description="Pixel judge: z-score at which a dimension loses half its score.")
     reference_supersample: int = Field(
@@ -520,7 +559,9 @@ class Registry(Section):
 
 class Params(Section):
     seed: int = 0
-    task: Literal["ocr", "geneval"] = Field("ocr", description="What images are asked for and rewarded by.")
+    task: Literal["ocr", "geneval", "general"] = Field(
+        "ocr", description="What images are asked for and rewarded by: ocr and geneval have a built-in world; "
+        "general is any prompt file (one prompt per line) scored by rewards.weights, on your own checkpoint.")
     paths: Paths = Paths()
     tracking: Tracking = Tracking()
     world: World = World()
@@ -531,6 +572,7 @@ class Params(Section):
     rollout: Rollout = Rollout()
     rounds: Rounds = Rounds()
     reward: Reward = Reward()
+    rewards: Rewards = Rewards()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     judge: JudgeParams = JudgeParams()
@@ -541,13 +583,42 @@ class Params(Section):
     scale: Scale = Scale()
 
     @property
+    def judge_task(self) -> str:
+        """The task whose judge dimensions make û: ``judge.task``, or the task itself when that is ``auto``."""
+        return self.task if self.judge.task == "auto" else self.judge.task
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(height, width, channels) of the task's images: ``geneval.world`` in colour for GenEval, ``world`` in
         grayscale otherwise. Whether a model family can take that size is checked where the model is known
         (:func:`gdro_core.models.check_image_size`)."""
         if self.task == "geneval":
             return self.geneval.world.height, self.geneval.world.width, 3
+        if self.task == "general":
+            return self.world.height, self.world.width, 3
         return self.world.height, self.world.width, 1
+
+    @model_validator(mode="after")
+    def _general_task_needs(self) -> Params:
+        for name in self.rewards.weights:
+            if name in ("ocr", "geneval") and name != self.task:
+                raise ValueError(f"reward {name!r} reads its task's prompt records (a quoted text, GenEval "
+                                 f"metadata): it needs task {name}, not {self.task}")
+        if self.task != "general":
+            return self
+        if not self.rewards.weights:
+            raise ValueError("task 'general' has no reward of its own: name one in rewards.weights "
+                             "(e.g. {clip_score: 1.0}, or a module:Class of yours)")
+        if not self.prompts.source:
+            raise ValueError("task 'general' reads its prompts from a file: set prompts.source (one prompt per "
+                             "line, or JSON lines with a 'prompt' field)")
+        if self.judge.kind == "pixel":
+            raise ValueError("task 'general' has no built-in world for the pixel judge behind the corrected score: "
+                             "set judge.kind: unified_reward and judge.model_path to a local VLM judge")
+        if self.model.source == "builtin":
+            raise ValueError("task 'general' has no built-in world to pretrain the built-in model on: set "
+                             "model.source to your checkpoint, or use task ocr or geneval with rewards.weights")
+        return self
 
     @model_validator(mode="after")
     def _group_fits_pool(self) -> Params:

@@ -101,6 +101,9 @@ def prompt_files(params: Params, root: Path) -> list[str]:
     d = _resolve(params.prompts.source, root)
     if not d.is_dir():
         return [f"prompts.source: no directory {d}: put your train.txt and test.txt there"]
+    if params.task == "general":
+        return [f"prompts.source: {d} has no {name}.txt (or {name}.jsonl): one prompt per line"
+                for name in ("train", "test") if not any((d / f"{name}{s}").is_file() for s in (".txt", ".jsonl"))]
     return [f"prompts.source: {d} has no {name}: one prompt per line, target in double quotes"
             for name in ("train.txt", "test.txt") if not (d / name).is_file()]
 
@@ -123,6 +126,28 @@ def detector(params: Params, root: Path) -> list[str]:
                              (("config.json",), WEIGHT_FILES, PROCESSOR_FILES, TOKENIZER_FILES)))
 
 
+def rewards(params: Params, root: Path) -> list[str]:
+    """Each reward ``rewards.weights`` names: importable, its options valid, and what its ``preflight`` classmethod
+    finds missing on disk (a reward's cheap checks; nothing is loaded)."""
+    from gdro_core.rewards.base import RewardError
+    from gdro_core.rewards.registry import reward_class, reward_options
+
+    out: list[str] = []
+    for name in params.rewards.weights:
+        if name == params.task:
+            continue  # the task's own reward: its paths are the sections above
+        try:
+            cls = reward_class(name, root)
+            options = reward_options(name, cls, params.rewards.options.get(name, {}))
+        except RewardError as err:
+            out.append(" ".join(str(err).split()))
+            continue
+        check = getattr(cls, "preflight", None)
+        if callable(check):
+            out += [f"rewards.options.{name}: {line}" for line in check(options, root)]
+    return out
+
+
 def warnings(params: Params) -> list[str]:
     """What runs but means little: the built-in pixel judge knows only the built-in world's images."""
     if params.model.source != "builtin" and params.judge.kind == "pixel":
@@ -134,4 +159,5 @@ def warnings(params: Params) -> list[str]:
 
 def problems(params: Params, root: Path) -> list[str]:
     """Every path problem of these params, one line each (empty: all there)."""
-    return [*model_source(params, root), *prompt_files(params, root), *judge(params, root), *detector(params, root)]
+    return [*model_source(params, root), *prompt_files(params, root), *judge(params, root), *detector(params, root),
+            *rewards(params, root)]

@@ -75,13 +75,13 @@ ROLLOUT = Stage(
 )
 SCORE = Stage(
     "score", "score every rollout image once with the task reward: the reward table",
-    params=("task", "reward", "world.alphabet", "geneval"), logged=("scale",),
+    params=("task", "reward", "rewards", "world.alphabet", "geneval"), logged=("scale",),
     code=("flows.score",), task_parts=("prompts", "reward"),
     reads=("rollout_dir",), writes=(Out("rewards"),), in_rounds=True,
 )
 TRAIN = Stage(
     "train", "train the LoRA with the objective on the cached groups; keep the best checkpoint",
-    params=("task", "world", "geneval", "model", "sampler", "reward", "train", "evaluate", "judge"),
+    params=("task", "world", "geneval", "model", "sampler", "reward", "rewards", "train", "evaluate", "judge"),
     round_params=("rounds.steps",),
     code=("flows.train", "gdro_core.training.launch"), task_parts=("prompts", "reward", "judge"),
     reads=("base_dir", "rollout_dir", "rewards", "prompts:val", "prompts:train"),
@@ -92,7 +92,7 @@ TRAIN = Stage(
 )
 EVALUATE = Stage(
     "evaluate", "score base and trained model on held-out prompts; write metrics and register the adapter",
-    params=("task", "world", "geneval", "model", "sampler", "reward", "evaluate", "judge"),
+    params=("task", "world", "geneval", "model", "sampler", "reward", "rewards", "evaluate", "judge"),
     logged=("train",), round_params=("rounds.steps",),
     code=("flows.evaluate", "gdro_core.tracking.pyfunc_model"), task_parts=("prompts", "reward", "judge", "world"),
     reads=("base_dir", "adapter_dir", "prompts:test", "prompts:train"),

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 JUDGE_MIDPOINT = 3.0
 OFFSET = 0.2
-DIMENSIONS = {"ocr": ("alignment", "coherence", "style"), "geneval": ("coherence", "style")}
+DIMENSIONS = {"ocr": ("alignment", "coherence", "style"), "geneval": ("coherence", "style"),
+              "general": ("alignment", "coherence", "style")}
 
 
 def judge_mean(scores: dict[str, float], task: str = "ocr") -> float:

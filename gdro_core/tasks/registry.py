@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 TASKS: dict[str, str] = {
     "ocr": "gdro_core.tasks.ocr.task:OcrTask",
     "geneval": "gdro_core.tasks.geneval.task:GenEvalTask",
+    "general": "gdro_core.tasks.general.task:GeneralTask",
 }
 
 

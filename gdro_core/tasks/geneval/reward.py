@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from gdro_core.rewards.base import RewardError
 from gdro_core.tasks.geneval.detectors import Detector
 from gdro_core.tasks.geneval.prompts import GenEvalPrompt
 from gdro_core.tasks.geneval.rules import Rules, judge_detections, tag_summary
@@ -62,3 +63,30 @@ def shape_fidelity(detector: Detector, images: list[Image.Image]) -> list[float]
         conf = [d.confidence for dets in found.values() for d in dets]
         out.append(float(np.mean(conf)) if conf else 0.0)
     return out
+
+
+class GenEvalReward:
+    """The GenEval reward as a reward of the rewards seam (``rewards.weights: {geneval: ...}``); options: the
+    ``geneval`` section of params.yaml."""
+
+    name = "geneval"
+    needs_world = False
+
+    def __init__(self, params, detector: Detector | None = None):
+        from gdro_core.tasks.geneval.detectors import make_detector
+
+        self.cfg = params.geneval
+        self.rules = make_rules(self.cfg)
+        self.detector = detector if detector is not None else make_detector(self.cfg)
+
+    @classmethod
+    def from_params(cls, params, options: dict) -> GenEvalReward:
+        if options:
+            raise RewardError("the geneval reward takes its options from the `geneval` section, not "
+                             "rewards.options.geneval")
+        return cls(params)
+
+    def score(self, images: list[Image.Image], records: Sequence[GenEvalPrompt],
+              progress: Progress | None = None) -> pd.DataFrame:
+        return reward_table(list(images), records, self.detector, self.rules, self.cfg.detector.batch_size,
+                            self.cfg.reward, progress)

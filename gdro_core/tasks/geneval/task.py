@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
 
+    from gdro_core.rewards.base import Reward
     from gdro_core.tasks.geneval.detectors import Detector
     from gdro_core.tasks.geneval.prompts import GenEvalPrompt
     from gdro_core.tasks.geneval.rules import Rules
@@ -35,6 +36,7 @@ class GenEvalTask:
         self._rules: Rules | None = None
         self._detector = detector
         self._scenes: list[GenEvalPrompt] | None = None
+        self._scorer: Reward | None = None
 
     @property
     def position_threshold(self) -> float:
@@ -103,17 +105,25 @@ class GenEvalTask:
         return caption_words(self.params)
 
     # reward
+    @property
+    def scorer(self) -> Reward:
+        """The GenEval reward, or the weighted sum ``rewards.weights`` names (built on first use)."""
+        if self._scorer is None:
+            from gdro_core.rewards.registry import task_reward
+            from gdro_core.tasks.geneval.reward import GenEvalReward
+
+            self._scorer = task_reward(self.params, lambda: GenEvalReward(self.params, self.detector))
+        return self._scorer
+
     def reward(self, images: list[Image.Image], records: Sequence[GenEvalPrompt],
                progress: Progress | None = None) -> pd.DataFrame:
-        from gdro_core.tasks.geneval.reward import reward_table
-
-        return reward_table(images, records, self.detector, self.rules, self.cfg.detector.batch_size,
-                            self.cfg.reward, progress)
+        return self.scorer.score(images, records, progress)
 
     def summarise(self, scores: pd.DataFrame) -> dict[str, float]:
+        from gdro_core.rewards.weighted import part_means
         from gdro_core.tasks.geneval.reward import summarise
 
-        return summarise(scores)
+        return summarise(scores) | part_means(scores, list(self.params.rewards.weights))
 
     def ceiling(self, records: Sequence[GenEvalPrompt]) -> dict[str, float]:
         """The summary of the world's clean scenes for ``records``."""
@@ -152,15 +162,16 @@ class GenEvalTask:
         """The scene judge: references are the world's scenes (half anti-aliased, ``judge.reference_supersample``);
         alignment is the reward's partial credit, shape fidelity the detector's confidence."""
         from gdro_core.tasks.geneval.judge import SceneJudge, scene_judge_config
-        from gdro_core.tasks.geneval.reward import shape_fidelity
+        from gdro_core.tasks.geneval.reward import GenEvalReward, shape_fidelity
         from gdro_core.tasks.geneval.world import reference_images
 
         spec = self._world()
         refs = reference_images(self.scene_prompts(), spec, judge_params.reference_images,
                                 judge_params.reference_supersample, self.position_threshold)
+        geneval = GenEvalReward(self.params, self.detector)  # alignment is GenEval's, whatever rewards.weights says
 
         def align(images: list[Image.Image], targets: list[str]) -> list[float]:
-            return list(self.reward(images, [self.record("", t) for t in targets])["score"])
+            return list(geneval.score(images, [self.record("", t) for t in targets])["score"])
 
         return SceneJudge(scene_judge_config(spec, self.cfg, judge_params), refs, align,
                           lambda images: shape_fidelity(self.detector, images))

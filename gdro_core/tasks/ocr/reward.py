@@ -15,6 +15,7 @@ import Levenshtein
 import pandas as pd
 from PIL import Image
 
+from gdro_core.rewards.base import RewardError
 from gdro_core.evaluation.summary import summarise as summarise_columns
 from gdro_core.tasks.ocr.reader import Reader
 
@@ -99,3 +100,28 @@ def reader_ceiling(
 ) -> dict[str, float]:
     """The summary of the world's own clean renders of ``targets``: the best any model can score with this reader."""
     return summarise(score_images(list(images), list(targets), reader, substring, batch_size))
+
+
+class OcrReward:
+    """The OCR reward as a reward of the rewards seam (``rewards.weights: {ocr: ...}``); options: the ``reward``
+    section of params.yaml."""
+
+    name = "ocr"
+    needs_world = False
+
+    def __init__(self, params, reader: Reader | None = None):
+        from gdro_core.tasks.ocr.reader import reader_from_params
+
+        self.params = params
+        self.reader = reader if reader is not None else reader_from_params(params)
+
+    @classmethod
+    def from_params(cls, params, options: dict) -> OcrReward:
+        if options:
+            raise RewardError("the ocr reward takes its options from the `reward` section, not rewards.options.ocr")
+        return cls(params)
+
+    def score(self, images: list[Image.Image], records: Sequence, progress: Progress | None = None) -> pd.DataFrame:
+        r = self.params.reward
+        return score_images(list(images), [q.target for q in records], self.reader, r.substring_full_credit,
+                            r.batch_size, progress)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
 
+    from gdro_core.rewards.base import Reward
     from gdro_core.tasks.ocr.prompts import OcrPrompt
     from gdro_core.tasks.ocr.reader import Reader
 
@@ -31,6 +32,7 @@ class OcrTask:
     def __init__(self, params, reader: Reader | None = None):
         self.params = params
         self._reader = reader
+        self._scorer: Reward | None = None
 
     @property
     def reader(self) -> Reader:
@@ -77,17 +79,24 @@ class OcrTask:
         return caption_words(self.params)
 
     # reward
-    def reward(self, images: list[Image.Image], records: Sequence, progress: Progress | None = None) -> pd.DataFrame:
-        from gdro_core.tasks.ocr.reward import score_images
+    @property
+    def scorer(self) -> Reward:
+        """The OCR reward, or the weighted sum ``rewards.weights`` names (built on first use)."""
+        if self._scorer is None:
+            from gdro_core.rewards.registry import task_reward
+            from gdro_core.tasks.ocr.reward import OcrReward
 
-        r = self.params.reward
-        return score_images(images, [q.target for q in records], self.reader, r.substring_full_credit, r.batch_size,
-                            progress)
+            self._scorer = task_reward(self.params, lambda: OcrReward(self.params, self.reader))
+        return self._scorer
+
+    def reward(self, images: list[Image.Image], records: Sequence, progress: Progress | None = None) -> pd.DataFrame:
+        return self.scorer.score(images, records, progress)
 
     def summarise(self, scores: pd.DataFrame) -> dict[str, float]:
+        from gdro_core.rewards.weighted import part_means
         from gdro_core.tasks.ocr.reward import summarise
 
-        return summarise(scores)
+        return summarise(scores) | part_means(scores, list(self.params.rewards.weights))
 
     def ceiling(self, records: Sequence) -> dict[str, float]:
         """The reward of the world's own clean renders: the best any model can score with this reader."""

@@ -1,0 +1,179 @@
+"""Rewards found by name: built-in, registered by a package under the ``gdro.rewards`` entry point, or a local
+class as ``module:Class`` (or ``path/to/file.py:Class``, read relative to the project root).
+
+A third-party package registers its rewards in its ``pyproject.toml``::
+
+    [project.entry-points."gdro.rewards"]
+    my_reward = "my_package.rewards:MyReward"
+
+Nothing here imports a reward until it is made, so naming rewards costs no model load, and
+:func:`reward_sources` can key the stages that score on the code of exactly the configured rewards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from gdro_core.rewards.base import Reward, RewardError
+
+if TYPE_CHECKING:
+    from gdro_core.params import Params
+
+ENTRY_POINT_GROUP = "gdro.rewards"
+BUILTIN: dict[str, str] = {
+    "ocr": "gdro_core.tasks.ocr.reward:OcrReward",
+    "geneval": "gdro_core.tasks.geneval.reward:GenEvalReward",
+}
+"""Name -> ``module:Class`` of the rewards that come with gdro."""
+
+
+def registered() -> dict[str, str]:
+    """Name -> ``module:Class`` of the rewards installed packages register (the ``gdro.rewards`` entry point)."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def reward_names() -> dict[str, str]:
+    """Every reward ``rewards.weights`` can name without a ``module:Class``: built-in first."""
+    return {**registered(), **BUILTIN}
+
+
+def _is_spec(name: str) -> bool:
+    return ":" in name
+
+
+def resolve(name: str) -> str:
+    """``module:Class`` for a reward name (a ``module:Class`` stays as it is)."""
+    if _is_spec(name):
+        return name
+    known = reward_names()
+    if name not in known:
+        raise RewardError(
+            f"unknown reward {name!r} in rewards.weights; the rewards are {', '.join(map(repr, sorted(known)))}, "
+            "or name a class of yours as 'module:Class' (or 'path/to/file.py:Class')"
+        )
+    return known[name]
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    """The file a ``module:Class`` module part names: a ``.py`` path (relative to ``root``), else where import
+    would find it (``root`` first, as a project-local module)."""
+    if module.endswith(".py"):
+        path = Path(module) if Path(module).is_absolute() else root / module
+        return path.resolve() if path.is_file() else None
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).resolve() if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def reward_class(name: str, root: Path = Path(".")) -> type:
+    """The class a reward name stands for, imported now; a name that cannot be imported says why in one line."""
+    spec = resolve(name)
+    module, _, cls = spec.rpartition(":")
+    try:
+        if module.endswith(".py"):
+            path = _module_file(module, Path(root).resolve())
+            if path is None:
+                raise RewardError(f"reward {name!r}: no file {module} (relative to the project root {root})")
+            loader = importlib.util.spec_from_file_location(f"gdro_user_reward_{path.stem}", path)
+            mod = importlib.util.module_from_spec(loader)
+            sys.modules[loader.name] = mod
+            loader.loader.exec_module(mod)
+        else:
+            _module_file(module, Path(root).resolve())  # puts the project root on sys.path for a local module
+            mod = importlib.import_module(module)
+    except RewardError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any import failure is reported as the reward's, in one line
+        raise RewardError(f"reward {name!r}: cannot import {module} ({type(err).__name__}: {err})") from None
+    try:
+        return getattr(mod, cls)
+    except AttributeError:
+        raise RewardError(f"reward {name!r}: {module} has no class {cls!r}") from None
+
+
+def reward_options(name: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of reward ``name``, validated by the class's ``Options`` model where it has one."""
+    model = getattr(cls, "Options", None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return dict(options)
+    try:
+        return model.model_validate(options).model_dump()
+    except ValidationError as err:
+        lines = [f"invalid options for reward {name!r}:"]
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            lines.append(f"  'rewards.options.{name}.{key}': {e['msg'].removeprefix('Value error, ')}")
+        raise RewardError("\n".join(lines)) from None
+
+
+def make_reward(name: str, params: Params, root: Path = Path(".")) -> Reward:
+    """Reward ``name`` with its options from ``rewards.options``; checked against the protocol."""
+    cls = reward_class(name, root)
+    options = reward_options(name, cls, params.rewards.options.get(name, {}))
+    try:
+        reward = cls.from_params(params, options) if hasattr(cls, "from_params") else cls(**options)
+    except RewardError:
+        raise
+    except TypeError as err:
+        raise RewardError(f"reward {name!r}: {cls.__name__} does not take these options ({err}); set "
+                          f"rewards.options.{name} to what it takes") from None
+    if not callable(getattr(reward, "score", None)):
+        raise RewardError(f"reward {name!r}: {cls.__name__} has no score(images, records) method; see "
+                          "gdro_core/rewards/base.py for the protocol")
+    if getattr(reward, "needs_world", False) and params.model.source != "builtin":
+        raise RewardError(f"reward {name!r} scores only the built-in world's images, but model.source is "
+                          f"{params.model.source!r}: drop it from rewards.weights")
+    return reward
+
+
+def task_reward(params: Params, own: Callable[[], Reward], root: Path = Path(".")) -> Reward:
+    """What scores the task's images: its own reward (``own()``, built only when used) when ``rewards.weights`` is
+    empty, else the weighted sum of the named rewards, the task's own among them under the task's name."""
+    from gdro_core.rewards.weighted import WeightedReward
+
+    weights = params.rewards.weights
+    if not weights:
+        return own()
+    parts = [(n, w, own() if n == params.task else make_reward(n, params, root)) for n, w in weights.items()]
+    return WeightedReward(parts, primary=params.task)
+
+
+def configured(params: Params) -> dict[str, float]:
+    """The rewards that score images and their weights: ``rewards.weights``, or the task's own reward alone."""
+    return dict(params.rewards.weights) or {params.task: 1.0}
+
+
+def reward_sources(params: Params, root: Path = Path(".")) -> tuple[list[str], list[dict[str, str]]]:
+    """What the configured rewards run, for the code key of the stages that score: the project modules (their
+    import closure is added by :mod:`gdro_core.code_closure`) and, for rewards outside the project, each one's
+    file hash (``module:Class``) or its distribution and version (an entry point)."""
+    modules: list[str] = []
+    external: list[dict[str, str]] = []
+    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    for name in sorted(configured(params)):
+        spec = resolve(name)
+        module = spec.rpartition(":")[0]
+        if module.startswith(("gdro_core.", "flows.")):
+            modules.append(module)
+        elif not _is_spec(name) and name in eps and name not in BUILTIN:
+            dist = eps[name].dist
+            external.append({"reward": name, "entry_point": spec,
+                             "version": f"{dist.name}=={dist.version}" if dist else "unknown"})
+        else:
+            path = _module_file(module, Path(root).resolve())
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path else "missing"
+            external.append({"reward": name, "module": module, "sha256": digest})
+    return modules, external

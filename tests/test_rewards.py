@@ -1,0 +1,233 @@
+"""The rewards seam: rewards found by name (built-in, entry point, module:Class), weighted sums that keep every
+part as a column, errors that name the reward, the general task, and code keys that follow the configured rewards."""
+
+import math
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from gdro_core import preflight
+from gdro_core.code_closure import code_record
+from gdro_core.params import ParamsError, parse_params
+from gdro_core.rewards.base import RewardError
+from gdro_core.rewards.registry import ENTRY_POINT_GROUP, make_reward, resolve, reward_names
+from gdro_core.rewards.weighted import WeightedReward
+from gdro_core.tasks.ocr.task import OcrTask
+from gdro_core.tasks.registry import make_task
+
+USER_REWARDS = '''
+import pandas as pd
+
+class Brightness:
+    """Mean pixel value in [0, 1]."""
+    name, needs_world = "brightness", False
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def score(self, images, records, progress=None):
+        values = [self.scale * sum(im.convert("L").getdata()) / (255 * im.width * im.height) for im in images]
+        return pd.DataFrame({"reward": values, "pixels": [im.width * im.height for im in images]})
+
+
+class Length:
+    """Prompt length in characters; fails on prompts that contain 'boom'."""
+    name, needs_world = "length", False
+
+    def score(self, images, records, progress=None):
+        rows = [{"reward": float("nan"), "error": "boom"} if "boom" in r.prompt else
+                {"reward": float(len(r.prompt)), "error": ""} for r in records]
+        return pd.DataFrame(rows)
+'''
+
+
+class FixedReader:
+    def __init__(self, reads):
+        self.reads = list(reads)
+
+    def read(self, images):
+        out, self.reads = self.reads[: len(images)], self.reads[len(images):]
+        return out
+
+
+@pytest.fixture()
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    sys.modules.pop("my_rewards", None)
+
+
+def grey(value: int, size=(8, 4)) -> Image.Image:
+    return Image.new("L", size, value)
+
+
+def test_weighted_sum_keeps_every_part_and_names_each_failure(user_rewards):
+    p = parse_params({"rewards": {"weights": {"my_rewards:Brightness": 0.25, "my_rewards.py:Length": 2.0},
+                                  "options": {"my_rewards:Brightness": {"scale": 2.0}}}})
+    task = OcrTask(p)
+    records = [task.record('"AB" on a sign', "AB"), task.record('"boom" on a sign', "boom")]
+    table = task.reward([grey(255), grey(0)], records)
+    assert table["my_rewards:Brightness"].tolist() == pytest.approx([2.0, 0.0])
+    assert table["my_rewards.py:Length"].tolist() == pytest.approx([14.0, 0.0])  # NaN scored 0, error kept
+    assert table["reward"].tolist() == pytest.approx([0.25 * 2.0 + 2.0 * 14.0, 0.0])
+    assert table["my_rewards:Brightness.pixels"].tolist() == [32, 32]
+    assert table["error"].tolist() == ["", "my_rewards.py:Length: boom"]
+    summary = task.summarise(table)
+    assert summary["reward_my_rewards:Brightness"] == pytest.approx(1.0) and summary["reward"] == pytest.approx(14.25)
+
+
+def test_the_task_reward_in_a_sum_keeps_its_own_columns(user_rewards):
+    p = parse_params({"rewards": {"weights": {"ocr": 0.5, "my_rewards:Brightness": 0.5}}})
+    task = OcrTask(p, reader=FixedReader(["AB", "A"]))
+    records = [task.record('"AB" on a sign', "AB"), task.record('"AB" on a sign', "AB")]
+    table = task.reward([grey(255), grey(255)], records)
+    assert table["ocr"].tolist() == pytest.approx([1.0, 0.5])
+    assert table["exact"].tolist() == [True, False] and "read" in table  # OCR's parts under their own names
+    assert table["reward"].tolist() == pytest.approx([1.0, 0.75])
+    assert OcrTask(p).summarise(table)["exact"] == pytest.approx(0.5)
+
+
+def test_no_weights_is_the_task_reward_alone():
+    p = parse_params({})
+    task = OcrTask(p, reader=FixedReader(["AB"]))
+    table = task.reward([grey(0)], [task.record('"AB" on a sign', "AB")])
+    assert list(table.columns) == ["read", "reward", "exact", "similarity", "error"]
+
+
+def test_a_reward_that_returns_the_wrong_rows_is_named():
+    class Short:
+        name, needs_world = "short", False
+
+        def score(self, images, records, progress=None):
+            return pd.DataFrame({"reward": [1.0]})
+
+    with pytest.raises(RewardError, match="'short' returned 1 rows .* for 2 images"):
+        WeightedReward([("short", 1.0, Short())]).score([grey(0), grey(0)], [None, None])
+
+
+def test_unknown_and_broken_rewards_say_what_to_do(user_rewards):
+    with pytest.raises(RewardError, match=r"unknown reward 'pickscor'.*'ocr'.*module:Class"):
+        resolve("pickscor")
+    p = parse_params({"rewards": {"weights": {"my_rewards:Nope": 1.0}}})
+    with pytest.raises(RewardError, match="has no class 'Nope'"):
+        make_reward("my_rewards:Nope", p)
+    p = parse_params({"rewards": {"weights": {"gone.py:X": 1.0}}})
+    with pytest.raises(RewardError, match="no file gone.py"):
+        make_reward("gone.py:X", p)
+    p = parse_params({"rewards": {"weights": {"my_rewards:Length": 1.0}, "options": {"my_rewards:Length": {"x": 1}}}})
+    with pytest.raises(RewardError, match="does not take these options"):
+        make_reward("my_rewards:Length", p)
+
+
+def test_options_are_validated_by_the_rewards_own_model(user_rewards):
+    (user_rewards / "typed.py").write_text(textwrap.dedent('''
+        import pandas as pd
+        from pydantic import BaseModel
+
+        class Typed:
+            name, needs_world = "typed", False
+
+            class Options(BaseModel):
+                model_dir: str
+                batch_size: int = 4
+
+            def __init__(self, model_dir, batch_size):
+                self.batch_size = batch_size
+
+            @classmethod
+            def preflight(cls, options, root):
+                return [] if (root / options["model_dir"]).is_dir() else [f"no directory {options['model_dir']}"]
+
+            def score(self, images, records, progress=None):
+                return pd.DataFrame({"reward": [1.0] * len(images)})
+    '''))
+    p = parse_params({"rewards": {"weights": {"typed:Typed": 1.0}, "options": {"typed:Typed": {"batch_size": "x"}}}})
+    with pytest.raises(RewardError) as err:
+        make_reward("typed:Typed", p)
+    assert "rewards.options.typed:Typed.model_dir" in str(err.value)
+    assert "rewards.options.typed:Typed.batch_size" in str(err.value)
+    p = parse_params({"rewards": {"weights": {"typed:Typed": 1.0}, "options": {"typed:Typed": {"model_dir": "m"}}}})
+    assert preflight.problems(p, user_rewards) == ["rewards.options.typed:Typed: no directory m"]
+    (user_rewards / "m").mkdir()
+    assert preflight.problems(p, user_rewards) == []
+    assert make_reward("typed:Typed", p).batch_size == 4
+    bad = parse_params({"rewards": {"weights": {"pickscor": 1.0}}})
+    [line] = preflight.problems(bad, user_rewards)
+    assert line.startswith("unknown reward 'pickscor'")
+
+
+def test_an_installed_package_adds_rewards_through_the_entry_point(tmp_path, monkeypatch):
+    pkg = tmp_path / "site"
+    (pkg / "acme_rewards").mkdir(parents=True)
+    (pkg / "acme_rewards" / "__init__.py").write_text(USER_REWARDS)
+    info = pkg / "acme_rewards-1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-rewards\nVersion: 1.2\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nbright = acme_rewards:Brightness\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    assert reward_names()["bright"] == "acme_rewards:Brightness"
+    p = parse_params({"rewards": {"weights": {"bright": 1.0}}})
+    assert make_reward("bright", p).score([grey(255)], [None])["reward"].tolist() == [1.0]
+    record = code_record("score", p)
+    assert record["external"] == [{"reward": "bright", "entry_point": "acme_rewards:Brightness",
+                                   "version": "acme-rewards==1.2"}]
+    sys.modules.pop("acme_rewards", None)
+
+
+def test_editing_a_local_reward_changes_the_scoring_stages_code_key_only(user_rewards):
+    p = parse_params({"rewards": {"weights": {"ocr": 1.0, "my_rewards.py:Brightness": 1.0}}})
+    before = {s: code_record(s, p)["sha256"] for s in ("rollout", "score", "train", "evaluate")}
+    assert "gdro_core/rewards/weighted.py" in code_record("score", p)["files"]
+    (user_rewards / "my_rewards.py").write_text(USER_REWARDS.replace("255 *", "255.0 *"))
+    after = {s: code_record(s, p)["sha256"] for s in ("rollout", "score", "train", "evaluate")}
+    assert after["rollout"] == before["rollout"]
+    assert all(after[s] != before[s] for s in ("score", "train", "evaluate"))
+
+
+def test_params_refuse_rewards_that_cannot_apply():
+    with pytest.raises(ParamsError, match="reward 'geneval' .* needs task geneval"):
+        parse_params({"rewards": {"weights": {"geneval": 1.0}}})
+    with pytest.raises(ParamsError, match="not a finite number"):
+        parse_params({"rewards": {"weights": {"ocr": math.nan}}})
+    with pytest.raises(ParamsError, match="every weight is 0"):
+        parse_params({"rewards": {"weights": {"ocr": 0}}})
+    with pytest.raises(ParamsError, match="options for 'clip_score', which rewards.weights does not use"):
+        parse_params({"rewards": {"weights": {"ocr": 1}, "options": {"clip_score": {}}}})
+
+
+GENERAL = {"task": "general", "model": {"source": "models/mine"}, "judge": {"kind": "unified_reward"},
+           "prompts": {"source": "prompt_files/mine", "n_val": 1}, "rewards": {"weights": {"my_rewards:Length": 1}}}
+
+
+def test_the_general_task_reads_plain_prompt_files_and_needs_no_world(user_rewards):
+    with pytest.raises(ParamsError, match="no reward of its own"):
+        parse_params({**GENERAL, "rewards": {}})
+    with pytest.raises(ParamsError, match="no built-in world"):
+        parse_params({**GENERAL, "model": {"source": "builtin"}})
+    with pytest.raises(ParamsError, match="pixel judge"):
+        parse_params({**GENERAL, "judge": {"kind": "pixel"}})
+    p = parse_params(GENERAL)
+    assert p.judge_task == "general" and p.image_shape[2] == 3
+    src = user_rewards / "prompt_files" / "mine"
+    src.mkdir(parents=True)
+    (src / "train.txt").write_text("a cat on a mat\n\na dog in fog\nan owl at night\n")
+    (src / "test.txt").write_text("a red apple\n")
+    task = make_task(p)
+    sets = task.make_prompt_sets(user_rewards)
+    assert [r.prompt for r in sets["train"]] == ["a cat on a mat", "a dog in fog"]
+    assert [r.prompt for r in sets["val"]] == ["an owl at night"] and sets["test"][0].target == ""
+    task.write_prompts(user_rewards / "train.jsonl", sets["train"])
+    assert task.read_prompts(user_rewards / "train.jsonl") == sets["train"]
+    table = task.reward([grey(1), grey(2)], sets["train"])
+    assert table["reward"].tolist() == [14.0, 12.0]
+    (src / "test.txt").write_text("a cat on a mat\n")
+    with pytest.raises(ValueError, match="test prompt.* also occur in train"):
+        task.make_prompt_sets(user_rewards)
+    with pytest.raises(ValueError, match="no built-in world"):
+        task.pretrain_batch(1, None, None)
+    assert np.isfinite(task.summarise(table)["reward"])
