@@ -164,7 +164,7 @@ def check_params(args: argparse.Namespace) -> int:
     except (ParamsError, ModelError, KeyError) as err:
         print(f"gdro check: {err}", file=sys.stderr)
         return 2
-    problems = preflight.problems(params, root)
+    problems = preflight.problems(params, root) + untracked_reward_files(params, root)
     for line in problems:
         print(f"gdro check: {line}", file=sys.stderr)
     if problems:
@@ -181,6 +181,20 @@ def check_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def untracked_reward_files(params, root: Path) -> list[str]:
+    """The project's own reward files that dvc.yaml's ``check`` stage does not depend on: DVC would not rerun
+    ``score`` when they change."""
+    from gdro_core.rewards.registry import local_reward_files
+
+    dvc_file = root / "dvc.yaml"
+    files = local_reward_files(params, root)
+    if not files or not dvc_file.is_file():
+        return []
+    deps = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}).get("check", {}).get("deps", [])
+    return [f"dvc.yaml does not track {f}, a reward rewards.weights names, so an edit to it would not rerun "
+            "score: run `gdro stages --write`, then `dvc repro`" for f in files if f not in deps]
+
+
 def stages_command(args: argparse.Namespace) -> int:
     """``gdro stages``: each stage's params, task parts and code files; ``--write`` regenerates the DVC files."""
     from flows.context import project_root
@@ -189,15 +203,15 @@ def stages_command(args: argparse.Namespace) -> int:
     from gdro_core.code_closure import stage_files
 
     root = project_root()
-    if args.write:
-        for path in write_dvc_files(root):
-            print(f"wrote {path}")
-        return 0
     try:
         params = load_params(root / args.params, parse_overrides(args.overrides))
     except ParamsError as err:
         print(f"gdro stages: {err}", file=sys.stderr)
         return 2
+    if args.write:
+        for path in write_dvc_files(root, params):
+            print(f"wrote {path}")
+        return 0
     for name in STAGE_NAMES:
         s = stage(name)
         files = stage_files(name, params)

@@ -88,11 +88,13 @@ def _indent(lines: list[str], n: int) -> list[str]:
     return [" " * n + line for line in lines]
 
 
-def render_dvc_yaml(params: Params | None = None) -> str:
+def render_dvc_yaml(params: Params | None = None, reward_files: tuple[str, ...] = ()) -> str:
+    """The pipeline; ``reward_files``: the project's own reward modules that ``check`` hashes, so an edit reruns
+    the stages that score."""
     lay = Layout(Path("/project"), params or Params())
     check = Layout(lay.root, lay.params)
     lines = [HEADER.rstrip("\n"), "stages:", "  check:", "    cmd: gdro check", "    deps:"]
-    lines += [f"      - {p}" for p in CODE_PACKAGES]
+    lines += [f"      - {p}" for p in (*CODE_PACKAGES, *reward_files)]
     lines += ["    params:", "      - params.yaml:", "    outs:"]
     outs = [Out(f"reports:{CHECK_FILE}", cache=False)] + [Out(f"reports:{CODE_DIR}/{s.name}.json", cache=False)
                                                           for s in STAGES]
@@ -117,10 +119,14 @@ def render_rounds_yaml(params: Params | None = None) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_dvc_files(root: Path) -> list[Path]:
-    """Regenerate both files under ``root``; returns those whose text changed."""
+def write_dvc_files(root: Path, params: Params | None = None) -> list[Path]:
+    """Regenerate both files under ``root``; returns those whose text changed. ``params``: the project's params,
+    whose own reward files (``rewards.weights``) become deps of ``check``."""
+    from gdro_core.rewards.registry import local_reward_files
+
+    files = tuple(local_reward_files(params, root)) if params is not None else ()
     changed = []
-    for rel, text in ((DVC_FILE, render_dvc_yaml()), (ROUNDS_FILE, render_rounds_yaml())):
+    for rel, text in ((DVC_FILE, render_dvc_yaml(reward_files=files)), (ROUNDS_FILE, render_rounds_yaml())):
         path = root / rel
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)

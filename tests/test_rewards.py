@@ -2,8 +2,10 @@
 part as a column, errors that name the reward, the general task, and code keys that follow the configured rewards."""
 
 import math
+import shutil
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -231,3 +233,53 @@ def test_the_general_task_reads_plain_prompt_files_and_needs_no_world(user_rewar
     with pytest.raises(ValueError, match="no built-in world"):
         task.pretrain_batch(1, None, None)
     assert np.isfinite(task.summarise(table)["reward"])
+
+
+def readme_blocks() -> dict[str, str]:
+    """The code blocks of the README's "Your own reward" section, by language."""
+    import re
+
+    from conftest import ROOT
+
+    section = (ROOT / "README.md").read_text().split("### Your own reward", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"```(\w+)\n(.*?)```", section, re.DOTALL))
+
+
+def test_the_readme_reward_example_runs_beside_the_ocr_reward(tmp_path, prefect_server):
+    import subprocess
+
+    import yaml
+    from conftest import ROOT, TINY, gdro_env, tiny_project
+
+    from gdro_core.data.rollout import MANIFEST
+    from gdro_core.data.store import read_json
+    from gdro_core.layout import Layout
+
+    blocks = readme_blocks()
+    params = {**TINY, **yaml.safe_load(blocks["yaml"])}
+    root = tiny_project(tmp_path / "project", params)
+    (root / "my_rewards.py").write_text(blocks["python"])
+    shutil.copy(ROOT / "dvc.yaml", root)
+    (root / "rounds").mkdir()
+    env = {**gdro_env(root), "OMP_NUM_THREADS": "1"}
+    gdro = Path(sys.executable).parent / "gdro"
+
+    def run(*args):
+        return subprocess.run([gdro, *args], cwd=root, env=env, capture_output=True, text=True)
+
+    refused = run("check")
+    assert refused.returncode == 2 and "dvc.yaml does not track my_rewards.py" in refused.stderr, refused.stderr
+    assert run("stages", "--write").returncode == 0
+    assert "my_rewards.py" in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["check"]["deps"]
+    for command in ("check", "rollout", "score"):
+        out = run(command)
+        assert out.returncode == 0, f"gdro {command}: {out.stderr[-2000:]}"
+
+    lay = Layout(root, parse_params(params))
+    table = pd.read_parquet(lay.rewards)
+    spread = [np.asarray(Image.open(lay.rollout_dir / name).convert("L"), dtype=float).std() / 127.5
+              for name in table["image"]]
+    assert table["my_rewards.py:Contrast"].tolist() == pytest.approx(spread)
+    assert table["reward"].tolist() == pytest.approx((0.8 * table["ocr"] + 0.2 * table["my_rewards.py:Contrast"]))
+    assert {"exact", "read", "similarity"} <= set(table.columns)
+    assert len(table) == len(read_json(lay.rollout_dir / MANIFEST)["rows"])

@@ -177,3 +177,17 @@ def reward_sources(params: Params, root: Path = Path(".")) -> tuple[list[str], l
             digest = hashlib.sha256(path.read_bytes()).hexdigest() if path else "missing"
             external.append({"reward": name, "module": module, "sha256": digest})
     return modules, external
+
+
+def local_reward_files(params: Params, root: Path) -> list[str]:
+    """The project's own reward files that ``rewards.weights`` names (``module:Class`` or ``file.py:Class`` under
+    ``root``), relative to it: what the ``check`` stage of dvc.yaml must depend on for an edit to rerun ``score``."""
+    root = Path(root).resolve()
+    out = []
+    for name in sorted(params.rewards.weights):
+        if not _is_spec(name):
+            continue
+        path = _module_file(name.rpartition(":")[0], root)
+        if path is not None and path.is_relative_to(root) and ".venv" not in path.relative_to(root).parts:
+            out.append(path.relative_to(root).as_posix())
+    return out
