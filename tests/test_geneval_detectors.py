@@ -96,3 +96,33 @@ def test_coco_labels_take_genevals_object_names():
 
     assert [geneval_name(x) for x in ("mouse", "remote", "keyboard", "dog", "cell phone")] == [
         "computer mouse", "tv remote", "computer keyboard", "dog", "cell phone"]
+
+
+def test_clip_colours_only_the_objects_a_prompt_checks_with_the_same_verdicts(checkpoints, monkeypatch):
+    from gdro_core.tasks.geneval.reward import make_rules, reward_table
+    from gdro_core.tasks.geneval.rules import judge_detections
+
+    p = parse_params({"task": "geneval", "geneval": {"classes": ["square", "circle", "cross"], "colors": COLORS,
+                                                     "detector": {"kind": "mask2former", "device": "cpu",
+                                                                  "threshold": 0.0, "counting_threshold": 0.0}}})
+    det = Mask2FormerClipDetector.from_paths(str(checkpoints / "m2f"), str(checkpoints / "clip"), COLORS, 2, "cpu")
+    crops = []
+    classify = det.classify_colors
+    monkeypatch.setattr(det, "classify_colors", lambda im, masks, *a: crops.append(len(masks)) or classify(im, masks, *a))
+    records = [*all_prompts("colors", ["circle", "square", "cross"], COLORS, 2)[:3],
+               *all_prompts("counting", ["circle", "square", "cross"], COLORS, 2)[:3]]
+    images = [Image.new("RGB", (32, 32), (40 * i, 200 - 30 * i, 90)) for i in range(len(records))]
+    rules = make_rules(p.geneval)
+
+    crops.clear()
+    everything = det.detect(images)
+    all_crops = sum(crops)
+    expected = [judge_detections(d, r.metadata, rules) for d, r in zip(everything, records)]
+    crops.clear()
+    table = reward_table(images, records, det, rules, 2, "score")
+    assert table["score"].tolist() == [v.score for v in expected]
+    assert table["correct"].tolist() == [float(v.correct) for v in expected]
+    assert all_crops > sum(crops), "colour was classified for objects no clause checks"
+    n_coloured_classes = sum(len(d.get(r.metadata["include"][0]["class"], [])[: rules.max_objects])
+                             for d, r in zip(everything[:3], records[:3]))
+    assert sum(crops) <= n_coloured_classes  # counting prompts check no colour: none of their objects is cropped

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -40,8 +41,16 @@ class DetectorError(ValueError):
     """A detector that cannot be built as configured."""
 
 
+ColourCheck = Callable[[Mapping[str, Sequence[Detection]]], Mapping[str, Sequence[Detection]]]
+"""Given an image's detections (colour not yet known), the ones whose colour a prompt checks
+(:func:`gdro_core.tasks.geneval.rules.colour_targets`)."""
+
+
 class Detector(Protocol):
-    def detect(self, images: list[Image.Image]) -> list[dict[str, list[Detection]]]: ...
+    def detect(self, images: list[Image.Image], colour_checks: Sequence[ColourCheck] | None = None
+               ) -> list[dict[str, list[Detection]]]:
+        """Per image, detections by class; colours at least for what ``colour_checks[i]`` picks (all without)."""
+        ...
 
 
 class ExactDetector:
@@ -87,8 +96,9 @@ class ExactWorldDetector:
     def __init__(self, exact):
         self.exact = exact
 
-    def detect(self, images: list[Image.Image]) -> list[dict[str, list[Detection]]]:
-        return [self.exact.detect(im) for im in images]
+    def detect(self, images: list[Image.Image], colour_checks: Sequence[ColourCheck] | None = None
+               ) -> list[dict[str, list[Detection]]]:
+        return [self.exact.detect(im) for im in images]  # palette colours cost nothing: every object has one
 
 
 def _device(name: str) -> torch.device:
@@ -161,7 +171,10 @@ class Mask2FormerClipDetector:
         return [self.colors[int((self._color_texts(c) @ f).argmax())] for f, c in zip(feats, cls_names)]
 
     @torch.no_grad()
-    def detect(self, images: list[Image.Image]) -> list[dict[str, list[Detection]]]:
+    def detect(self, images: list[Image.Image], colour_checks: Sequence[ColourCheck] | None = None
+               ) -> list[dict[str, list[Detection]]]:
+        """Instances per image; CLIP colours only for the detections ``colour_checks[i]`` picks, as GenEval's
+        script classifies only the kept objects a colour clause names (all detections when no checks are given)."""
         out: list[dict[str, list[Detection]]] = []
         labels = self.model.config.id2label
         for start in range(0, len(images), self.batch_size):
@@ -180,11 +193,21 @@ class Mask2FormerClipDetector:
                     ys, xs = np.nonzero(m)
                     boxes.append((float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())))
                 names = [geneval_name(labels[int(info["label_id"])]) for info, _ in kept]
-                colors = self.classify_colors(im, [m for _, m in kept], boxes, names)
                 dets: dict[str, list[Detection]] = {}
-                for (info, _), box, name, color in zip(kept, boxes, names, colors):
-                    dets.setdefault(name, []).append(Detection(box, float(info["score"]), color))
-                out.append(dets)
+                found = []
+                for (info, m), box, name in zip(kept, boxes, names):
+                    d = Detection(box, float(info["score"]))
+                    dets.setdefault(name, []).append(d)
+                    found.append((d, m, name))
+                if colour_checks is None:
+                    wanted = {id(d) for d, _, _ in found}
+                else:
+                    wanted = {id(d) for ds in colour_checks[len(out)](dets).values() for d in ds}
+                todo = [(d, m, name) for d, m, name in found if id(d) in wanted]
+                colors = self.classify_colors(im, [m for _, m, _ in todo], [d.box for d, _, _ in todo],
+                                              [name for _, _, name in todo])
+                coloured = {id(d): dataclasses.replace(d, color=c) for (d, _, _), c in zip(todo, colors)}
+                out.append({name: [coloured.get(id(d), d) for d in ds] for name, ds in dets.items()})
         return out
 
 

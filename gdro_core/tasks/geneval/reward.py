@@ -9,6 +9,7 @@ The reward table holds, per image: ``score`` (Flow-GRPO's partial credit), ``cor
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from PIL import Image
 from gdro_core.rewards.base import RewardError
 from gdro_core.tasks.geneval.detectors import Detector
 from gdro_core.tasks.geneval.prompts import GenEvalPrompt
-from gdro_core.tasks.geneval.rules import Rules, judge_detections, tag_summary
+from gdro_core.tasks.geneval.rules import Rules, colour_targets, judge_detections, tag_summary
 
 Progress = Callable[[int, int], None]
 SUMMARY = ("reward", "score", "correct", "strict", "alignment", "coherence", "style", "u_hat", "corrected")
@@ -36,8 +37,9 @@ def reward_table(
     """Columns reward (the ``reward`` column's value), score, correct, strict, tag and reason for each image."""
     rows = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        for dets, rec in zip(detector.detect(chunk), records[start : start + batch_size]):
+        chunk, recs = images[start : start + batch_size], records[start : start + batch_size]
+        checks = [partial(colour_targets, metadata=rec.metadata, rules=rules) for rec in recs]
+        for dets, rec in zip(detector.detect(chunk, checks), recs):
             v = judge_detections(dets, rec.metadata, rules)
             rows.append({"score": v.score, "correct": float(v.correct), "strict": float(v.strict),
                          "tag": rec.tag, "reason": "; ".join(v.reasons)})
@@ -59,7 +61,7 @@ def summarise(scores: pd.DataFrame) -> dict[str, float]:
 def shape_fidelity(detector: Detector, images: list[Image.Image]) -> list[float]:
     """Mean detector confidence (overlap with the closest clean shape) over an image's objects; 0 if none."""
     out = []
-    for found in detector.detect(images):
+    for found in detector.detect(images, [lambda dets: {}] * len(images)):  # confidences only: no colour needed
         conf = [d.confidence for dets in found.values() for d in dets]
         out.append(float(np.mean(conf)) if conf else 0.0)
     return out

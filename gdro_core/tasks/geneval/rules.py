@@ -75,6 +75,15 @@ def keep_detections(raw: Mapping[str, Sequence[Detection]], tag: str, rules: Rul
     return kept
 
 
+def colour_targets(raw: Mapping[str, Sequence[Detection]], metadata: Mapping, rules: Rules
+                   ) -> dict[str, list[Detection]]:
+    """The detections whose colour GenEval classifies: those kept (threshold, ``max_objects``, NMS) of each class
+    a colour clause names. No other detection's colour can change a verdict."""
+    kept = keep_detections(raw, metadata.get("tag", ""), rules)
+    classes = {req["class"] for req in metadata.get("include", []) if "color" in req}
+    return {cls: kept[cls] for cls in sorted(classes) if cls in kept}
+
+
 def relative_position(a: Detection, b: Detection, threshold: float) -> set[str]:
     """Relations of ``a`` to ``b``: the centre offset, shrunk by ``threshold`` times the two boxes' sizes, must point
     mostly left/right/above/below (its component over the offset's length beyond 0.5)."""
