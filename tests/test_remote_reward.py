@@ -158,6 +158,15 @@ def test_a_server_that_is_down_is_named_in_one_line():
                               "fix rewards.options.remote.url")
 
 
+def test_a_server_that_does_not_answer_in_time_is_named():
+    with answering(lambda n: (time.sleep(0.6), (200, {"scores": [1.0] * n}))[1]) as (url, seen):
+        reward = make_reward("remote", parse_params(remote_params(url, timeout_s=0.2, retries=0)))
+        with pytest.raises(RewardError, match=rf"^reward server {url} did not answer within 0.2 s after 1 try: "
+                                              r".*rewards.options.remote.timeout_s$"):
+            reward.score(IMAGES[:1], RECORDS[:1])
+    assert len(seen) == 1
+
+
 def test_a_5xx_is_tried_again_and_a_4xx_is_not(user_rewards, monkeypatch):
     with reference(build_reward("served:FlakyOnce", {})) as url:
         reward = make_reward("remote", parse_params(remote_params(url, **FAST)))

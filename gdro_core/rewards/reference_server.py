@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -42,7 +43,7 @@ class Brightness:
     name, needs_world = "brightness", False
 
     def score(self, images: list[Image.Image], records: Sequence, progress=None) -> pd.DataFrame:
-        values = [sum(im.convert("L").getdata()) / (255 * im.width * im.height) for im in images]
+        values = [float(np.asarray(im.convert("L"), dtype=np.float64).mean() / 255) for im in images]
         return pd.DataFrame({"reward": values, "pixels": [im.width * im.height for im in images]})
 
 

@@ -34,6 +34,7 @@ reward class of the seam over this protocol.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import math
@@ -196,7 +197,7 @@ class RemoteReward:
         """The server's decoded JSON answer; connection errors, timeouts and 5xx are tried again with backoff."""
         data = json.dumps(body, allow_nan=False).encode()
         tries = self.retries + 1
-        last = ""
+        kind, last = "", ""
         for attempt in range(tries):
             if attempt:
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
@@ -209,31 +210,31 @@ class RemoteReward:
                 if err.code < 500:
                     raise RemoteRewardError(f"reward server {self.url} refused the request: HTTP {err.code} "
                                             f"{err.reason}: {text}") from None
-                last = f"HTTP {err.code} {err.reason}: {text}"
+                kind, last = "http", f"HTTP {err.code} {err.reason}: {text}"
                 continue
             except urllib.error.URLError as err:
-                reason = err.reason
-                if isinstance(reason, TimeoutError):
-                    last = f"timed out after {self.timeout_s:g} s"
-                else:
-                    last = _reason(reason)
+                timed_out = isinstance(err.reason, TimeoutError)
+                kind, last = ("timeout", "") if timed_out else ("down", _reason(err.reason))
                 continue
             except TimeoutError:
-                last = f"timed out after {self.timeout_s:g} s"
+                kind, last = "timeout", ""
                 continue
-            except (ConnectionError, OSError) as err:  # a reset or a dropped connection while reading the answer
-                last = _reason(err)
+            except (OSError, http.client.HTTPException) as err:  # reset, dropped or cut off while answering
+                kind, last = "down", _reason(err)
                 continue
             try:
                 return json.loads(raw)
             except ValueError:
                 raise RemoteRewardError(f"reward server {self.url} answered with no JSON: "
                                         f"{raw[:200].decode(errors='replace')!r}") from None
-        if last.startswith("HTTP "):
-            raise RemoteRewardError(f"reward server {self.url} failed after {tries} tries ({last}): "
-                                    "see the server's log")
-        raise RemoteRewardError(f"reward server {self.url} is unreachable ({last}) after {tries} "
-                                f"{'try' if tries == 1 else 'tries'}: start it or fix rewards.options.remote.url")
+        after = f"after {tries} {'try' if tries == 1 else 'tries'}"
+        if kind == "http":
+            raise RemoteRewardError(f"reward server {self.url} failed {after} ({last}): see the server's log")
+        if kind == "timeout":
+            raise RemoteRewardError(f"reward server {self.url} did not answer within {self.timeout_s:g} s {after}: "
+                                    "check the server, or raise rewards.options.remote.timeout_s")
+        raise RemoteRewardError(f"reward server {self.url} is unreachable ({last}) {after}: start it or fix "
+                                "rewards.options.remote.url")
 
     def _parse(self, answer: Any, n: int) -> tuple[list[float | None], list[str], dict[str, list[Any]]]:
         """Scores, error texts ('' when scored) and parts of one batch, or an error naming the wrong shape."""
@@ -281,5 +282,5 @@ def _reason(reason: Any) -> str:
     if isinstance(reason, socket.gaierror):
         return f"unknown host: {reason.strerror or reason}"
     if isinstance(reason, BaseException):
-        return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__.lower()
     return str(reason)
