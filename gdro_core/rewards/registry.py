@@ -32,6 +32,7 @@ ENTRY_POINT_GROUP = "gdro.rewards"
 BUILTIN: dict[str, str] = {
     "ocr": "gdro_core.tasks.ocr.reward:OcrReward",
     "geneval": "gdro_core.tasks.geneval.reward:GenEvalReward",
+    "remote": "gdro_core.rewards.remote:RemoteReward",
 }
 """Name -> ``module:Class`` of the rewards that come with gdro."""
 
