@@ -18,3 +18,19 @@ def test_paper_settings_load_for_their_family(tmp_path, name, variant):
     assert (p.train.ema_rate, p.train.ema_max_decay, p.model.dtype) == (0.001, 0.5, "bfloat16")
     with pytest.raises(ModelError, match="16"):  # a size the family cannot take is named at load
         check_image_size(load_params(ROOT / name, {"model.source": str(source), "world.height": 500}))
+
+
+def test_the_sd35_geneval_file_loads_and_check_names_every_missing_path(tmp_path):
+    from gdro_core import preflight
+
+    source = save_tiny_pipeline("sd35", tmp_path / "sd35")
+    p = load_params(ROOT / "params-sd35-medium-geneval.yaml", {"model.source": str(source)})
+    check_image_size(p)
+    assert (p.task, p.image_shape, p.train.beta, p.train.gamma, p.judge_task) == ("geneval", (512, 512, 3), 6.0, 1.0,
+                                                                                 "geneval")
+    assert p.geneval.detector.kind == "mask2former"
+    shipped = load_params(ROOT / "params-sd35-medium-geneval.yaml")
+    found = " ".join(preflight.problems(shipped, tmp_path))
+    for key in ("model.source", "geneval.metadata_dir", "judge.model_path", "geneval.detector.mask2former_path",
+                "geneval.detector.clip_path"):
+        assert key in found, key
