@@ -126,3 +126,44 @@ def test_clip_colours_only_the_objects_a_prompt_checks_with_the_same_verdicts(ch
     n_coloured_classes = sum(len(d.get(r.metadata["include"][0]["class"], [])[: rules.max_objects])
                              for d, r in zip(everything[:3], records[:3]))
     assert sum(crops) <= n_coloured_classes  # counting prompts check no colour: none of their objects is cropped
+
+
+def test_every_stage_runs_geneval_on_a_real_architecture_with_mask2former_and_clip(checkpoints, tmp_path, monkeypatch,
+                                                                                  prefect_server):
+    """GenEval as users run it: a (tiny) SD3 checkpoint, Flow-GRPO's metadata files as published (repeated lines),
+    transformers' Mask2Former and CLIP from local directories, through every stage."""
+    import json
+
+    import yaml
+
+    from conftest import TINY
+    from flows.pipeline import pipeline_flow
+    from gdro_core.models.tiny import save_tiny_pipeline
+
+    meta = tmp_path / "metadata"
+    meta.mkdir()
+    train = [*all_prompts("colors", ["circle", "square", "cross"], COLORS, 2),
+             *all_prompts("counting", ["circle", "square"], COLORS, 2)][:7]
+    test = all_prompts("two_object", ["circle", "square", "cross"], COLORS, 2)[:3]
+    for name, records, repeats in (("train", train, 1), ("test", test, 4)):  # Flow-GRPO's test file: 4 lines each
+        lines = [json.dumps({**r.metadata, "prompt": r.prompt}) for r in records for _ in range(repeats)]
+        (meta / f"{name}_metadata.jsonl").write_text("\n".join(lines) + "\n")
+    project = tmp_path / "project"
+    project.mkdir()
+    params = {**TINY, "task": "geneval", "model": {"source": str(save_tiny_pipeline("sd3", tmp_path / "sd3")),
+                                                     "device": "cpu"},
+              "prompts": {"n_val": 2},
+              "geneval": {"metadata_dir": str(meta), "world": {"height": 32, "width": 48},
+                          "detector": {"kind": "mask2former", "device": "cpu", "batch_size": 4,
+                                       "mask2former_path": str(checkpoints / "m2f"),
+                                       "clip_path": str(checkpoints / "clip"), "clip_colors": COLORS}}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("GDRO_ROOT", str(project))
+    pipeline_flow(params_path="params.yaml")
+
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert "ceiling" not in metrics  # no built-in world behind a real checkpoint
+    for model in ("base", "trained"):
+        assert {"geneval", "tag.two_object", "correct", "score", "corrected"} <= set(metrics[model]), metrics[model]
+    scores = __import__("pandas").read_csv(project / "reports" / "eval_scores.csv")
+    assert len(scores) == 2 * 3 * parse_params(params).evaluate.images_per_prompt  # repeats folded: 3 test prompts
