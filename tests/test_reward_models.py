@@ -269,3 +269,11 @@ def test_a_head_of_the_wrong_shape_is_refused_in_one_line(dirs, tmp_path):
                                           r"MLP for a 768-d CLIP embedding") as err:
         build("aesthetic", {**options(dirs)["aesthetic"], "head_path": str(tmp_path / "bad.safetensors")})
     assert "\n" not in str(err.value)
+
+
+def test_a_pth_head_that_pickles_code_is_not_run_but_refused(dirs, tmp_path):
+    torch.save(torch.nn.Linear(768, 1), tmp_path / "module.pth")  # a pickled module, not a state dict of tensors
+    with pytest.raises(RewardError, match=r"^reward 'aesthetic': cannot load the aesthetic head .*module.pth "
+                                          r"\(UnpicklingError") as err:
+        build("aesthetic", {**options(dirs)["aesthetic"], "head_path": str(tmp_path / "module.pth")})
+    assert "\n" not in str(err.value)

@@ -54,7 +54,7 @@ def load(reward: str, what: str, loader: Callable[[], Any]) -> Any:
     """``loader()``, its failure (a corrupt or foreign checkpoint) refused in one line naming the reward."""
     try:
         return loader()
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - a corrupt, foreign or pickled-code file: one line, not a traceback
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise RewardError(f"reward {reward!r}: cannot load {what} ({type(err).__name__}: {first})") from None
 

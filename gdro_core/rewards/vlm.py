@@ -60,12 +60,12 @@ class VlmReward:
         if judge is None:
             problems = self.check(model_path, Path("."))
             if problems:
-                raise RewardError(f"reward 'vlm': rewards.options.vlm.{problems[0]}")
+                raise RewardError("reward 'vlm': " + "; ".join(f"rewards.options.vlm.{p}" for p in problems))
             from gdro_core.evaluation.vlm_judge import UnifiedRewardJudge
 
             try:
                 judge = UnifiedRewardJudge.from_pretrained(model_path, max_new_tokens, device)
-            except (OSError, ValueError, RuntimeError, KeyError) as err:
+            except Exception as err:  # noqa: BLE001 - any load failure is the reward's, in one line
                 raise RewardError(f"reward 'vlm': cannot load the VLM in {model_path} ({type(err).__name__}: "
                                   f"{(str(err).strip().splitlines() or [''])[0]})") from None
         self.judge = judge
