@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 from PIL import Image
+from tiny_clip import save_tiny_clip
 
-from gdro_core.models.builtin import build_tokenizer
 from gdro_core.params import parse_params
 from gdro_core.tasks.geneval.detectors import DetectorError, Mask2FormerClipDetector, make_detector
 from gdro_core.tasks.geneval.prompts import all_prompts
@@ -22,10 +22,6 @@ COLORS = ["red", "green", "blue"]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
         Mask2FormerConfig,
         Mask2FormerForUniversalSegmentation,
         Mask2FormerImageProcessor,
@@ -42,19 +38,7 @@ def checkpoints(tmp_path_factory):
                             label2id={v: k for k, v in LABELS.items()})
     Mask2FormerForUniversalSegmentation(cfg).save_pretrained(root / "m2f")
     Mask2FormerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(root / "m2f")
-    tok = build_tokenizer()
-    clip_cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok.get_vocab()), "hidden_size": 16, "intermediate_size": 32,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
-                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                     "pad_token_id": tok.eos_token_id},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    CLIPModel(clip_cfg).save_pretrained(root / "clip")
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(root / "clip")
+    save_tiny_clip(root / "clip")
     return root
 
 

@@ -32,6 +32,10 @@ ENTRY_POINT_GROUP = "gdro.rewards"
 BUILTIN: dict[str, str] = {
     "ocr": "gdro_core.tasks.ocr.reward:OcrReward",
     "geneval": "gdro_core.tasks.geneval.reward:GenEvalReward",
+    "clip_score": "gdro_core.rewards.clip_score:ClipScoreReward",
+    "pickscore": "gdro_core.rewards.pickscore:PickScoreReward",
+    "aesthetic": "gdro_core.rewards.aesthetic:AestheticReward",
+    "vlm": "gdro_core.rewards.vlm:VlmReward",
     "remote": "gdro_core.rewards.remote:RemoteReward",
 }
 """Name -> ``module:Class`` of the rewards that come with gdro."""
