@@ -385,6 +385,11 @@ class Evaluate(Section):
     train_seed: int = Field(
         9000, ge=0, description="First seed of that evaluation; its seeds must miss every round's rollout seeds."
     )
+    second_reader: Literal["auto", "none", "easyocr", "rapidocr"] = Field(
+        "auto", description="OCR: also read the held-out images with a reader training never used (metrics "
+        "second_reward, second_exact), so a gain that fits the training reader's quirks shows; auto = the backend "
+        "reward.backend is not, when installed.",
+    )
 
 
 class JudgeParams(Section):

@@ -13,7 +13,8 @@ from conftest import TINY
 
 @pytest.fixture()
 def project(tmp_path, monkeypatch, prefect_server):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    params = {**TINY, "evaluate": {**TINY["evaluate"], "second_reader": "auto"}}  # rapidocr: the reader not trained on
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setenv("GDRO_ROOT", str(tmp_path))
     return tmp_path
 
@@ -29,6 +30,9 @@ def test_pipeline_flow_runs_every_stage_and_registers_the_adapter(project):
     for name in ("base", "trained"):
         for key in ("alignment", "coherence", "style", "u_hat"):
             assert 1.0 <= saved[name][key] <= 5.0
+        assert 0.0 <= saved[name]["second_reward"] <= 1.0  # the held-out images read by rapidocr as well
+    assert saved["delta"]["second_reward"] == pytest.approx(saved["trained"]["second_reward"]
+                                                            - saved["base"]["second_reward"])
     per_image = pd.read_csv(project / "reports" / "eval_scores.csv")
     assert per_image["corrected"].to_numpy() == pytest.approx(
         (per_image["reward"] * (per_image["u_hat"] - 3) + 0.2).to_numpy())

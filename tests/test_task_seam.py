@@ -84,3 +84,27 @@ def test_builtin_model_takes_the_tasks_channels():
     assert model.latent_shape == (3, 32, 32)
     (im,) = model.decode(torch.zeros(1, 3, 32, 32))
     assert im.mode == "RGB" and im.size == (32, 32)
+
+
+def test_the_second_reader_is_the_backend_training_did_not_use(monkeypatch):
+    import gdro_core.tasks.ocr.reader as reader_module
+
+    made = []
+
+    def fake_reader(backend, *args, **kwargs):
+        made.append(backend)
+        return FixedReader(["12", "000"])
+
+    monkeypatch.setattr(reader_module, "make_reader", fake_reader)
+    images = [render_text(t, 24, 48, 17) for t in ("123", "456")]
+    for backend, choice, expected in (("easyocr", "auto", "rapidocr"), ("rapidocr", "auto", "easyocr"),
+                                      ("easyocr", "easyocr", ""), ("easyocr", "none", "")):
+        made.clear()
+        task = OcrTask(parse_params({"reward": {"backend": backend}, "evaluate": {"second_reader": choice}}))
+        records = [task.record('"123" on a sign', "123"), task.record('"456" on a sign', "456")]
+        opinion = task.second_opinion(images, records)
+        assert made == ([expected] if expected else [])
+        if expected:
+            assert opinion == {"second_reward": pytest.approx((2 / 3 + 0) / 2), "second_exact": 0.0}
+        else:
+            assert opinion == {}

@@ -18,7 +18,7 @@ from gdro_core.evaluation.judge_scores import Judge
 from gdro_core.models.base import FlowModel
 from gdro_core.tasks.base import PromptRecord, Task
 
-DELTAS = ("reward", "corrected", "geneval")
+DELTAS = ("reward", "corrected", "geneval", "second_reward")
 TRAIN_DELTAS = ("reward", "geneval")
 
 
@@ -40,7 +40,7 @@ def evaluate_models(
             model.load_adapter(adapter_dir)
         images[name] = sample_on(prompts, seed)
         scores = assess(images[name], records, task, judge, judge_task)
-        metrics[name] = task.summarise(scores)
+        metrics[name] = task.summarise(scores) | task.second_opinion(images[name], records)
         tables.append(scores.assign(model=name, target=[q.target for q in records]))
         log(f"{name}: {metrics[name]}")
         if train_prompts:

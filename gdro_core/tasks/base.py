@@ -66,6 +66,11 @@ class Task(Protocol):
         """Means of the reward, its parts and the judge columns (per-tag means where the task has tags)."""
         ...
 
+    def second_opinion(self, images: list[Image.Image], records: Sequence[PromptRecord]) -> dict[str, float]:
+        """The held-out images' reward under a scorer training never saw (``second_*`` keys; empty when the task
+        has none): a gain that fits the training scorer's quirks shows as a smaller gain here."""
+        ...
+
     def ceiling(self, records: Sequence[PromptRecord]) -> dict[str, float]:
         """The summary of the world's own clean images for ``records``: the best a model can score."""
         ...

@@ -82,6 +82,9 @@ class GeneralTask:
 
         return summarise(scores, ("reward",)) | part_means(scores, list(self.params.rewards.weights))
 
+    def second_opinion(self, images: list[Image.Image], records: Sequence) -> dict[str, float]:
+        return {}  # no second scorer configured for this task
+
     def ceiling(self, records: Sequence) -> dict[str, float]:
         raise ValueError(NO_WORLD)
 

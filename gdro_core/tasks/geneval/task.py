@@ -125,6 +125,9 @@ class GenEvalTask:
 
         return summarise(scores) | part_means(scores, list(self.params.rewards.weights))
 
+    def second_opinion(self, images: list[Image.Image], records: Sequence) -> dict[str, float]:
+        return {}  # no second scorer configured for this task
+
     def ceiling(self, records: Sequence[GenEvalPrompt]) -> dict[str, float]:
         """The summary of the world's clean scenes for ``records``."""
         from gdro_core.tasks.geneval.world import clean_images

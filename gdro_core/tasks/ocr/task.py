@@ -98,6 +98,31 @@ class OcrTask:
 
         return summarise(scores) | part_means(scores, list(self.params.rewards.weights))
 
+    def second_reader(self) -> str:
+        """The reader ``evaluate.second_reader`` names ('' for none); ``auto``: the other backend, when installed."""
+        choice, training = self.params.evaluate.second_reader, self.params.reward.backend
+        if choice != "auto":
+            return "" if choice in ("none", training) else choice
+        other = "rapidocr" if training == "easyocr" else "easyocr"
+        import importlib.util
+
+        package = "rapidocr_onnxruntime" if other == "rapidocr" else "easyocr"
+        return other if importlib.util.find_spec(package) is not None else ""
+
+    def second_opinion(self, images: list[Image.Image], records: Sequence) -> dict[str, float]:
+        """The OCR reward read by the other reader (same upscale, pad and alphabet), and which reader that was."""
+        backend = self.second_reader()
+        if not backend:
+            return {}
+        from gdro_core.tasks.ocr.reader import make_reader
+        from gdro_core.tasks.ocr.reward import score_images
+
+        r = self.params.reward
+        allow = self.params.world.alphabet if r.restrict_to_alphabet else None
+        reader = make_reader(backend, r.upscale, r.pad, allow, r.reader_mode)
+        table = score_images(list(images), [q.target for q in records], reader, r.substring_full_credit, r.batch_size)
+        return {"second_reward": float(table["reward"].mean()), "second_exact": float(table["exact"].mean())}
+
     def ceiling(self, records: Sequence) -> dict[str, float]:
         """The reward of the world's own clean renders: the best any model can score with this reader."""
         from gdro_core.tasks.ocr.reward import reader_ceiling
