@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import TINY, gdro_env, tiny_project
 from PIL import Image
 
-from conftest import TINY, gdro_env, tiny_project
 from gdro_core.cache_keys import import_fingerprint
 from gdro_core.data.manifest import LATENTS_FILE, ManifestError, export_manifest, import_manifest, read_manifest
 from gdro_core.data.pool import open_rollouts
@@ -211,19 +211,19 @@ def test_dvc_yaml_follows_data_source():
     assert "run `gdro stages --write`" in dvc_stage_problem(root, imported)
 
 
-def test_the_commands_export_csv_and_import_it(project, tmp_path):
-    root, p, lay, _, _ = project
+def test_the_export_command_and_the_import_flow(project, tmp_path, monkeypatch):
+    from flows.import_manifest import import_flow
+
+    root, _, lay, _, _ = project
     env = {**gdro_env(root), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([BIN / "gdro", "export", "--out", str(tmp_path / "csv"), "--format", "csv"], cwd=root,
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     shutil.copytree(lay.rollout_dir, tmp_path / "native-rollouts")
-    got = subprocess.run([BIN / "gdro", "import", "--manifest", str(tmp_path / "csv/manifest.csv")], cwd=root,
-                         env=env, capture_output=True, text=True)
-    assert got.returncode == 0, got.stderr[-2000:]
-    q = parse_params({**TINY, "data": {"manifest": str(tmp_path / "csv/manifest.csv")}})
-    fp = import_fingerprint(Layout(root, q))
+    manifest = str(tmp_path / "csv/manifest.csv")
+    monkeypatch.setenv("GDRO_ROOT", str(root))
+    assert import_flow(overrides={"data.manifest": manifest}) == 16
+    fp = import_fingerprint(Layout(root, parse_params({**TINY, "data": {"manifest": manifest}})))
     assert is_complete(lay.rollout_dir, fp)
     assert torch.equal(load_rollouts(lay.rollout_dir).latents, load_rollouts(tmp_path / "native-rollouts").latents)
-    assert read_table(lay.rewards, fp)["reward"].tolist() == pytest.approx(
-        pd.read_csv(tmp_path / "csv/manifest.csv")["reward"].tolist())
+    assert read_table(lay.rewards, fp)["reward"].tolist() == pd.read_csv(manifest)["reward"].tolist()
