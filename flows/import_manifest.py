@@ -44,8 +44,8 @@ def import_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | No
             logger.info("%s", result.summary())
             mlflow.log_metrics({"import_groups": len(result.groups.kept), "import_encoded": result.encoded,
                                 "import_reused_latents": result.reused, "import_trimmed_rows": result.groups.trimmed,
-                                **{f"import_dropped_groups.{k.split()[-1]}": v
-                                   for k, v in result.groups.dropped.items()}})
+                                **{f"import_dropped_{name}": v for name, v in
+                                   zip(("single", "tied", "small"), result.groups.dropped.values(), strict=True)}})
         mlflow.log_metric("rollout_images", rows)
         mlflow.log_param("rollout_fingerprint", fp)
         mlflow.set_tag("data.base_fingerprint", base)
