@@ -31,6 +31,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 EXTRA_COMMANDS = ("serve", "sweep", "compare", "deploy")
+IMPORT = "import"
+"""The stage that reads your own images and rewards (``data.source: import``), besides the default pipeline's."""
 STAGES = STAGE_NAMES
 """The stages in order (gdro_core/stages.py); each is ``flows/<name>.py``'s ``<name>_flow``."""
 
@@ -154,17 +156,19 @@ def check_params(args: argparse.Namespace) -> int:
     from gdro_core.params import ParamsError, load_params
     from gdro_core import preflight
     from gdro_core.code_closure import code_record
-    from gdro_core.stages import CODE_DIR
+    from gdro_core.dvc_files import dvc_stage_problem
+    from gdro_core.stages import CODE_DIR, code_stages
 
     root = project_root()
     try:
         params = load_params(root / args.params, parse_overrides(args.overrides))
         check_image_size(params)
-        records = {name: code_record(name, params) for name in STAGE_NAMES}
+        records = {s.name: code_record(s.name, params) for s in code_stages(params)}
     except (ParamsError, ModelError, KeyError) as err:
         print(f"gdro check: {err}", file=sys.stderr)
         return 2
-    problems = preflight.problems(params, root) + untracked_reward_files(params, root)
+    problems = (preflight.problems(params, root) + untracked_reward_files(params, root)
+                + [p for p in [dvc_stage_problem(root, params)] if p])
     for line in problems:
         print(f"gdro check: {line}", file=sys.stderr)
     if problems:
@@ -208,16 +212,35 @@ def stages_command(args: argparse.Namespace) -> int:
     except ParamsError as err:
         print(f"gdro stages: {err}", file=sys.stderr)
         return 2
-    if args.write:
+    if args.write:  # dvc.yaml's data stages follow data.source; its check stage tracks your reward files
         for path in write_dvc_files(root, params):
             print(f"wrote {path}")
         return 0
-    for name in STAGE_NAMES:
+    for name in [*STAGE_NAMES, IMPORT]:
         s = stage(name)
         files = stage_files(name, params)
         print(f"{name}: {s.help}\n  params: {', '.join(s.params)}"
               + (f"\n  task {params.task}: {', '.join(s.task_parts)}" if s.task_parts else "")
               + f"\n  code: {len(files)} files")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """``gdro export``: the rollouts and reward table as a manifest with its images (docs/import-export.md)."""
+    from flows.context import load_layout
+    from gdro_core.data.manifest import export_manifest
+    from gdro_core.models.identity import base_fingerprint
+
+    try:
+        lay = load_layout(args.params, parse_overrides(args.overrides))
+        p = lay.params
+        out = Path(args.out).resolve() if args.out else lay.root / p.paths.data_dir / "export"
+        path = export_manifest(lay.rollout_dir, lay.rewards, out, args.format, dict(p.rewards.weights),
+                               base_fingerprint(p.model.source, lay.base_dir))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"gdro export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported the rollouts and rewards to {path} (images under {path.parent / 'images'})")
     return 0
 
 
@@ -342,12 +365,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a param, e.g. --set train.beta=6 (repeatable)")
     parser = argparse.ArgumentParser(prog="gdro", description="Offline GDRO post-training of text-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in [*STAGES, "pipeline"]:
+    for name in [*STAGES, IMPORT, "pipeline"]:
         stage = sub.add_parser(name, parents=[common], help=f"run the {name} flow")
         if name in ROUND_STAGES:
             stage.add_argument("--round", type=round_arg, metavar="N",
                                help="run a later round (N >= 2): sample from round N-1's adapter and train it further "
                                     "(see rounds/dvc.yaml)")
+        if name == IMPORT:
+            stage.add_argument("--manifest", metavar="FILE",
+                               help="the manifest to import: .jsonl, .csv or .parquet with prompt, image (relative to "
+                                    "it), reward, optional group and target (default: data.manifest)")
+    export = sub.add_parser("export", parents=[common],
+                            help="write the rollouts and reward table as a manifest with its images, to score elsewhere "
+                                 "and `gdro import` back")
+    export.add_argument("--out", metavar="DIR", help="output folder (default: <paths.data_dir>/export)")
+    export.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl",
+                        help="manifest format (default: jsonl)")
     sub.add_parser("check", parents=[common], help="validate the params file (dvc.yaml's first stage)")
     stages = sub.add_parser("stages", parents=[common], help="each stage's params and code; --write regenerates dvc.yaml")
     stages.add_argument("--write", action="store_true",
@@ -364,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in EXTRA_COMMANDS:
         return run_server_command(args)
+    if args.command == "export":
+        return export_command(args)
+    if getattr(args, "manifest", None):
+        import json
+
+        args.overrides.append(f"data.manifest={json.dumps(str(Path(args.manifest).resolve()))}")
     if args.command == "check":
         return check_params(args)
     if args.command == "stages":

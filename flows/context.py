@@ -44,11 +44,13 @@ def absolute_source(params, root: Path):
 
 
 def stage_flow(name: str):
-    """The named stage's flow, ``flows/<name>.py``'s ``<name>_flow``, imported by name: a stage loads (and its code
-    hash covers) only its own flow."""
+    """The named stage's flow, ``<name>_flow`` of its first code module (``flows/<name>.py``; the import stage's is
+    ``flows/import_manifest.py``), imported by name: a stage loads (and its code hash covers) only its own flow."""
     import importlib
 
-    return getattr(importlib.import_module(f"flows.{name}"), f"{name}_flow")
+    from gdro_core.stages import stage
+
+    return getattr(importlib.import_module(stage(name).code[0]), f"{name}_flow")
 
 
 PID_TAG, HOST_TAG = "gdro.pid:", "gdro.host:"

@@ -8,18 +8,20 @@ from typing import Any
 from prefect import flow
 
 from flows.context import load_layout, stage_flow
-from gdro_core.stages import ROUND_STAGES, STAGE_NAMES
+from gdro_core.stages import ROUND_STAGES, STAGE_NAMES, pipeline_stages
 
 STAGES = {name: stage_flow(name) for name in STAGE_NAMES}
+"""The default pipeline's flows; ``data.source: import`` runs the import flow in place of rollout and score."""
 
 
 @flow(name="pipeline")
 def pipeline_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Round 1's stages, then rounds 2..``rounds.count``; returns the last round's held-out metrics."""
-    rounds = load_layout(params_path, overrides).params.rounds.count
+    params = load_layout(params_path, overrides).params
+    rounds = params.rounds.count
     result = None
-    for stage in STAGES.values():
-        result = stage(params_path=params_path, overrides=overrides)
+    for s in pipeline_stages(params):
+        result = (STAGES.get(s.name) or stage_flow(s.name))(params_path=params_path, overrides=overrides)
     for r in range(2, rounds + 1):
         for name in ROUND_STAGES:
             result = STAGES[name](params_path=params_path, overrides=overrides, round=r)

@@ -57,8 +57,13 @@ def _run_adopted(client: mlflow.MlflowClient, parent_run_id: str, fn):
 
 @task(cache_policy=NO_CACHE)
 def remake_data(params_path: str, overrides: dict[str, Any], stages: list[str], parent_run_id: str) -> None:
-    """Rerun the rollout and/or score flows (in a worker thread, so their runs can nest under the sweep's)."""
+    """Rerun the rollout and/or score flows (or the import flow) (in a worker thread, so their runs can nest under the sweep's)."""
     client = mlflow.MlflowClient()
+    if "import" in stages:
+        from flows.import_manifest import import_flow
+
+        _run_adopted(client, parent_run_id, lambda: import_flow(params_path=params_path, overrides=overrides))
+        return
     if "rollout" in stages:
         _run_adopted(client, parent_run_id, lambda: rollout_flow(params_path=params_path, overrides=overrides))
     _run_adopted(client, parent_run_id, lambda: score_flow(params_path=params_path, overrides=overrides))

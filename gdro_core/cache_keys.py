@@ -47,6 +47,21 @@ def rollout_fingerprint(lay: Layout) -> str:
     })
 
 
+def import_fingerprint(lay: Layout) -> str:
+    """The import stage's key, and the fingerprint of the rollout store it writes: the base, the import params and
+    code, and every file of the manifest's folder (the manifest, its images, exported latents)."""
+    p = lay.params
+    return fingerprint({
+        "source": "import",
+        "params": keyed_params(lay, "import"),
+        "code": stage_code_hash("import", p),
+        "base": dir_hash(lay.base_dir),
+        "base_fingerprint": base_fingerprint(p.model.source, lay.base_dir),
+        "manifest": lay.import_manifest.name,
+        "folder": dir_hash(lay.import_dir),
+    })
+
+
 def train_fingerprint(lay: Layout) -> str:
     """The train stage's params (less how a batch is split) and code, the rollouts, reward table and prompts it
     trains on, and in a later round the adapter it starts from."""
@@ -80,7 +95,8 @@ def missing_inputs(lay: Layout) -> list[str]:
 
 
 def stale_stages(lay: Layout) -> list[str]:
-    """Stages whose cached output no longer matches its params: ``[]``, ``["score"]`` or ``["rollout", "score"]``.
+    """Stages whose cached output no longer matches its params: ``[]``, ``["score"]``, ``["rollout", "score"]`` or
+    (``data.source: import``) ``["import"]``.
 
     Missing cached data is an error (a sweep never makes it from scratch); rollouts made with other rollout,
     sampler or base params are remade, and a reward table that does not cover the rollouts is rescored.
@@ -91,6 +107,8 @@ def stale_stages(lay: Layout) -> list[str]:
             f"a sweep trains on the cached rollouts and reward table, and these are missing: {', '.join(missing)}; "
             "make them first with `dvc repro score` (or `gdro prompts && gdro base && gdro rollout && gdro score`)"
         )
+    if lay.params.data.source == "import":  # written together with its reward table
+        return [] if is_complete(lay.rollout_dir, import_fingerprint(lay)) else ["import"]
     if not is_complete(lay.rollout_dir, rollout_fingerprint(lay)):
         return ["rollout", "score"]
     seeds = sorted(r["seed"] for r in read_json(lay.rollout_dir / MANIFEST)["rows"])

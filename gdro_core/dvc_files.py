@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gdro_core.layout import Layout
 from gdro_core.params import PROMPT_FILES, Params
-from gdro_core.stages import CHECK_FILE, CODE_DIR, STAGES, Out, Stage
+from gdro_core.stages import CHECK_FILE, CODE_DIR, Out, Stage, code_stages, pipeline_stages
 
 DVC_FILE, ROUNDS_FILE = Path("dvc.yaml"), Path("rounds/dvc.yaml")
 CODE_PACKAGES = ("gdro_core", "flows")
@@ -25,6 +25,7 @@ HEADER = """\
 # The whole pipeline, top to bottom. Each stage is one `gdro` subcommand (a Prefect flow that logs to MLflow).
 # `check` validates params.yaml and writes reports/code/<stage>.json, the hash of the code each stage runs, so
 # `dvc repro` reruns a stage when its params, its inputs or its own code change, and for nothing else.
+# data.source: import puts the import stage (your images and rewards) in place of rollout and score.
 """
 
 ROUNDS_HEADER = """\
@@ -89,17 +90,19 @@ def _indent(lines: list[str], n: int) -> list[str]:
 
 
 def render_dvc_yaml(params: Params | None = None, reward_files: tuple[str, ...] = ()) -> str:
-    """The pipeline; ``reward_files``: the project's own reward modules that ``check`` hashes, so an edit reruns
-    the stages that score."""
+    """dvc.yaml for ``params`` (default: the default params); ``data.source`` picks the stages that make the data.
+    ``reward_files``: the project's own reward modules that ``check`` hashes, so an edit reruns the stages that
+    score."""
     lay = Layout(Path("/project"), params or Params())
     check = Layout(lay.root, lay.params)
+    stages = pipeline_stages(lay.params)
     lines = [HEADER.rstrip("\n"), "stages:", "  check:", "    cmd: gdro check", "    deps:"]
     lines += [f"      - {p}" for p in (*CODE_PACKAGES, *reward_files)]
     lines += ["    params:", "      - params.yaml:", "    outs:"]
     outs = [Out(f"reports:{CHECK_FILE}", cache=False)] + [Out(f"reports:{CODE_DIR}/{s.name}.json", cache=False)
-                                                          for s in STAGES]
+                                                          for s in code_stages(lay.params)]
     lines += _indent([line for o in outs for line in _entry(resolve(o.path, check), o)], 6)
-    for s in STAGES:
+    for s in stages:
         lines += ["", f"  {s.name}:  # {s.help}"] + _indent(_stage_lines(s, lay), 4)
     lines += [
         "", "plots:", "  - reports/train_curve.csv:", "      x: step",
@@ -112,21 +115,38 @@ def render_dvc_yaml(params: Params | None = None, reward_files: tuple[str, ...] 
 def render_rounds_yaml(params: Params | None = None) -> str:
     lay = Layout(Path("/project"), params or Params(), round=ROUND)
     lines = [ROUNDS_HEADER.rstrip("\n"), "", "stages:"]
-    for s in STAGES:
+    for s in pipeline_stages(Params()):
         if s.in_rounds:
             body = ["wdir: ..", *_stage_lines(s, lay)]
             lines += [f"  {s.name}:", "    foreach: ${previous}", "    do:"] + _indent(body, 6) + [""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def dvc_stage_problem(root: Path, params: Params) -> str:
+    """Why ``root/dvc.yaml`` does not fit ``data.source`` (its stages are another source's), or ""."""
+    import yaml
+
+    path = root / DVC_FILE
+    if not path.is_file():
+        return ""
+    have = set((yaml.safe_load(path.read_text()) or {}).get("stages", {}))
+    want = {s.name for s in pipeline_stages(params)}
+    sources = {"rollout", "score", "import"}
+    extra, missing = sorted((have - want) & sources), sorted((want - have) & sources)
+    if not extra and not missing:
+        return ""
+    return (f"data.source is {params.data.source} but dvc.yaml runs {' and '.join(extra) or 'no data stage'} "
+            f"instead of {' and '.join(missing) or 'nothing'}: run `gdro stages --write` to regenerate it")
+
+
 def write_dvc_files(root: Path, params: Params | None = None) -> list[Path]:
-    """Regenerate both files under ``root``; returns those whose text changed. ``params``: the project's params,
-    whose own reward files (``rewards.weights``) become deps of ``check``."""
+    """Regenerate both files under ``root`` for ``params`` (``data.source``; its own reward files, which become
+    deps of ``check``); returns those whose text changed."""
     from gdro_core.rewards.registry import local_reward_files
 
     files = tuple(local_reward_files(params, root)) if params is not None else ()
     changed = []
-    for rel, text in ((DVC_FILE, render_dvc_yaml(reward_files=files)), (ROUNDS_FILE, render_rounds_yaml())):
+    for rel, text in ((DVC_FILE, render_dvc_yaml(params, files)), (ROUNDS_FILE, render_rounds_yaml())):
         path = root / rel
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)

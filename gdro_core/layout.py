@@ -60,6 +60,16 @@ class Layout:
         return self._r(self.params.paths.data_dir, "rewards.parquet")
 
     @property
+    def import_manifest(self) -> Path:
+        """The manifest `gdro import` reads (``data.manifest``)."""
+        return self._p(self.params.data.manifest)
+
+    @property
+    def import_dir(self) -> Path:
+        """The manifest's folder, which holds its images: the import stage's data dependency."""
+        return self.import_manifest.parent
+
+    @property
     def adapter_dir(self) -> Path:
         if self.round == 1:
             return self._p(self.params.paths.adapter_dir)

@@ -562,6 +562,43 @@ class Registry(Section):
     )
 
 
+class Data(Section):
+    """Where the training groups come from: the model's own rollouts scored by the reward (``rollout`` + ``score``),
+    or a manifest of your own images and rewards (``import``; docs/import-export.md)."""
+
+    source: Literal["rollout", "import"] = Field(
+        "rollout",
+        description="rollout: dvc.yaml samples and scores (stages rollout, score); import: dvc.yaml's import stage "
+        "reads data.manifest instead. Run `gdro stages --write` after changing it (`gdro check` says so).",
+    )
+    manifest: str = Field(
+        "data/import/manifest.jsonl",
+        description="The manifest `gdro import` reads (JSON lines, CSV or Parquet, by suffix): prompt, image "
+        "(relative to the manifest, inside its folder), reward or one column per rewards.weights name, optional "
+        "group, target, seed. The import stage depends on the manifest's whole folder.",
+    )
+    resize: Literal["refuse", "resize", "center_crop"] = Field(
+        "refuse",
+        description="An image whose size is not the task's (params.image_shape): refuse (error naming the row), "
+        "resize (stretch to the size) or center_crop (scale to cover, crop the middle).",
+    )
+    small_groups: Literal["drop", "refuse"] = Field(
+        "drop",
+        description="Groups with fewer images than train.group_size: drop them (counted and reported) or refuse "
+        "the manifest naming the first. Single-image groups and groups whose rewards are all equal are always "
+        "dropped (they carry no ranking).",
+    )
+
+    @field_validator("manifest")
+    @classmethod
+    def _named(cls, manifest: str) -> str:
+        if not manifest.strip():
+            raise ValueError("data.manifest is empty: name the manifest file `gdro import` reads")
+        if Path(manifest).suffix.lower() not in (".jsonl", ".csv", ".parquet"):
+            raise ValueError(f"data.manifest {manifest!r}: the suffix says the format: .jsonl, .csv or .parquet")
+        return manifest
+
+
 class Params(Section):
     seed: int = 0
     task: Literal["ocr", "geneval", "general"] = Field(
@@ -586,6 +623,7 @@ class Params(Section):
     sweep: Sweep = Sweep()
     registry: Registry = Registry()
     scale: Scale = Scale()
+    data: Data = Data()
 
     @property
     def judge_task(self) -> str:

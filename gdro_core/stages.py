@@ -101,10 +101,21 @@ EVALUATE = Stage(
     in_rounds=True,
 )
 
+IMPORT = Stage(
+    "import", "read your own images and rewards (data.manifest) into the rollout store and the reward table",
+    params=("task", "world", "geneval.world", "model", "prompts.templates", "sampler.batch_size", "rewards.weights",
+            "train.group_size", "train.noise", "data"),
+    code=("flows.import_manifest",),
+    reads=("base_dir", "import_dir"), writes=(Out("rollout_dir"), Out("rewards")),
+    notes={"data.source": "import: dvc.yaml runs this stage in place of rollout and score (same outputs)"},
+)
+
 STAGES: tuple[Stage, ...] = (PROMPTS, BASE, ROLLOUT, SCORE, TRAIN, EVALUATE)
-"""The pipeline in order; ``gdro check`` runs before all of them."""
-BY_NAME = {s.name: s for s in STAGES}
-STAGE_NAMES = tuple(BY_NAME)
+"""The pipeline in order (``data.source: rollout``, the default); ``gdro check`` runs before all of them."""
+SOURCES: dict[str, tuple[Stage, ...]] = {"rollout": (ROLLOUT, SCORE), "import": (IMPORT,)}
+"""``data.source`` -> the stages that make the rollout store and the reward table train reads."""
+BY_NAME = {s.name: s for s in (*STAGES, IMPORT)}
+STAGE_NAMES = tuple(s.name for s in STAGES)
 ROUND_STAGES = tuple(s.name for s in STAGES if s.in_rounds)
 """The stages a later round runs again, in order (rounds/dvc.yaml; ``--round N``; ``rounds.count``)."""
 
@@ -113,11 +124,23 @@ CODE_DIR = "code"
 """Under the reports directory: one ``<stage>.json`` per stage with its code hash, written by ``gdro check``."""
 
 
+def pipeline_stages(params: Params) -> tuple[Stage, ...]:
+    """The stages of round 1 in order for ``data.source``: the default pipeline, or import in place of rollout and
+    score (what dvc.yaml, ``gdro check`` and ``gdro pipeline`` run)."""
+    return (PROMPTS, BASE, *SOURCES[params.data.source], TRAIN, EVALUATE)
+
+
+def code_stages(params: Params) -> tuple[Stage, ...]:
+    """The stages whose code hash ``gdro check`` writes: round 1's and the later rounds' (rounds/dvc.yaml)."""
+    first = pipeline_stages(params)
+    return first + tuple(s for s in STAGES if s.in_rounds and s not in first)
+
+
 def stage(name: str) -> Stage:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise KeyError(f"no stage {name!r}; the stages are {', '.join(STAGE_NAMES)}") from None
+        raise KeyError(f"no stage {name!r}; the stages are {', '.join(BY_NAME)}") from None
 
 
 def stage_params(name: str, round: int = 1, logged: bool = False) -> tuple[str, ...]:
