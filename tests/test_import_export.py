@@ -211,9 +211,7 @@ def test_dvc_yaml_follows_data_source():
     assert "run `gdro stages --write`" in dvc_stage_problem(root, imported)
 
 
-def test_the_export_command_and_the_import_flow(project, tmp_path, monkeypatch):
-    from flows.import_manifest import import_flow
-
+def test_the_export_and_import_commands(project, tmp_path):
     root, _, lay, _, _ = project
     env = {**gdro_env(root), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([BIN / "gdro", "export", "--out", str(tmp_path / "csv"), "--format", "csv"], cwd=root,
@@ -221,8 +219,9 @@ def test_the_export_command_and_the_import_flow(project, tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr[-2000:]
     shutil.copytree(lay.rollout_dir, tmp_path / "native-rollouts")
     manifest = str(tmp_path / "csv/manifest.csv")
-    monkeypatch.setenv("GDRO_ROOT", str(root))
-    assert import_flow(overrides={"data.manifest": manifest}) == 16
+    out = subprocess.run([BIN / "gdro", "import", "--manifest", manifest], cwd=root, env=env, capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
     fp = import_fingerprint(Layout(root, parse_params({**TINY, "data": {"manifest": manifest}})))
     assert is_complete(lay.rollout_dir, fp)
     assert torch.equal(load_rollouts(lay.rollout_dir).latents, load_rollouts(tmp_path / "native-rollouts").latents)
