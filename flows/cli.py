@@ -307,6 +307,19 @@ def exit_stopped_nonzero() -> None:
     atexit.register(check)
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM ends a stage through Python's exit, never the default handler's instant death: Prefect hands a
+    SIGTERM back to the handler it found once the flow run is marked, and with the default one the process would
+    die before its exit handlers stop the temporary Prefect server it started (and the Dask or Ray workers)."""
+    import signal
+
+    def stop(signum, frame) -> None:  # noqa: ARG001
+        raise SystemExit(STOPPED_EXIT)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
+
+
 SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"}
 PARENT_POLL_S = 0.5  # how often a stage under `dvc repro` checks that the repro still runs
 
@@ -421,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     flow = pipeline_flow() if args.command == "pipeline" else stage_flow(args.command)
     quiet_expected_errors()
     exit_stopped_nonzero()
+    exit_cleanly_on_sigterm()
     try:
         if args.command == "train":
             code = run_data_parallel(args, argv if argv is not None else sys.argv[1:])

@@ -61,14 +61,31 @@ def run_tags() -> list[str]:
     return ["gdro", f"{PID_TAG}{os.getpid()}", f"{HOST_TAG}{socket.gethostname()}"]
 
 
-def crash_orphaned_flow_runs() -> list[str]:
-    """Flow runs left Running by a `gdro` process of this host that is gone (kill -9) end Crashed.
+def tag_flow_run() -> list[str]:
+    """Give the running flow run this process's tags (:func:`run_tags`) if it lacks them: a run a deployment
+    started (`gdro serve`) was created by the server, before any process ran it. Returns the tags added."""
+    from prefect import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    if run is None or any(t.startswith(PID_TAG) for t in run.tags):
+        return []
+    added = [t for t in run_tags() if t not in run.tags]
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, tags=[*run.tags, *added])
+    return added
+
+
+def crash_orphaned_flow_runs(deployment_runs: bool = False, message: str = "") -> list[str]:
+    """Flow runs left Running by a `gdro` process of this host that is gone (kill -9) end Crashed; with
+    ``deployment_runs`` (`gdro serve` stopping its deployments) also deployment runs no process has tagged yet.
 
     Prefect marks a crash it sees; a killed process sees nothing, so the next command does it.
     """
     from prefect import get_client
     from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags,
+        FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags,
     )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
@@ -82,10 +99,17 @@ def crash_orphaned_flow_runs() -> list[str]:
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])),
             tags=FlowRunFilterTags(all_=["gdro", f"{HOST_TAG}{socket.gethostname()}"]),
         ), sort=FlowRunSort.START_TIME_DESC, limit=STALE_RUNS_LIMIT)
+        if deployment_runs:
+            untagged = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])),
+                deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+            ), sort=FlowRunSort.START_TIME_DESC, limit=STALE_RUNS_LIMIT)
+            runs += [r for r in untagged if not any(t.startswith(PID_TAG) for t in r.tags)]
         for run in runs:
             pids = [int(t.removeprefix(PID_TAG)) for t in run.tags if t.startswith(PID_TAG)]
-            if pids and pids[0] != os.getpid() and not pid_alive(pids[0]):
-                client.set_flow_run_state(run.id, Crashed(message=f"its process (pid {pids[0]}) was killed"),
-                                          force=True)
-                crashed.append(str(run.id))
+            if pids and (pids[0] == os.getpid() or pid_alive(pids[0])):
+                continue
+            why = message or f"its process (pid {pids[0]}) was killed"
+            client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+            crashed.append(str(run.id))
     return crashed

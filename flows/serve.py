@@ -20,7 +20,8 @@ from typing import Any
 from flows.context import project_root
 from gdro_core.params import Params, load_params
 from gdro_core.servers import (
-    STATE_FILE, ServeError, ServerSpec, healthy, local_store, mlflow_spec, port_in_use, prefect_spec, write_state,
+    SERVE_ENV, STATE_FILE, ServeError, ServerSpec, healthy, local_store, mlflow_spec, port_holder, port_in_use,
+    prefect_spec, stop_leftovers, write_state,
 )
 from gdro_core.tracking.runs import tracking_uri
 
@@ -65,9 +66,34 @@ def _wait_healthy(spec: ServerSpec, proc: subprocess.Popen, log_path: Path, time
                      f"{_tail(log_path)}")
 
 
+def _descendants(procs: list[tuple[str, subprocess.Popen]]) -> list:
+    import psutil
+
+    found = []
+    for _, proc in procs:
+        try:
+            found += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _stop(procs: list[tuple[str, subprocess.Popen]], graces: tuple[float, ...] = STOP_GRACE_S) -> None:
-    """SIGINT to each child's process group, then SIGTERM, then SIGKILL to those still up after each grace period."""
+    """SIGINT to each child's process group, then SIGTERM, then SIGKILL to those still up after each grace period;
+    then the same to what they started in process groups of their own (flow runs), so that nothing is left."""
+    import psutil
+
     began = time.monotonic()
+    below = _descendants(procs)
     for sig, grace in zip((signal.SIGINT, signal.SIGTERM, signal.SIGKILL), graces, strict=True):
         alive = [(name, proc) for name, proc in procs if proc.poll() is None]
         for _, proc in alive:
@@ -81,8 +107,39 @@ def _stop(procs: list[tuple[str, subprocess.Popen]], graces: tuple[float, ...] =
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+    for sig, grace in zip((signal.SIGTERM, signal.SIGKILL), graces[1:], strict=True):
+        below = [p for p in below if _running(p)]
+        for p in below:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(below, timeout=grace)
     for name, proc in procs:
         print(f"{name} stopped (exit code {proc.poll()}, {time.monotonic() - began:.1f} s)", flush=True)
+
+
+def _end_runs_left_running(api_url: str, params: Params, root: Path, why: str) -> None:
+    """Deployment runs stopped with `gdro serve` (or left by a killed one) end Crashed in Prefect and KILLED in
+    MLflow (their processes are gone by now), instead of staying Running."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.context import crash_orphaned_flow_runs
+    from gdro_core.tracking.runs import configure, mark_stale_runs
+
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            crashed = crash_orphaned_flow_runs(deployment_runs=True, message=why)
+        if crashed:
+            print(f"marked {len(crashed)} flow run(s) left Running as Crashed ({why})", flush=True)
+    except Exception as err:  # noqa: BLE001 - stopping goes on whatever the bookkeeping does
+        print(f"could not mark the flow runs in flight as Crashed ({err}): the next gdro command does", flush=True)
+    try:
+        killed = mark_stale_runs(configure(params, root))
+        if killed:
+            print(f"marked {len(killed)} MLflow run(s) left RUNNING as KILLED ({why})", flush=True)
+    except Exception as err:  # noqa: BLE001
+        print(f"could not mark the MLflow runs in flight as KILLED ({err}): the next stage run does", flush=True)
 
 
 def server_specs(root: Path, params: Params, prefect_port: int | None = None,
@@ -100,8 +157,11 @@ def server_specs(root: Path, params: Params, prefect_port: int | None = None,
     for spec in specs:
         port = int(spec.ui_url.rsplit(":", 1)[1])
         if port_in_use(s.host, port):
-            raise ServeError(f"port {port} on {s.host} is already in use (another `gdro serve`?): stop it, or pick "
-                             f"another with --{spec.name}-port or serve.{spec.name}_port in params.yaml")
+            holder = port_holder(port)
+            who = (f"{holder} holds it, not a `gdro serve` of this project: stop it (kill "
+                   f"{holder.split()[1]})" if holder else "stop what holds it (`ss -ltnp` names it)")
+            raise ServeError(f"port {port} on {s.host} is already in use: {who}, or pick another port with "
+                             f"--{spec.name}-port or serve.{spec.name}_port in params.yaml")
     return specs
 
 
@@ -136,27 +196,36 @@ def serve(params_path: str = "params.yaml", overrides: dict[str, Any] | None = N
     """Start the servers, print their URLs, run until Ctrl-C / SIGTERM, then stop everything. Returns 0."""
     root = project_root()
     params = load_params(root / params_path if not Path(params_path).is_absolute() else params_path, overrides)
+    for line in stop_leftovers(root):
+        print(f"stopped {line}, left running by a killed `gdro serve` of this project", flush=True)
+    os.environ[SERVE_ENV] = str(os.getpid())  # inherited by all it starts: found and stopped if this one is killed
     specs = server_specs(root, params, prefect_port, mlflow_port)
     serve_deployments = params.serve.deployments if deployments is None else deployments
     log_dir = root / ".prefect" / "logs"
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     procs: list[tuple[str, subprocess.Popen]] = []
     state = root / STATE_FILE
+    prefect = specs[0]
+    api_url = f"{prefect.ui_url}/api"
+    mlflow_url = specs[1].ui_url if len(specs) > 1 else tracking_uri(params.tracking.uri, root)
+
+    def record() -> None:
+        write_state(root, api_url, prefect.ui_url, mlflow_url, os.getpid(), [proc.pid for _, proc in procs])
+
     try:
         started = [(spec, *_start(spec, log_dir, root)) for spec in specs]
         procs += [(spec.name, proc) for spec, proc, _ in started]
+        record()
         for spec, proc, log_path in started:
             _wait_healthy(spec, proc, log_path, params.serve.startup_timeout)
-        prefect = specs[0]
-        api_url = f"{prefect.ui_url}/api"
-        mlflow_url = specs[1].ui_url if len(specs) > 1 else tracking_uri(params.tracking.uri, root)
-        write_state(root, api_url, prefect.ui_url, mlflow_url, os.getpid())
+        _end_runs_left_running(api_url, params, root, "its gdro serve was killed")  # by a `gdro serve` before
         if serve_deployments:
             cmd = [sys.executable, "-m", "flows.cli", "deploy", "--params", params_path,
                    *[a for k, v in (overrides or {}).items() for a in ("--set", f"{k}={json.dumps(v)}")]]
             env = {**os.environ, "PREFECT_API_URL": api_url, "GDRO_ROOT": str(root)}
             deploy = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
             procs.append(("deployments", deploy))
+            record()
             _wait_deployments(api_url, deploy, params.serve.startup_timeout)
         print(f"Prefect UI:  {prefect.ui_url}\nPrefect API: {api_url}\nMLflow UI:   {mlflow_url}\n"
               f"server logs: {log_dir}\n"
@@ -177,8 +246,12 @@ def serve(params_path: str = "params.yaml", overrides: dict[str, Any] | None = N
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         state.unlink(missing_ok=True)
-        # the deployments first (they pause their schedules through the Prefect server), then both servers at once
-        _stop([(name, proc) for name, proc in procs if name == "deployments"])
+        # the deployments first (they pause their schedules through the Prefect server), then the runs they left
+        # Running are ended while the Prefect server is still up, then both servers at once
+        deployments = [(name, proc) for name, proc in procs if name == "deployments"]
+        _stop(deployments)
+        if deployments:
+            _end_runs_left_running(api_url, params, root, "gdro serve was stopped while this run was in flight")
         _stop([(name, proc) for name, proc in procs if name != "deployments"])
         for sig, handler in previous.items():
             signal.signal(sig, handler)

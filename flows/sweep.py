@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -22,11 +23,11 @@ import mlflow
 import yaml
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.context import load_layout, project_root
+from flows.context import load_layout, project_root, run_tags, tag_flow_run
 from flows.evaluate import evaluate_flow
 from flows.rollout import rollout_flow
 from flows.score import score_flow
@@ -41,7 +42,7 @@ from gdro_core.sweep import (
     SweepConfig, SweepError, check_configs, config_overrides, dotted_defaults, dotted_keys, dvc_exp_commands,
     resolve_sweep, results_frame, sweep_configs,
 )
-from gdro_core.tracking.runs import stage_run
+from gdro_core.tracking.runs import HOST_TAG, PID_TAG, stage_run, stopped
 
 
 def _run_adopted(client: mlflow.MlflowClient, parent_run_id: str, fn):
@@ -80,6 +81,7 @@ def run_config(
     run = client.create_run(experiment_id, tags={
         MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: label, "gdro.stage": "sweep-config",
         "gdro.sweep": sweep_name, "gdro.config": label,
+        PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),  # a killed sweep's run is marked KILLED later
     })
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in {**values, **overrides}.items()])
@@ -97,9 +99,9 @@ def run_config(
         if version is not None:
             client.set_tag(run_id, "gdro.registered_version", str(version))
         client.set_terminated(run_id, "FINISHED")
-    except BaseException:
+    except BaseException as err:
         client.log_text(run_id, traceback.format_exc(), "error.txt")
-        client.set_terminated(run_id, "FAILED")
+        client.set_terminated(run_id, "KILLED" if stopped(err) else "FAILED")
         raise
     logger.info("config %s: trained reward %.4g, corrected %.4g", label, flat.get("trained.reward", float("nan")),
                 flat.get("trained.corrected", float("nan")))
@@ -117,10 +119,11 @@ def sweep_flow(
     max_workers: int | None = None,
 ) -> list[dict]:
     """Train + evaluate every config of ``grid`` / ``configs`` (default: params.yaml's ``sweep`` section)."""
+    tag_flow_run()  # a deployment's run: tagged with its process, as its subflows are, for a later command to check
     lay = load_layout(params_path, overrides)
     p = lay.params
     logger = get_run_logger()
-    with stage_run(p, lay.root, "sweep", ("train", "evaluate", "judge")) as parent:
+    with tags(*run_tags()), stage_run(p, lay.root, "sweep", ("train", "evaluate", "judge")) as parent:
         spec = resolve_sweep(p.sweep, grid, configs, name, max_workers)
         todo: list[SweepConfig] = sweep_configs(spec)
         mlflow.set_tags({"gdro.sweep": spec.name})

@@ -84,11 +84,15 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def write_state(root: Path, prefect_api_url: str, prefect_ui_url: str, mlflow_url: str, pid: int) -> Path:
+def write_state(root: Path, prefect_api_url: str, prefect_ui_url: str, mlflow_url: str, pid: int,
+                children: list[int] = ()) -> Path:
+    """``.prefect/serve.json``: the servers' URLs, and the pids of `gdro serve` and of the ``children`` it started
+    (with their start times), so that the next `gdro serve` can stop them if this one is killed."""
     path = root / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"prefect_api_url": prefect_api_url, "prefect_ui_url": prefect_ui_url,
-                                "mlflow_url": mlflow_url, "pid": pid}, indent=2) + "\n")
+                                "mlflow_url": mlflow_url, "pid": pid, "create_time": child_record(pid)["create_time"],
+                                "children": [child_record(c) for c in children]}, indent=2) + "\n")
     return path
 
 
@@ -146,3 +150,113 @@ def reap_orphaned_temporary_servers() -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
             continue
     return reaped
+
+
+SERVE_ENV = "GDRO_SERVE_PID"
+"""Set by `gdro serve` for everything it starts (servers, deployments, their flow runs), so that the processes a
+killed `gdro serve` left behind can be found and stopped by the next one."""
+
+
+def describe(proc) -> str:
+    """``pid N (command line)`` of a psutil process, for messages."""
+    import psutil
+
+    try:
+        cmd = " ".join(proc.cmdline()) or proc.name()
+    except psutil.Error:
+        cmd = "?"
+    return f"pid {proc.pid} ({cmd[:160]})"
+
+
+def child_record(pid: int) -> dict:
+    """What serve.json keeps of a child it started: enough to tell it from a later process that reuses the pid."""
+    import psutil
+
+    try:
+        return {"pid": pid, "create_time": psutil.Process(pid).create_time()}
+    except psutil.Error:
+        return {"pid": pid, "create_time": 0.0}
+
+
+def serve_alive(state: dict) -> bool:
+    """True when the `gdro serve` that wrote ``state`` still runs (not a later process that reuses its pid)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(state["pid"]))
+        started = state.get("create_time")
+        if started is not None and abs(proc.create_time() - float(started)) > 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def leftover_processes(root: Path) -> list:
+    """The processes a killed (kill -9) `gdro serve` of this project left running: it is named in
+    ``.prefect/serve.json`` and gone, and they are the children it recorded there or carry its pid in SERVE_ENV."""
+    import psutil
+
+    state = read_state(root)
+    if not state or "pid" not in state or serve_alive(state):
+        return []
+    found = {}
+    for child in state.get("children", []):
+        try:
+            proc = psutil.Process(int(child["pid"]))
+            if abs(proc.create_time() - float(child.get("create_time", 0.0))) <= 1.0:
+                found[proc.pid] = proc
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            continue
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(SERVE_ENV) == str(state["pid"]):
+                found[proc.pid] = proc
+        except psutil.Error:
+            continue
+    return [found[pid] for pid in sorted(found)]
+
+
+def stop_leftovers(root: Path, grace: float = 5.0) -> list[str]:
+    """Stop what a killed `gdro serve` of this project left running (SIGTERM, then SIGKILL after ``grace``) and
+    remove its state file; returns a line per process stopped. A `gdro serve` still running is an error."""
+    import psutil
+
+    state = read_state(root)
+    if state and "pid" in state and serve_alive(state) and int(state["pid"]) != os.getpid():
+        raise ServeError(f"`gdro serve` is already running for this project ({describe(psutil.Process(state['pid']))}"
+                         f"): use it, or stop it first (Ctrl-C in its terminal, or kill {state['pid']})")
+    procs = leftover_processes(root)
+    lines = [describe(proc) for proc in procs]
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    if state is not None:
+        (root / STATE_FILE).unlink(missing_ok=True)
+    return lines
+
+
+def port_holder(port: int) -> str | None:
+    """``pid N (command line)`` of the process listening on TCP ``port``, when this user may see it."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    for conn in conns:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            try:
+                return describe(psutil.Process(conn.pid))
+            except psutil.Error:
+                return f"pid {conn.pid}"
+    return None

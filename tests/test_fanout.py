@@ -1,8 +1,13 @@
 """Rollout and score fanned out over Dask and Ray give the serial run's files, byte for byte."""
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -16,6 +21,8 @@ from gdro_core.tasks.ocr.prompts import read_prompts
 from gdro_core.data.rollout import plan_shards, prepare_rollouts, write_manifest
 from gdro_core.layout import Layout
 from gdro_core.params import Scale, parse_params
+
+BIN = Path(sys.executable).parent
 
 # Four prompts, one per shard: four rollout shards and four scoring chunks to spread over 2 workers.
 CONFIG = {**TINY, "sampler": {**TINY["sampler"], "batch_size": TINY["rollout"]["images_per_prompt"]}}
@@ -153,3 +160,98 @@ def test_score_goes_on_past_a_reader_error_until_the_threshold(serial, tmp_path,
     with pytest.raises(ScoringError, match="1 of 16 images"):
         score_flow(params_path="params.yaml", overrides={"reward.max_error_share": 0.05})
     assert not (root / "data" / "rewards.parquet").exists()  # no table to cache when the stage fails
+
+
+def _descendants(pid: int, seen: dict, stop: threading.Event) -> None:
+    """Every process below ``pid`` while it runs, by pid: (create time, command line, parent pid)."""
+    import psutil
+
+    while not stop.is_set():
+        try:
+            for child in psutil.Process(pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    seen.setdefault(child.pid, (child.create_time(), " ".join(child.cmdline()), child.ppid()))
+        except psutil.Error:
+            return
+        time.sleep(0.2)
+
+
+def _still_running(seen: dict) -> list[str]:
+    import psutil
+
+    alive = []
+    for pid, (created, cmd, _) in seen.items():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid}: {cmd[:200]}")
+    return alive
+
+
+def _worker_servers(seen: dict, flow_pid: int) -> list[str]:
+    """Temporary Prefect servers started below ``flow_pid`` by any process but the flow's own (by its workers)."""
+    from gdro_core.servers import TEMP_SERVER_MARK
+
+    return [cmd[-120:] for _, cmd, parent in seen.values() if TEMP_SERVER_MARK in cmd and parent != flow_pid]
+
+
+def test_dask_workers_report_to_the_flows_prefect_server_and_stop_with_it(tmp_path, prefect_server):
+    """A `gdro rollout` on its own temporary Prefect server: the Dask workers report to that server (they start
+    none of their own, ~100 s each), SIGTERM ends the stage and every worker, and the rerun keeps the shards."""
+    _needs("prefect_dask", "prefect-dask")
+    import psutil
+
+    root = tiny_project(tmp_path / "project", {**TINY, "prompts": {**TINY["prompts"], "n_train": 12},
+                                               "sampler": {**TINY["sampler"], "steps": 20, "batch_size": 4}})
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update({"GDRO_ROOT": str(root), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
+                "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"})
+    cmd = [BIN / "gdro", "rollout", "--set", "scale.runner=dask", "--set", "scale.workers=2",
+           "--set", "scale.threads_per_worker=1"]
+    records = root / "data" / "rollouts" / "records"
+    seen: dict = {}
+    stop = threading.Event()
+    log = tmp_path / "rollout.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        watch = threading.Thread(target=_descendants, args=(proc.pid, seen, stop), daemon=True)
+        watch.start()
+        deadline = time.monotonic() + 300
+        while not (records / "shard-0001.json").is_file():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no rollout shard in 300 s:\n" + log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            psutil.Process(proc.pid).kill()
+            raise AssertionError("gdro rollout on Dask still ran 30 s after SIGTERM") from None
+    stop.set()
+    watch.join()
+    assert code != 0, log.read_text()[-3000:]
+    assert any("spawn_main" in c for _, c, _ in seen.values()), sorted(c for _, c, _ in seen.values())  # workers ran
+    assert not _worker_servers(seen, proc.pid)  # only the flow's own temporary server, none per worker
+    deadline = time.monotonic() + 10
+    while _still_running(seen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphans = _still_running(seen)
+    for line in orphans:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(int(line.split(":")[0])).kill()
+    assert not orphans, orphans
+    kept = {p.name: p.stat().st_mtime_ns for p in records.glob("shard-*.json")}
+    assert kept and not (root / "data" / "rollouts" / "manifest.json").exists()
+
+    seen.clear()
+    stop.clear()
+    again = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watch = threading.Thread(target=_descendants, args=(again.pid, seen, stop), daemon=True)
+    watch.start()
+    output = again.communicate(timeout=600)[0]
+    stop.set()
+    watch.join()
+    assert again.returncode == 0, output[-3000:]
+    assert not _worker_servers(seen, again.pid)
+    assert {n: (records / n).stat().st_mtime_ns for n in kept} == kept  # the kept shards were reused
+    assert (root / "data" / "rollouts" / "manifest.json").is_file()

@@ -1,5 +1,6 @@
 """A stage stops within seconds of SIGTERM, also when the signal reaches only `dvc repro` (which exits without
-passing it on): the MLflow run ends KILLED, the last checkpoint is kept, and the next run resumes from it."""
+passing it on): the MLflow run ends KILLED, the last checkpoint (or finished rollout shard) is kept, and the next
+run resumes from it."""
 
 import os
 import re
@@ -111,3 +112,44 @@ def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(tmp_p
     steps = logged_steps(again.stdout + again.stderr)
     assert steps and steps[0] > last, (last, steps[:3])
     assert runs(tmp_path, "train")[-1] == "FINISHED"
+
+
+def test_sigterm_stops_rollout_keeps_finished_shards_and_the_rerun_reuses_them(tmp_path, prefect_server):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    # one prompt per shard and more sampler steps: a rollout long enough to be stopped between shards
+    params = {**TINY, "prompts": {**TINY["prompts"], "n_train": 16},
+              "sampler": {**TINY["sampler"], "steps": 20, "batch_size": 4}}
+    env = staged_project(tmp_path, params, ("prompts", "base"))
+    records = tmp_path / "data" / "rollouts" / "records"
+    log = tmp_path / "rollout.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([BIN / "gdro", "rollout"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                                stdout=out, stderr=subprocess.STDOUT)
+        wait_for((records / "shard-0001.json").is_file, "the second rollout shard")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=STOP_WITHIN)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"gdro rollout still ran {STOP_WITHIN:.0f} s after SIGTERM") from None
+    assert code != 0, log.read_text()[-3000:]
+    assert runs(tmp_path, "rollout") == ["KILLED"], log.read_text()[-3000:]
+    assert not (tmp_path / "data" / "rollouts" / "manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in records.glob("shard-*.json")}
+    assert "shard-0000.json" in kept and len(kept) < 16, sorted(kept)
+    with get_client(sync_client=True) as client:
+        stopped = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"gdro.pid:{proc.pid}"])),
+            sort=FlowRunSort.ID_DESC, limit=10)
+    assert [r.state.type.value for r in stopped] in (["CRASHED"], ["CANCELLED"]), [r.state for r in stopped]
+
+    again = subprocess.run([BIN / "gdro", "rollout"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert runs(tmp_path, "rollout") == ["KILLED", "FINISHED"]
+    assert {n: (records / n).stat().st_mtime_ns for n in kept} == kept  # the kept shards were reused, not redone
+    assert len(list(records.glob("shard-*.json"))) == 16

@@ -100,8 +100,33 @@ def run_rollout_job(job: RolloutJob) -> dict:
                        job.fingerprint)
 
 
-def task_runner(scale: Scale):
-    """The Prefect task runner ``scale`` names: a Dask or Ray one (local cluster, or the given address)."""
+def flow_api_url() -> str:
+    """The Prefect API the running flow reports to: ``PREFECT_API_URL``, or else the temporary server Prefect started
+    for this process ("" outside a flow, when neither is known)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return url
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None:
+        return ""
+    from prefect.client.orchestration import get_client
+
+    return str(get_client(sync_client=True).api_url)  # the temporary server of this flow, already running
+
+
+def worker_env(api_url: str) -> dict[str, str]:
+    """What workers need in their environment to report task runs to the flow's Prefect server: without
+    ``PREFECT_API_URL`` each worker process would start a temporary Prefect server of its own (~100 s each)."""
+    return {"PREFECT_API_URL": api_url} if api_url else {}
+
+
+def task_runner(scale: Scale, env: dict[str, str] | None = None):
+    """The Prefect task runner ``scale`` names: a Dask or Ray one (local cluster, or the given address); the
+    workers of a local cluster get ``env`` in their environment."""
     if scale.runner not in RUNNER_PACKAGES:
         raise FanoutError(f"scale.runner {scale.runner!r} runs in this process; it has no task runner")
     module, package = RUNNER_PACKAGES[scale.runner]
@@ -123,7 +148,7 @@ def task_runner(scale: Scale):
             # One single-threaded process per worker: one model per process, one shard at a time. Every
             # server on loopback; the dashboard on a free port, so that two clusters never collide.
             cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
+                            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", "env": dict(env or {})},
         )
     from prefect_ray import RayTaskRunner
 
@@ -131,7 +156,7 @@ def task_runner(scale: Scale):
         return RayTaskRunner(address=scale.address)
     return RayTaskRunner(
         init_kwargs={"num_cpus": workers, "num_gpus": torch.cuda.device_count(), "include_dashboard": False,
-                     "_node_ip_address": "127.0.0.1"}
+                     "_node_ip_address": "127.0.0.1", "runtime_env": {"env_vars": dict(env or {})}}
     )
 
 
@@ -143,16 +168,24 @@ def ray_task_options() -> dict:
 
 
 def run_jobs(scale: Scale, task, jobs: list, progress: Callable[[int, int], None] | None = None) -> list:
-    """Submit the Prefect ``task`` once per job to the runner ``scale`` names; results in job order."""
+    """Submit the Prefect ``task`` once per job to the runner ``scale`` names; results in job order.
+
+    The workers report their task runs to the flow's Prefect server (its URL goes with every submitted task and
+    into a local cluster's environment), never to temporary servers of their own. Leaving the runner (also on
+    SIGTERM or Ctrl-C) closes a local cluster and so ends its worker processes."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     if not jobs:
         return []
-    with task_runner(scale) as runner:
+    api_url = flow_api_url()
+    settings = temporary_settings({PREFECT_API_URL: api_url}) if api_url else nullcontext()
+    with task_runner(scale, worker_env(api_url)) as runner:
         options = nullcontext()
         if scale.runner == "ray":
             from prefect_ray.context import remote_options
 
             options = remote_options(**ray_task_options())
-        with options:
+        with options, settings:  # submitted tasks carry the settings they run with
             futures = [runner.submit(task, parameters={"job": job}) for job in jobs]
         results = []
         for i, future in enumerate(futures, 1):
