@@ -22,12 +22,15 @@ def project_root() -> Path:
 
 def load_layout(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None, round: int = 1) -> Layout:
     """The layout of ``round`` (1: the default pipeline) with the params that round runs with."""
-    from gdro_core.models import check_image_size
+    import torch
+
+    from gdro_core.models import check_image_size, stage_threads
 
     root = project_root()
     path = Path(params_path)
     params = absolute_source(load_params(path if path.is_absolute() else root / path, overrides), root)
     check_image_size(params)  # the task's images must fit the model family (a ModelError naming the multiple)
+    torch.set_num_threads(stage_threads(params.scale.threads))
     # no global seeding: every draw takes an explicit generator, so parallel sweep threads do not interleave
     return Layout(root=root, params=round_params(params, round), round=round)
 

@@ -268,6 +268,11 @@ class Scale(Section):
         "empty starts a local cluster with `workers` workers.",
     )
     threads_per_worker: int = Field(0, ge=0, description="Torch threads in each worker (0 = CPU cores / workers).")
+    threads: int = Field(
+        0, ge=0, description="Torch CPU threads of each stage process; 0 = OMP_NUM_THREADS when set, else 1. One is "
+        "never pathological: beside other work, torch's default (every core) made pretraining ~8x slower on two "
+        "cores (benchmarks/threads.py, docs/experiments/threads.md); raise it for a real checkpoint on a quiet CPU.",
+    )
 
     @model_validator(mode="after")
     def _address_needs_cluster(self) -> Scale:

@@ -95,3 +95,14 @@ def test_the_training_prompt_evaluation_refuses_seeds_a_rollout_drew():
     check_train_eval_seeds(later, n_train=64, round=1)
     with pytest.raises(ParamsError, match="round 2's rollout seeds"):
         check_train_eval_seeds(round_params(later, 2), n_train=64, round=2)
+
+
+def test_stage_threads_default_to_one_unless_told(monkeypatch):
+    from gdro_core.models import stage_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert stage_threads(0) == 1  # never torch's every-core default, which thrashes a loaded machine
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert stage_threads(0) == 3 and stage_threads(2) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    assert stage_threads(0) == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gdro_core.models.base import FlowModel, ModelError, pick_device
+from gdro_core.models.base import FlowModel, ModelError, pick_device, stage_threads
 
 
 def load_model(params, base_dir: str | Path, device: str | None = None) -> FlowModel:

@@ -9,6 +9,7 @@ branches on the family.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -77,6 +78,14 @@ def pick_device(name: str) -> torch.device:
 
         return PartialState().device
     return torch.device(name)
+
+
+def stage_threads(threads: int) -> int:
+    """Torch CPU threads for a stage process: ``scale.threads``, else ``OMP_NUM_THREADS`` when set, else 1."""
+    if threads:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else 1
 
 
 def images_to_array(images: list[Image.Image]) -> np.ndarray:
