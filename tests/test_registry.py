@@ -10,11 +10,11 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import TINY
+
+from gdro_core.params import parse_params
 from gdro_core.tracking.compare import collect_versions, compare_report, pick_champion, set_champion
 from gdro_core.tracking.data_version import dvc_md5
-from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
 
@@ -117,3 +117,29 @@ def test_trained_adapter_is_a_version_with_params_metrics_and_data_version_loada
     assert "gdro-ocr-lora: 1 versions, best first by trained.corrected" in out
     assert "champion" in out and "train.beta" in out
     assert (project / "reports" / "registry_versions.png").stat().st_size > 0
+
+
+def test_a_mistyped_predict_param_is_refused_naming_it_and_the_accepted_ones(tmp_path, one_thread):
+    from gdro_core.models import load_model
+    from gdro_core.models.builtin import build_builtin_pipeline
+    from gdro_core.models.families import add_lora
+    from gdro_core.tracking.registry import log_adapter_model
+
+    params = parse_params({**TINY, "tracking": {"registered_model": "typo"}})
+    build_builtin_pipeline(params.model.builtin, params.image_shape, params.sampler.shift, seed=0).save_pretrained(
+        tmp_path / "base")
+    model = load_model(params, tmp_path / "base")
+    add_lora(model.transformer, params.train.lora)
+    model.save_adapter(tmp_path / "adapter")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("typo")
+    with mlflow.start_run():
+        info = log_adapter_model(params, tmp_path / "adapter", tmp_path / "base", "typo")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/typo/{info.registered_model_version}")
+    prompt = ['a sign that says "123"']
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"unknown predict param\(s\) 'sed'.*seed, steps, guidance"):
+        pyfunc.predict(prompt, params={"sed": 123})
+    with pytest.raises(mlflow.exceptions.MlflowException, match="'step'"):
+        pyfunc.predict(prompt, params={"seed": 1, "step": 2})
+    (image,) = pyfunc.predict(prompt, params={"seed": 123, "steps": 2})
+    assert image.shape == (TINY["world"]["height"], TINY["world"]["width"])

@@ -2,7 +2,8 @@
 
 The registered model records the base it needs (family, source, fingerprint: ``base.json`` beside the
 adapter, and ``base.*`` version tags) and refuses to load onto another. ``predict`` takes ``seed``,
-``steps`` and ``guidance`` as params, declared in its signature.
+``steps`` and ``guidance`` as params, declared in its signature; any other param is refused (MLflow alone would
+drop it with a warning and render with the defaults).
 """
 
 from __future__ import annotations
@@ -21,9 +22,48 @@ from gdro_core.tracking.runs import ROUND_TAG
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "pandas", "mlflow"]
 
 
+PREDICT_PARAMS = ("seed", "steps", "guidance")
+
+
 def predict_params(params: Params) -> dict[str, int | float]:
     """The ``predict`` params a user may set, with their defaults from the registered params."""
-    return {"seed": params.evaluate.seed, "steps": params.sampler.steps, "guidance": params.sampler.guidance}
+    return dict(zip(PREDICT_PARAMS, (params.evaluate.seed, params.sampler.steps, params.sampler.guidance), strict=True))
+
+
+def check_predict_params(params: dict | None) -> None:
+    """Refuse a ``predict`` param that is not ``seed``, ``steps`` or ``guidance``, naming it and the accepted ones."""
+    unknown = sorted(str(k) for k in (params or {}) if k not in PREDICT_PARAMS)
+    if unknown:
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException.invalid_parameter_value(
+            f"unknown predict param(s) {', '.join(repr(k) for k in unknown)}: this model accepts "
+            f"{', '.join(PREDICT_PARAMS)} (e.g. params={{'seed': 7}}); nothing was rendered"
+        )
+
+
+def _strict_params_schema() -> None:
+    """MLflow's ``PyFuncModel.predict`` drops params its signature does not declare (with only a warning) before
+    ``predict`` sees them, so a mistyped ``sed`` would render default-seed images. Wrap its schema check so that, for
+    a params schema of exactly this model's params, an undeclared param is an error instead. Installed once, when
+    this module is imported (the registered model's code imports it on load)."""
+    from mlflow import pyfunc
+
+    enforce = pyfunc._enforce_params_schema
+    if getattr(enforce, "_gdro_strict", False):
+        return
+
+    def strict(params, schema):
+        if isinstance(params, dict) and schema is not None and \
+                {p.name for p in getattr(schema, "params", [])} == set(PREDICT_PARAMS):
+            check_predict_params(params)
+        return enforce(params, schema)
+
+    strict._gdro_strict = True
+    pyfunc._enforce_params_schema = strict
+
+
+_strict_params_schema()
 
 
 def signature(params: Params):
@@ -55,9 +95,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         if isinstance(model_input, pd.DataFrame):
             model_input = model_input["prompt"] if "prompt" in model_input else model_input.iloc[:, 0]
         prompts = [str(p) for p in model_input]
-        unknown = set(params or {}) - set(predict_params(self.params))
-        if unknown:
-            raise ValueError(f"unknown predict params {sorted(unknown)}: use seed, steps and guidance")
+        check_predict_params(params)
         chosen = {**predict_params(self.params), **{k: v for k, v in (params or {}).items() if v is not None}}
         seed, steps, guidance = int(chosen["seed"]), int(chosen["steps"]), float(chosen["guidance"])
         if steps < 1 or guidance < 0:
