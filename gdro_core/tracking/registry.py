@@ -132,8 +132,8 @@ source run the version links to (``gdro compare`` reads them there), so MLflow's
 def version_tags(params: Params, metrics: dict[str, dict[str, float]], data: dict[str, str],
                  base: dict[str, str] | None = None) -> dict[str, str]:
     """Tags of a registered version: what identifies and ranks it. The objective and model source
-    (``param.*``), the base it needs (``base.*``), its data version (``data.*``) and the metrics the registry ranks by
-    (``metric.*``, ``registry.rank_by``)."""
+    (``param.*``), the base it needs (``base.*``), its data version (``data.*``), the metrics the registry ranks by
+    (``metric.*``, ``registry.rank_by``) and the judge behind its corrected score (``corrected_score_judge``)."""
     flat = section_dict(params, "train", "model")
     tags = {f"param.{k}": str(flat[k]) for k in IDENTIFYING_PARAMS}
     tags.update({f"base.{k}": str(v) for k, v in (base or {}).items()})
@@ -141,6 +141,8 @@ def version_tags(params: Params, metrics: dict[str, dict[str, float]], data: dic
         section, _, metric = name.partition(".")
         if metric in metrics.get(section, {}):
             tags[f"metric.{name}"] = f"{float(metrics[section][metric]):.6g}"
+    if "corrected_score_judge" in metrics.get("judge", {}):  # which judge the metric.*.corrected rest on
+        tags["corrected_score_judge"] = str(metrics["judge"]["corrected_score_judge"])
     tags.update(data)
     return tags
 
