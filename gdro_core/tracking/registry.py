@@ -47,7 +47,9 @@ def _strict_params_schema() -> None:
     ``predict`` sees them, so a mistyped ``sed`` would render default-seed images. Wrap its schema check so that, for
     a params schema of exactly this model's params, an undeclared param is an error instead. Installed once, when
     this module is imported (the registered model's code imports it on load)."""
-    from mlflow import pyfunc
+    import importlib
+
+    pyfunc = importlib.import_module("mlflow.pyfunc")  # the module itself: ``mlflow.pyfunc`` is a lazy proxy
 
     enforce = pyfunc._enforce_params_schema
     if getattr(enforce, "_gdro_strict", False):
