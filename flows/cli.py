@@ -128,8 +128,12 @@ def run_server_command(args: argparse.Namespace) -> int:
 
             root = project_root()
             params = load_params(root / args.params, overrides)
-            text, plot = compare_report(params, root, Path(args.out).resolve() if args.out else None)
+            text, plot, broken = compare_report(params, root, Path(args.out).resolve() if args.out else None)
             print(text + (f"\nplot: {plot}\ntable: {plot.with_suffix('.csv')}" if plot else ""))
+            for line in broken:  # registered versions whose files are gone
+                print(f"gdro compare: {line}", file=sys.stderr)
+            if broken:
+                return 1
         elif args.dvc:
             from flows.sweep import run_dvc_experiments
 

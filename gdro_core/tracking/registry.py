@@ -85,11 +85,19 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from gdro_core.models import load_model
+        from gdro_core.models.lora import WEIGHTS
 
         self.params = parse_params(json.loads(Path(context.artifacts["params"]).read_text()), "registered params")
         base = context.artifacts.get("base", "") if self.params.model.source == "builtin" else self.params.model.source
+        adapter = Path(context.artifacts["adapter"])
+        if not (adapter / WEIGHTS).is_file():  # `gdro train` cannot bring a registered version back
+            raise FileNotFoundError(
+                f"this registered version's adapter weights are gone (no {WEIGHTS} in {adapter}): register the "
+                "adapter again (`gdro evaluate`, or `dvc repro --force evaluate`) or retire the version; `gdro compare` "
+                "names the broken version and the command that deletes it"
+            )
         self.model = load_model(self.params, base)
-        self.model.load_adapter(Path(context.artifacts["adapter"]))  # refuses a base with another fingerprint
+        self.model.load_adapter(adapter)  # refuses a base with another fingerprint
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         from gdro_core.models.sampling import sample
