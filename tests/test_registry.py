@@ -206,3 +206,26 @@ def test_a_version_whose_files_are_gone_is_named_with_the_fix_and_never_kept_cha
     assert "version 2 of 'm' is broken: no model files at" in err
     assert "champion was the broken version 2: removed (no intact version left)" in err
     assert client.get_registered_model("m").aliases == {}
+
+
+def test_outputs_without_their_tracking_store_are_named_with_how_to_register_again(tmp_path, capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.setenv("GDRO_ROOT", str(tmp_path))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "metrics.json").write_text('{"trained": {"reward": 0.5}}')  # evaluate ran, mlflow.db gone
+    assert main(["check"]) == 0  # a warning: check is the first stage and must not stop the repro
+    err = capsys.readouterr().err
+    assert f"warning: the tracking store sqlite:///{tmp_path / 'mlflow.db'} is gone while" in err
+    assert "`dvc repro` reuses the outputs and registers nothing" in err and "`gdro evaluate`" in err
+    assert "dvc repro --force evaluate" in err and not (tmp_path / "mlflow.db").exists()  # check creates no store
+
+    assert main(["compare"]) == 1
+    captured = capsys.readouterr()
+    assert "no registered versions of 'gdro-ocr-lora'" in captured.out
+    assert "has no registered version of 'gdro-ocr-lora' while" in captured.err
+    assert "register the trained adapter again with `gdro evaluate` (or `dvc repro --force evaluate`)" in captured.err
+    (tmp_path / "reports" / "metrics.json").unlink()  # nothing evaluated yet: the usual advice, exit 0
+    assert main(["compare"]) == 0
+    assert "registers one per trained adapter" in capsys.readouterr().out

@@ -185,6 +185,38 @@ def plot_versions(frame: pd.DataFrame, path: Path, alias: str = "champion", titl
     return path
 
 
+def unregistered_outputs(params: Params, root: Path, open_store: bool = True) -> str:
+    """One line when evaluate's outputs (metrics.json) exist but the tracking store has no registered version of
+    ``tracking.registered_model`` (``mlflow.db`` deleted, or ``tracking.uri`` changed): `dvc repro` then reuses every
+    output and registers nothing. '' otherwise. ``open_store=False`` only looks for a missing local store file (a
+    remote server is not asked)."""
+    import mlflow
+
+    from gdro_core.layout import Layout
+
+    name = params.tracking.registered_model
+    metrics = Layout(root=Path(root), params=params).metrics
+    if not name or not metrics.is_file():
+        return ""
+    uri = tracking_uri(params.tracking.uri, root)
+    fix = ("`dvc repro` reuses the outputs and registers nothing; register the trained adapter again with "
+           "`gdro evaluate` (or `dvc repro --force evaluate`)")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return (f"the tracking store {uri} is gone while {metrics} exists, so its runs and registered versions are "
+                f"lost: {fix}")
+    if not open_store and not uri.startswith("sqlite:///"):
+        return ""
+    try:
+        mlflow.set_tracking_uri(uri)
+        versions = mlflow.MlflowClient().search_model_versions(f"name='{name}'", max_results=1)
+    except (MlflowException, OSError):
+        return ""
+    if versions:
+        return ""
+    return (f"the tracking store {uri} has no registered version of '{name}' while {metrics} exists (mlflow.db "
+            f"deleted or replaced, or tracking.uri changed): {fix}")
+
+
 def compare_report(params: Params, root: Path, out: Path | None = None) -> tuple[str, Path | None, list[str]]:
     """`gdro compare`: the table of registered versions (best first), its plot and CSV beside ``out``, and one line
     per broken version (files gone) saying how to restore or retire it. A broken champion's alias is moved to the
@@ -195,6 +227,9 @@ def compare_report(params: Params, root: Path, out: Path | None = None) -> tuple
     name, reg = params.tracking.registered_model, params.registry
     frame = collect_versions(mlflow.MlflowClient(), name, reg.compare_params)
     if frame.empty:
+        lost = unregistered_outputs(params, root)
+        if lost:
+            return f"no registered versions of '{name}'", None, [lost]
         return (f"no registered versions of '{name}' in {tracking_uri(params.tracking.uri, root)}: "
                 "`gdro evaluate` (or `dvc repro`, `gdro sweep`) registers one per trained adapter"), None, []
     notes = []
