@@ -297,8 +297,19 @@ def metric_logger(echo=None, pause: float = 60.0):
     A metric MLflow cannot take (server gone, network down) is counted and skipped: tracking never stops training.
     After a failure, metrics are skipped (and counted) for ``pause`` seconds before the server is tried again, so
     a server that is gone costs one request timeout per pause, not one per step.
+
+    Each metric is logged once per step of a run: a resumed run (see :func:`stage_run`) redoes the steps after its
+    last checkpoint, with the same values, and those its interrupted attempt logged already are not logged again.
     """
     failures = {"count": 0, "skipped": 0, "retry_at": 0.0}
+    logged: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> the steps the run has, read once per metric
+
+    def _new(run_id: str, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        client = mlflow.MlflowClient()
+        for key in metrics:
+            if (run_id, key) not in logged:
+                logged[run_id, key] = {m.step for m in client.get_metric_history(run_id, key)}
+        return {k: float(v) for k, v in metrics.items() if step not in logged[run_id, k]}
 
     def _log(step: int, metrics: dict[str, float]) -> None:
         if echo is not None:
@@ -307,7 +318,16 @@ def metric_logger(echo=None, pause: float = 60.0):
             failures["skipped"] += 1
             return
         try:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            active = mlflow.active_run()
+            if active is None:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+                return
+            run_id = active.info.run_id
+            new = _new(run_id, step, metrics)
+            if new:
+                mlflow.log_metrics(new, step=step)
+            for key in new:
+                logged[run_id, key].add(step)
         except Exception as err:  # noqa: BLE001 - any tracking failure is non-fatal by design
             failures["count"] += 1
             failures["retry_at"] = time.monotonic() + pause
