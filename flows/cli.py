@@ -130,8 +130,12 @@ def run_server_command(args: argparse.Namespace) -> int:
 
             root = project_root()
             params = load_params(root / args.params, overrides)
-            text, plot = compare_report(params, root, Path(args.out).resolve() if args.out else None)
+            text, plot, broken = compare_report(params, root, Path(args.out).resolve() if args.out else None)
             print(text + (f"\nplot: {plot}\ntable: {plot.with_suffix('.csv')}" if plot else ""))
+            for line in broken:  # registered versions whose files are gone, or a tracking store that lost them
+                print(f"gdro compare: {line}", file=sys.stderr)
+            if broken:
+                return 1
         elif args.dvc:
             from flows.sweep import run_dvc_experiments
 
@@ -177,6 +181,11 @@ def check_params(args: argparse.Namespace) -> int:
         return 2
     for line in preflight.warnings(params):
         print(f"gdro check: warning: {line}", file=sys.stderr)
+    from gdro_core.tracking.compare import unregistered_outputs
+
+    lost = unregistered_outputs(params, root, open_store=False)
+    if lost:
+        print(f"gdro check: warning: {lost}", file=sys.stderr)
     reports = root / params.paths.reports_dir
     write_json(reports / CHECK_FILE, {"params": "valid"})  # constant content: a valid change reruns only the stages it affects
     for name, record in records.items():

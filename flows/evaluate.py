@@ -1,5 +1,7 @@
 """Stage `evaluate`: held-out reward of base and trained model, sample grid, metrics, registry.
 
+metrics.json's ``judge`` section (and the run's tags) name the judge behind the corrected score.
+
 A later round (``--round N``) evaluates its adapter on the same held-out prompts and seeds as round 1, so
 ``reports/rounds/<N>/metrics.json`` compares directly with ``reports/metrics.json``."""
 
@@ -12,8 +14,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
-from gdro_core.evaluation.base_vs_trained import evaluate_models
-from gdro_core.evaluation.judge import make_task_judge
+from gdro_core.evaluation.base_vs_trained import evaluate_models, flat_metrics
+from gdro_core.evaluation.judge import corrected_score_judge, make_task_judge
 from gdro_core.models import load_model
 from gdro_core.layout import Layout
 from gdro_core.params import check_train_eval_seeds
@@ -48,12 +50,16 @@ def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     p = lay.params
     with stage_run(p, lay.root, "evaluate", round=round):
         out = score_models(lay)
-        metrics = out["metrics"]
+        judge = corrected_score_judge(p)  # which judge the corrected score rests on, beside the numbers
+        metrics = {**out["metrics"], "judge": judge}
+        if "corrected_score_note" in judge:
+            get_run_logger().warning("corrected score from the pixel judge: %s", judge["corrected_score_note"])
         write_json(lay.metrics, metrics)
         atomic_write(lay.reports_dir / "samples.png", lambda f: out["grid"].save(f, format="PNG"))
         atomic_write(lay.reports_dir / "eval_scores.csv", lambda f: out["scores"].to_csv(f, index=False))
         with tracking_optional("log the metrics and register the adapter"):  # metrics.json is written already
-            mlflow.log_metrics({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items()})
+            mlflow.log_metrics(flat_metrics(metrics))
+            mlflow.set_tags(judge)
             mlflow.log_artifact(str(lay.reports_dir / "samples.png"))
             version = register_adapter(p, lay.adapter_dir, lay.base_dir, metrics, data_version(lay), round=round)
             if version is not None:

@@ -32,6 +32,7 @@ from flows.evaluate import evaluate_flow
 from flows.rollout import rollout_flow
 from flows.score import score_flow
 from flows.train import train_flow
+from gdro_core.evaluation.base_vs_trained import flat_metrics
 from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
 from gdro_core.params import load_params
@@ -91,7 +92,7 @@ def run_config(
         logger.info("config %s: evaluating", label)
         metrics = _run_adopted(client, run_id, lambda: evaluate_flow(params_path=params_path, overrides=overrides))
         evaluate_run = mlflow.last_active_run()
-        flat = {f"{k}.{m}": float(v) for k, d in metrics.items() for m, v in d.items()}
+        flat = flat_metrics(metrics)
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in flat.items()])
         versions = client.search_model_versions(f"run_id='{evaluate_run.info.run_id}'") if evaluate_run else []

@@ -153,7 +153,8 @@ def warnings(params: Params) -> list[str]:
     if params.model.source != "builtin" and params.judge.kind == "pixel":
         return ["judge.kind is 'pixel' with a real checkpoint: the pixel judge compares images with the built-in "
                 "world's clean renders, so the corrected score and the kept checkpoint rest on a judge that does not "
-                "know these images; set judge.kind: unified_reward and judge.model_path for a VLM judge"]
+                "know these images (metrics.json says so: judge.corrected_score_judge is pixel); set judge.kind: "
+                "unified_reward and judge.model_path for a VLM judge"]
     return []
 
 

@@ -130,3 +130,42 @@ def test_a_corrected_score_within_noise_of_the_best_is_tied_and_the_higher_rewar
     # reward but is 0.3 below on every image: hacked, never kept.
     assert best_step(curve, "best_corrected", images, tie_se=1.0) == 450
     assert best_step(curve, "best_corrected", images, tie_se=0.5) == 300  # 0.02 is more than half a standard error
+
+
+@pytest.mark.parametrize("source", ["builtin", "org/real-checkpoint"])
+def test_metrics_and_the_evaluate_run_name_the_judge_behind_the_corrected_score(source, tmp_path, monkeypatch,
+                                                                               prefect_server):
+    import json
+
+    import mlflow
+    import yaml
+    from conftest import TINY
+
+    from flows import evaluate
+    from gdro_core.params import parse_params
+    from gdro_core.tracking.registry import version_tags
+
+    numbers = {"base": {"reward": 0.5, "corrected": 0.3}, "trained": {"reward": 0.7, "corrected": 0.4},
+               "delta": {"reward": 0.2, "corrected": 0.1}}
+    monkeypatch.setattr(evaluate, "score_models", lambda lay: {
+        "metrics": json.loads(json.dumps(numbers)), "grid": Image.new("L", (4, 4)),
+        "scores": pd.DataFrame({"corrected": [0.4]})})
+    monkeypatch.setattr(evaluate, "data_version", lambda lay: {})
+    monkeypatch.setattr(evaluate, "register_adapter", lambda *a, **k: None)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "model": {**TINY["model"], "source": source}}))
+    monkeypatch.setenv("GDRO_ROOT", str(tmp_path))
+    returned = evaluate.evaluate_flow(params_path="params.yaml")
+
+    saved = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert saved == returned and saved["trained"] == numbers["trained"]
+    assert saved["judge"]["corrected_score_judge"] == "pixel"
+    assert version_tags(parse_params(TINY), saved, {})["corrected_score_judge"] == "pixel"  # the registered version
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["gdro"], output_format="list")
+    assert run.data.tags["corrected_score_judge"] == "pixel"
+    assert run.data.metrics["trained.corrected"] == pytest.approx(0.4)
+    if source == "builtin":  # the pixel judge is the built-in world's own judge: nothing to say
+        assert "corrected_score_note" not in saved["judge"]
+    else:
+        for note in (saved["judge"]["corrected_score_note"], run.data.tags["corrected_score_note"]):
+            assert "built-in world's clean renders" in note and "judge.kind: unified_reward" in note

@@ -145,3 +145,47 @@ def test_the_tracking_server_stopping_mid_train_loses_no_training(tmp_path, pref
     with stage_run(parse_params(params), tmp_path, "evaluate", ("evaluate",)):
         pass
     assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_training_logs_each_step_once(tmp_path, one_thread):
+    from training_fixtures import tiny_data, tiny_model
+
+    from gdro_core.evaluation.judge import make_task_judge
+    from gdro_core.evaluation.monitor import CheckpointMonitor
+    from gdro_core.tasks.ocr.prompts import OcrPrompt
+    from gdro_core.tasks.ocr.task import OcrTask
+    from gdro_core.training.loop import train
+
+    class ReadsNothing:
+        def read(self, images):
+            return [""] * len(images)
+
+    p = parse_params({**TINY, "evaluate": {**TINY["evaluate"], "checkpoint_every": 2}})
+    data, rewards = tiny_data(p)
+    val = [OcrPrompt('"123" on a sign', "123"), OcrPrompt('"456" on a sign', "456")]
+
+    def attempt(fail_at: int | None) -> str:
+        model, task = tiny_model(p), OcrTask(p, reader=ReadsNothing())
+        with stage_run(p, tmp_path, "train", ("train",), resume_key="k") as run:
+            log = metric_logger()
+            monitor = CheckpointMonitor(model, val, task, make_task_judge(task, p.judge), judge_task="ocr", seed=0,
+                                        steps=p.sampler.steps, guidance=1.0, batch_size=4, keep="best_corrected",
+                                        workdir=tmp_path / "ckpt" / "monitor", log=log)
+            monitor.evaluate_base()
+
+            def on_checkpoint(step, weights):
+                if step == fail_at:  # after steps 3 and 4 were logged; the rerun resumes from step 2's checkpoint
+                    raise RuntimeError("judge crashed")
+                monitor(step, weights)
+
+            train(model, data, rewards, p.train, tmp_path / "ckpt", log, on_checkpoint=on_checkpoint, eval_every=2)
+        return run.info.run_id
+
+    with pytest.raises(RuntimeError, match="judge crashed"):
+        attempt(fail_at=4)
+    run_id = attempt(fail_at=None)
+    client = mlflow.MlflowClient()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = {k: [m.step for m in client.get_metric_history(run_id, k)] for k in client.get_run(run_id).data.metrics}
+    assert steps["train/loss"] == [1, 2, 3, 4] and steps["checkpoint/corrected"] == [0, 2, 4]
+    assert all(len(s) == len(set(s)) for s in steps.values()), steps

@@ -3,6 +3,7 @@ runs of killed processes end KILLED (and training continues its own run), one wr
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import TINY, copy_project, kill_when, staged_project
+
 from gdro_core.params import parse_params
 from gdro_core.tracking.locks import LockError, lock_path, stage_lock
 from gdro_core.tracking.runs import PID_TAG, TrackingError, configure, metric_logger, stage_run
@@ -193,3 +194,37 @@ def test_a_resumed_run_that_finishes_sets_the_failed_attempts_error_aside(tmp_pa
     run = client.get_run(failed.info.run_id)
     assert run.info.status == "FINISHED" and client.list_artifacts(run.info.run_id) == []
     assert "disk on fire" in run.data.tags[PREVIOUS_ERROR_TAG]
+
+
+def test_a_copied_or_moved_workspace_writes_its_artifacts_into_its_own_mlartifacts(tmp_path, caplog):
+    import shutil
+
+    params = parse_params(TINY)
+    original, copy, moved = tmp_path / "original", tmp_path / "copy", tmp_path / "moved"
+    with stage_run(params, original, "train", ("train",)) as run:
+        mlflow.log_text("first", "notes.txt")
+    first = run.info.run_id
+    shutil.copytree(original, copy)  # cp -r: mlflow.db still names original/mlartifacts
+    with stage_run(params, copy, "train", ("train",)) as run:
+        mlflow.log_text("second", "notes.txt")
+    assert (copy / "mlartifacts" / run.info.run_id / "artifacts" / "notes.txt").read_text() == "second"
+    assert not (original / "mlartifacts" / run.info.run_id).exists()  # the original is left alone
+    assert "copied or moved from" in caplog.text and str(original) in caplog.text
+    client = mlflow.MlflowClient()
+    assert client.get_run(first).info.artifact_uri == (copy / "mlartifacts" / first / "artifacts").as_uri()
+    assert client.get_experiment_by_name("gdro").artifact_location == (copy / "mlartifacts").as_uri()
+
+    shutil.copytree(original, moved)  # moved without its artifact folder: older runs keep the original's files
+    shutil.rmtree(moved / "mlartifacts")
+    with stage_run(params, moved, "train", ("train",)) as run:
+        mlflow.log_text("third", "notes.txt")
+    assert (moved / "mlartifacts" / run.info.run_id / "artifacts" / "notes.txt").read_text() == "third"
+    in_moved = mlflow.MlflowClient()  # the moved project's store
+    assert in_moved.get_run(first).info.artifact_uri == (original / "mlartifacts" / first / "artifacts").as_uri()
+    assert "1 left in" in caplog.text
+
+    with sqlite3.connect(moved / "mlflow.db") as con:  # a location the original cannot be told from: say how
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE name = 'gdro'",
+                    ((tmp_path / "elsewhere").as_uri(),))
+    with pytest.raises(TrackingError, match=r"outside this project .*set tracking.experiment to a new name"):
+        configure(params, moved)

@@ -57,3 +57,9 @@ def evaluate_models(
     grid = sample_grid({k: v[::per_prompt][:n] for k, v in images.items()},
                        [getattr(q, "caption", q.target) for q in prompts[:n]])
     return {"metrics": metrics, "grid": grid, "scores": pd.concat(tables, ignore_index=True)}
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """``{"trained.reward": ...}``: the numbers of a metrics.json (its ``judge`` section, text, is left out)."""
+    return {f"{k}.{m}": float(v) for k, d in metrics.items() if isinstance(d, dict)
+            for m, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

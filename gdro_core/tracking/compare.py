@@ -3,6 +3,9 @@
 A version's metrics and params are read from its source run (the ``evaluate`` run that registered it),
 which logs metrics named ``trained.reward``, ``trained.corrected``, ``base.reward`` ... and params named
 ``train.beta`` ...; the version's own ``metric.*`` / ``param.*`` tags fill in when the run is gone.
+
+A version whose registered files are gone (its artifact folder or adapter weights deleted) is marked ``MISSING``
+in the ``artifacts`` column, never made champion, and named with how to restore or retire it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from gdro_core.params import Params
 from gdro_core.tracking.runs import tracking_uri
@@ -23,6 +27,35 @@ def _number(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def missing_artifacts(client, name: str, version: int | str) -> str:
+    """What is gone of a registered version's files ('' when its ``MLmodel`` and adapter weights are there)."""
+    import yaml
+    from mlflow.artifacts import list_artifacts, load_text
+
+    from gdro_core.models.lora import WEIGHTS
+
+    try:
+        uri = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+        if not any(f.path.rsplit("/", 1)[-1] == "MLmodel" for f in list_artifacts(artifact_uri=uri)):
+            return f"no model files at {uri}"
+        spec = yaml.safe_load(load_text(f"{uri}/MLmodel")) or {}
+        adapter = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get("adapter", {})
+        if adapter.get("path"):  # the adapter folder inside the model (named after the trained adapter's folder)
+            where = f"{uri}/{adapter['path']}"
+            if not any(f.path.rsplit("/", 1)[-1] == WEIGHTS for f in list_artifacts(artifact_uri=where)):
+                return f"no adapter weights ({WEIGHTS}) at {where}"
+    except (MlflowException, OSError, yaml.YAMLError, AttributeError) as err:
+        return f"its files cannot be read ({err})"
+    return ""
+
+
+def broken_version_advice(name: str, version: int, problem: str, uri: str) -> str:
+    """One line: which version is broken, how to re-register it, and how to retire it."""
+    return (f"version {version} of '{name}' is broken: {problem}. Restore it by registering its adapter again "
+            f"(`gdro evaluate`, or `dvc repro --force evaluate`), or retire it: python -c \"import mlflow; "
+            f"mlflow.set_tracking_uri('{uri}'); mlflow.MlflowClient().delete_model_version('{name}', '{version}')\"")
 
 
 def version_record(
@@ -54,26 +87,32 @@ def rank_versions(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def pick_champion(frame: pd.DataFrame, rank_by: list[str]) -> tuple[int | None, str | None]:
-    """``(version, metric)`` of the best version, or ``(None, None)`` when no version has any ranking metric."""
+    """``(version, metric)`` of the best version whose files are there, or ``(None, None)`` when no such version
+    has any ranking metric."""
+    if "artifacts" in frame:
+        frame = frame[frame["artifacts"] != MISSING]
     metric = ranking_metric(frame, rank_by)
     if metric is None:
         return None, None
     return int(rank_versions(frame, metric).iloc[0]["version"]), metric
 
 
+MISSING = "MISSING"
+
+
 def collect_versions(client, name: str, params: list[str], metrics: tuple[str, ...] | list[str] = METRICS,
                      ) -> pd.DataFrame:
-    """Every registered version of ``name`` as a table (empty when the model is not registered)."""
-    from mlflow.exceptions import MlflowException
-
+    """Every registered version of ``name`` as a table (empty when the model is not registered); its ``artifacts``
+    column is ``ok``, or ``MISSING`` (with the reason in ``frame.attrs["missing"][version]``)."""
+    columns = ["version", "aliases", *metrics, *params, "data.rollouts", "data.prompts", "artifacts"]
     try:
         aliases = client.get_registered_model(name).aliases or {}
     except MlflowException:
-        return pd.DataFrame(columns=["version", "aliases", *metrics, *params, "data.rollouts", "data.prompts"])
+        return pd.DataFrame(columns=columns)
     by_version: dict[int, list[str]] = {}
     for alias, v in aliases.items():
         by_version.setdefault(int(v), []).append(alias)
-    rows = []
+    rows, missing = [], {}
     for v in client.search_model_versions(f"name='{name}'"):
         run_metrics, run_params = {}, {}
         if v.run_id:
@@ -82,18 +121,27 @@ def collect_versions(client, name: str, params: list[str], metrics: tuple[str, .
                 run_metrics, run_params = data.metrics, data.params
             except MlflowException:
                 pass
-        rows.append(version_record(int(v.version), by_version.get(int(v.version), []), run_metrics, run_params,
-                                   dict(v.tags or {}), params, metrics))
-    columns = ["version", "aliases", *metrics, *params, "data.rollouts", "data.prompts"]
-    return pd.DataFrame(rows, columns=columns).sort_values("version", ignore_index=True)
+        row = version_record(int(v.version), by_version.get(int(v.version), []), run_metrics, run_params,
+                             dict(v.tags or {}), params, metrics)
+        problem = missing_artifacts(client, name, v.version)
+        row["artifacts"] = MISSING if problem else "ok"
+        if problem:
+            missing[int(v.version)] = problem
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=columns).sort_values("version", ignore_index=True)
+    frame.attrs["missing"] = missing
+    return frame
 
 
 def set_champion(client, name: str, rank_by: list[str], alias: str = "champion") -> tuple[int | None, str | None]:
-    """Point ``alias`` at the best version by the first available of ``rank_by``; return ``(version, metric)``."""
+    """Point ``alias`` at the best version, by the first available of ``rank_by``, whose files are there; return
+    ``(version, metric)``. With no such version, an alias left on a broken version is removed."""
     frame = collect_versions(client, name, [], list(dict.fromkeys([*rank_by, *METRICS])))
     version, metric = pick_champion(frame, rank_by)
     if version is not None:
         client.set_registered_model_alias(name, alias, str(version))
+    elif not frame.empty and any(alias in str(a).split(",") for a in frame["aliases"]):
+        client.delete_registered_model_alias(name, alias)
     return version, metric
 
 
@@ -137,16 +185,64 @@ def plot_versions(frame: pd.DataFrame, path: Path, alias: str = "champion", titl
     return path
 
 
-def compare_report(params: Params, root: Path, out: Path | None = None) -> tuple[str, Path | None]:
-    """`gdro compare`: the table of registered versions (best first) and its plot and CSV beside ``out``."""
+def unregistered_outputs(params: Params, root: Path, open_store: bool = True) -> str:
+    """One line when evaluate's outputs (metrics.json) exist but the tracking store has no registered version of
+    ``tracking.registered_model`` (``mlflow.db`` deleted, or ``tracking.uri`` changed): `dvc repro` then reuses every
+    output and registers nothing. '' otherwise. ``open_store=False`` only looks for a missing local store file (a
+    remote server is not asked)."""
+    import mlflow
+
+    from gdro_core.layout import Layout
+
+    name = params.tracking.registered_model
+    metrics = Layout(root=Path(root), params=params).metrics
+    if not name or not metrics.is_file():
+        return ""
+    uri = tracking_uri(params.tracking.uri, root)
+    fix = ("`dvc repro` reuses the outputs and registers nothing; register the trained adapter again with "
+           "`gdro evaluate` (or `dvc repro --force evaluate`)")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return (f"the tracking store {uri} is gone while {metrics} exists, so its runs and registered versions are "
+                f"lost: {fix}")
+    if not open_store and not uri.startswith("sqlite:///"):
+        return ""
+    try:
+        mlflow.set_tracking_uri(uri)
+        versions = mlflow.MlflowClient().search_model_versions(f"name='{name}'", max_results=1)
+    except (MlflowException, OSError):
+        return ""
+    if versions:
+        return ""
+    return (f"the tracking store {uri} has no registered version of '{name}' while {metrics} exists (mlflow.db "
+            f"deleted or replaced, or tracking.uri changed): {fix}")
+
+
+def compare_report(params: Params, root: Path, out: Path | None = None) -> tuple[str, Path | None, list[str]]:
+    """`gdro compare`: the table of registered versions (best first), its plot and CSV beside ``out``, and one line
+    per broken version (files gone) saying how to restore or retire it. A broken champion's alias is moved to the
+    best intact version (removed when there is none), and a line says so."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(params.tracking.uri, root))
     name, reg = params.tracking.registered_model, params.registry
     frame = collect_versions(mlflow.MlflowClient(), name, reg.compare_params)
     if frame.empty:
+        lost = unregistered_outputs(params, root)
+        if lost:
+            return f"no registered versions of '{name}'", None, [lost]
         return (f"no registered versions of '{name}' in {tracking_uri(params.tracking.uri, root)}: "
-                "`gdro evaluate` (or `dvc repro`, `gdro sweep`) registers one per trained adapter"), None
+                "`gdro evaluate` (or `dvc repro`, `gdro sweep`) registers one per trained adapter"), None, []
+    notes = []
+    if frame.attrs.get("missing"):
+        uri = tracking_uri(params.tracking.uri, root)
+        notes = [broken_version_advice(name, v, problem, uri) for v, problem in sorted(frame.attrs["missing"].items())]
+        champion = [int(v) for v, a in zip(frame["version"], frame["aliases"], strict=True)
+                    if reg.alias in str(a).split(",")]
+        if champion and int(champion[0]) in frame.attrs["missing"]:  # never keep a broken champion
+            best, _ = set_champion(mlflow.MlflowClient(), name, reg.rank_by, reg.alias)
+            notes.append(f"{reg.alias} was the broken version {champion[0]}: "
+                         + (f"moved to version {best}" if best is not None else "removed (no intact version left)"))
+            frame = collect_versions(mlflow.MlflowClient(), name, reg.compare_params)
     metric = ranking_metric(frame, reg.rank_by)
     if out is None:
         reports = Path(params.paths.reports_dir)
@@ -154,4 +250,4 @@ def compare_report(params: Params, root: Path, out: Path | None = None) -> tuple
     plot_versions(frame, out, reg.alias, f"{name}: registered versions (* = {reg.alias})")
     frame.to_csv(out.with_suffix(".csv"), index=False)
     header = f"{name}: {len(frame)} versions, best first by {metric or '(no ranking metric yet)'}"
-    return f"{header}\n{format_table(frame, metric)}", out
+    return f"{header}\n{format_table(frame, metric)}", out, notes

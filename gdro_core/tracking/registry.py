@@ -2,7 +2,8 @@
 
 The registered model records the base it needs (family, source, fingerprint: ``base.json`` beside the
 adapter, and ``base.*`` version tags) and refuses to load onto another. ``predict`` takes ``seed``,
-``steps`` and ``guidance`` as params, declared in its signature.
+``steps`` and ``guidance`` as params, declared in its signature; any other param is refused (MLflow alone would
+drop it with a warning and render with the defaults).
 """
 
 from __future__ import annotations
@@ -21,9 +22,50 @@ from gdro_core.tracking.runs import ROUND_TAG
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "pandas", "mlflow"]
 
 
+PREDICT_PARAMS = ("seed", "steps", "guidance")
+
+
 def predict_params(params: Params) -> dict[str, int | float]:
     """The ``predict`` params a user may set, with their defaults from the registered params."""
-    return {"seed": params.evaluate.seed, "steps": params.sampler.steps, "guidance": params.sampler.guidance}
+    return dict(zip(PREDICT_PARAMS, (params.evaluate.seed, params.sampler.steps, params.sampler.guidance), strict=True))
+
+
+def check_predict_params(params: dict | None) -> None:
+    """Refuse a ``predict`` param that is not ``seed``, ``steps`` or ``guidance``, naming it and the accepted ones."""
+    unknown = sorted(str(k) for k in (params or {}) if k not in PREDICT_PARAMS)
+    if unknown:
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException.invalid_parameter_value(
+            f"unknown predict param(s) {', '.join(repr(k) for k in unknown)}: this model accepts "
+            f"{', '.join(PREDICT_PARAMS)} (e.g. params={{'seed': 7}}); nothing was rendered"
+        )
+
+
+def _strict_params_schema() -> None:
+    """MLflow's ``PyFuncModel.predict`` drops params its signature does not declare (with only a warning) before
+    ``predict`` sees them, so a mistyped ``sed`` would render default-seed images. Wrap its schema check so that, for
+    a params schema of exactly this model's params, an undeclared param is an error instead. Installed once, when
+    this module is imported (the registered model's code imports it on load)."""
+    import importlib
+
+    pyfunc = importlib.import_module("mlflow.pyfunc")  # the module itself: ``mlflow.pyfunc`` is a lazy proxy
+
+    enforce = pyfunc._enforce_params_schema
+    if getattr(enforce, "_gdro_strict", False):
+        return
+
+    def strict(params, schema):
+        if isinstance(params, dict) and schema is not None and \
+                {p.name for p in getattr(schema, "params", [])} == set(PREDICT_PARAMS):
+            check_predict_params(params)
+        return enforce(params, schema)
+
+    strict._gdro_strict = True
+    pyfunc._enforce_params_schema = strict
+
+
+_strict_params_schema()
 
 
 def signature(params: Params):
@@ -43,11 +85,19 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from gdro_core.models import load_model
+        from gdro_core.models.lora import WEIGHTS
 
         self.params = parse_params(json.loads(Path(context.artifacts["params"]).read_text()), "registered params")
         base = context.artifacts.get("base", "") if self.params.model.source == "builtin" else self.params.model.source
+        adapter = Path(context.artifacts["adapter"])
+        if not (adapter / WEIGHTS).is_file():  # `gdro train` cannot bring a registered version back
+            raise FileNotFoundError(
+                f"this registered version's adapter weights are gone (no {WEIGHTS} in {adapter}): register the "
+                "adapter again (`gdro evaluate`, or `dvc repro --force evaluate`) or retire the version; `gdro compare` "
+                "names the broken version and the command that deletes it"
+            )
         self.model = load_model(self.params, base)
-        self.model.load_adapter(Path(context.artifacts["adapter"]))  # refuses a base with another fingerprint
+        self.model.load_adapter(adapter)  # refuses a base with another fingerprint
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         from gdro_core.models.sampling import sample
@@ -55,9 +105,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         if isinstance(model_input, pd.DataFrame):
             model_input = model_input["prompt"] if "prompt" in model_input else model_input.iloc[:, 0]
         prompts = [str(p) for p in model_input]
-        unknown = set(params or {}) - set(predict_params(self.params))
-        if unknown:
-            raise ValueError(f"unknown predict params {sorted(unknown)}: use seed, steps and guidance")
+        check_predict_params(params)
         chosen = {**predict_params(self.params), **{k: v for k, v in (params or {}).items() if v is not None}}
         seed, steps, guidance = int(chosen["seed"]), int(chosen["steps"]), float(chosen["guidance"])
         if steps < 1 or guidance < 0:
@@ -94,8 +142,8 @@ source run the version links to (``gdro compare`` reads them there), so MLflow's
 def version_tags(params: Params, metrics: dict[str, dict[str, float]], data: dict[str, str],
                  base: dict[str, str] | None = None) -> dict[str, str]:
     """Tags of a registered version: what identifies and ranks it. The objective and model source
-    (``param.*``), the base it needs (``base.*``), its data version (``data.*``) and the metrics the registry ranks by
-    (``metric.*``, ``registry.rank_by``)."""
+    (``param.*``), the base it needs (``base.*``), its data version (``data.*``), the metrics the registry ranks by
+    (``metric.*``, ``registry.rank_by``) and the judge behind its corrected score (``corrected_score_judge``)."""
     flat = section_dict(params, "train", "model")
     tags = {f"param.{k}": str(flat[k]) for k in IDENTIFYING_PARAMS}
     tags.update({f"base.{k}": str(v) for k, v in (base or {}).items()})
@@ -103,6 +151,8 @@ def version_tags(params: Params, metrics: dict[str, dict[str, float]], data: dic
         section, _, metric = name.partition(".")
         if metric in metrics.get(section, {}):
             tags[f"metric.{name}"] = f"{float(metrics[section][metric]):.6g}"
+    if "corrected_score_judge" in metrics.get("judge", {}):  # which judge the metric.*.corrected rest on
+        tags["corrected_score_judge"] = str(metrics["judge"]["corrected_score_judge"])
     tags.update(data)
     return tags
 

@@ -2,8 +2,9 @@
 
 Runs survive faults: a run left RUNNING by a killed process is marked KILLED by the next stage run, a
 stage given a ``resume_key`` (training: its checkpoint directory) continues the unfinished run of that key,
-an unreachable tracking server is reported at start instead of after minutes of retries, and a metric that
-cannot be logged mid-training is counted and skipped rather than stalling or killing the run.
+an unreachable tracking server is reported at start instead of after minutes of retries, a metric that
+cannot be logged mid-training is counted and skipped rather than stalling or killing the run, and a copied or
+moved workspace writes its artifacts into its own ``mlartifacts/``, not the original's.
 """
 
 from __future__ import annotations
@@ -60,6 +61,77 @@ def check_reachable(uri: str, timeout: float) -> None:
     )
 
 
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+"""Where an MLflow sqlite store keeps absolute artifact locations (file URIs)."""
+
+
+def _local_path(location: str) -> Path | None:
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    if location.startswith("file:"):
+        return Path(local_file_uri_to_path(location))
+    return Path(location) if location.startswith("/") else None
+
+
+def relocate_artifacts(params: Params, root: Path) -> list[str]:
+    """A copied or moved workspace: the project's own sqlite store (``mlflow.db`` in the project) still names the
+    original's ``mlartifacts/`` (MLflow stores absolute artifact locations), so its runs would write there. Point
+    the experiment at this project's artifact folder, and each older run and version at its copy here where that
+    copy exists (the others keep the original's location: nothing is lost). Returns what was done, one line each.
+
+    Raises :class:`TrackingError` when the original cannot be told from the experiment's location."""
+    import sqlite3
+
+    uri, root = tracking_uri(params.tracking.uri, root), Path(root).resolve()
+    db = Path(uri.removeprefix("sqlite:///"))
+    relative = Path(params.tracking.artifact_location)
+    if not uri.startswith("sqlite:///") or relative.is_absolute() or not db.is_file() or \
+            not db.resolve().is_relative_to(root):
+        return []
+    with sqlite3.connect(db) as con:
+        try:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                              (params.tracking.experiment,)).fetchone()
+        except sqlite3.Error:
+            return []
+        path = _local_path(row[0]) if row and row[0] else None
+        if path is None or path.is_relative_to(root):
+            return []
+        n = len(relative.parts)
+        if path.parts[-n:] != relative.parts:
+            raise TrackingError(
+                f"experiment '{params.tracking.experiment}' in {db} keeps its artifacts at {path}, outside this project "
+                f"({root}), so its runs would write there: set tracking.experiment to a new name (a new experiment with "
+                f"its artifacts in {root / relative}), or tracking.uri to that store's own project"
+            )
+        old = Path(*path.parts[:-n])
+        done = []
+        for table, column in ARTIFACT_COLUMNS:
+            try:
+                rows = con.execute(f'SELECT rowid, "{column}" FROM "{table}"').fetchall()
+            except sqlite3.Error:
+                continue
+            moved = kept = 0
+            for rowid, value in rows:
+                local = _local_path(value) if value else None
+                if local is None or not local.is_relative_to(old):
+                    continue
+                new = root / local.relative_to(old)
+                if table != "experiments" and not new.exists():
+                    kept += 1  # not copied along: it stays where its files are
+                    continue
+                text = new.as_uri() if value.startswith("file:") else str(new)
+                con.execute(f'UPDATE "{table}" SET "{column}" = ? WHERE rowid = ?', (text, rowid))
+                moved += 1
+            if moved or kept:
+                done.append(f"{table}: {moved} now in {root}" + (f", {kept} left in {old} (not copied here)"
+                                                                    if kept else ""))
+    log.warning("this workspace was copied or moved from %s: its MLflow store now keeps new artifacts in %s (%s)",
+                old, root / relative, "; ".join(done))
+    return done
+
+
 def configure(params: Params, root: Path) -> str:
     """Point MLflow at the project's store and experiment; return the experiment id."""
     t = params.tracking
@@ -67,6 +139,7 @@ def configure(params: Params, root: Path) -> str:
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(t.request_retries)
     uri = tracking_uri(t.uri, root)
     check_reachable(uri, t.connect_timeout)
+    relocate_artifacts(params, root)  # a copied workspace writes into its own mlartifacts, not the original's
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(t.experiment)
     if exp is not None:
@@ -224,8 +297,19 @@ def metric_logger(echo=None, pause: float = 60.0):
     A metric MLflow cannot take (server gone, network down) is counted and skipped: tracking never stops training.
     After a failure, metrics are skipped (and counted) for ``pause`` seconds before the server is tried again, so
     a server that is gone costs one request timeout per pause, not one per step.
+
+    Each metric is logged once per step of a run: a resumed run (see :func:`stage_run`) redoes the steps after its
+    last checkpoint, with the same values, and those its interrupted attempt logged already are not logged again.
     """
     failures = {"count": 0, "skipped": 0, "retry_at": 0.0}
+    logged: dict[tuple[str, str], set[int]] = {}  # (run id, metric) -> the steps the run has, read once per metric
+
+    def _new(run_id: str, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        client = mlflow.MlflowClient()
+        for key in metrics:
+            if (run_id, key) not in logged:
+                logged[run_id, key] = {m.step for m in client.get_metric_history(run_id, key)}
+        return {k: float(v) for k, v in metrics.items() if step not in logged[run_id, k]}
 
     def _log(step: int, metrics: dict[str, float]) -> None:
         if echo is not None:
@@ -234,7 +318,16 @@ def metric_logger(echo=None, pause: float = 60.0):
             failures["skipped"] += 1
             return
         try:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            active = mlflow.active_run()
+            if active is None:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+                return
+            run_id = active.info.run_id
+            new = _new(run_id, step, metrics)
+            if new:
+                mlflow.log_metrics(new, step=step)
+            for key in new:
+                logged[run_id, key].add(step)
         except Exception as err:  # noqa: BLE001 - any tracking failure is non-fatal by design
             failures["count"] += 1
             failures["retry_at"] = time.monotonic() + pause

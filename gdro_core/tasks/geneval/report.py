@@ -30,6 +30,10 @@ def format_report(metrics: dict[str, dict[str, float]]) -> str:
         for row in ("geneval", "score"):
             base, trained = metrics["base_train"][row], metrics["trained_train"][row]
             lines.append(f"{row:<20}{base:>10.3f}{trained:>10.3f}{'':>10}{trained - base:>+10.3f}")
+    judge = metrics.get("judge", {})
+    if "corrected_score_judge" in judge:  # the judge behind u_hat and corrected
+        note = judge.get("corrected_score_note")
+        lines.append(f"corrected score judge: {judge['corrected_score_judge']}" + (f" ({note})" if note else ""))
     return "\n".join(lines)
 
 
