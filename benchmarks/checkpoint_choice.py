@@ -73,7 +73,7 @@ def score_checkpoints(lay: Layout, seed: int, steps: int, val_prompts: int) -> p
         for split, prompts, per in (("val", val, 1), ("test", test, p.evaluate.images_per_prompt)):
             images = generate(view, prompts, per, p.evaluate.seed, p.sampler.steps, p.sampler.guidance,
                               p.sampler.batch_size)
-            s = assess(images, [q for q in prompts for _ in range(per)], task, judge, p.judge.task)
+            s = assess(images, [q for q in prompts for _ in range(per)], task, judge, p.judge_task)
             tables.append(s[["reward", "corrected"]].assign(seed=seed, step=step, split=split, image=range(len(s))))
         last = pd.concat(tables[-2:])
         print(f"seed {seed} step {step}:", last.groupby("split")["reward"].mean().round(3).to_dict(), flush=True)

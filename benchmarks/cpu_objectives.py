@@ -149,7 +149,7 @@ def make_monitor(model: FlowModel, shared: Shared, workdir: Path) -> CheckpointM
     """The evaluation ``gdro train`` runs at checkpoints, on the benchmark's held-out prompts."""
     p = shared.params
     return CheckpointMonitor(
-        model, shared.eval_prompts, OcrTask(p, reader=shared.reader), shared.judge, judge_task=p.judge.task,
+        model, shared.eval_prompts, OcrTask(p, reader=shared.reader), shared.judge, judge_task=p.judge_task,
         seed=p.evaluate.seed, steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size,
         keep="last", workdir=workdir, log=lambda step, metrics: None,
     )
