@@ -223,3 +223,20 @@ def test_lair_trains_through_the_offline_harness(tmp_path):
 def test_online_objectives_stay_in_one_process():
     with pytest.raises(ValueError, match="one process"):
         _params(objective="diffusion_nft", num_processes=2)
+
+
+def test_lending_the_adapter_the_sampling_policy_keeps_the_trained_parameters(tmp_path):
+    """The optimiser holds the adapter's parameters: a swap to the old weights must copy in place and copy back."""
+    from gdro_core.models.families import add_lora
+    from gdro_core.training.online_matching import lora_weights
+
+    p = _params()
+    model = tiny_model(p)
+    params = add_lora(model.transformer, p.train.lora)
+    live = {k: v.clone() for k, v in lora_state(model.transformer).items()}
+    other = {k: torch.full_like(v, 0.5) for k, v in live.items()}
+    with lora_weights(model.transformer, other):
+        assert all((v == 0.5).all() for v in lora_state(model.transformer).values())
+    adapter = [q for n, q in model.transformer.named_parameters() if "lora_" in n]
+    assert len(adapter) == len(params) and all(a is b for a, b in zip(adapter, params))
+    assert all(torch.equal(lora_state(model.transformer)[k], live[k]) for k in live)
