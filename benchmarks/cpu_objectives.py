@@ -9,7 +9,10 @@ and the same held-out prompts, each method trains under the same budget *after i
   tied pairs dropped); ``dpo_anchor``: the same plus ``γ`` times the top-1 anchor; ``offline_dpo``: the offline
   recipe public frameworks ship, best against worst of each prompt's N frozen-model images;
 - ``sft_best``: flow matching on each group's best member;
-- ``flow_grpo``: the online baseline of :mod:`gdro_core.training.online_grpo`, sampling and scoring as it trains.
+- ``lair``: every member's implicit reward regressed on centred softmax weights of its group's rewards;
+- ``flow_grpo``: the online baseline of :mod:`gdro_core.training.online_grpo`, sampling and scoring as it trains;
+  ``diffusion_nft`` and ``awm``: the online forward-process baselines on the same loop
+  (:mod:`gdro_core.training.online_matching`).
 
 **Clocks.** Every figure is given in two clocks: wall seconds and CPU seconds (this process's CPU time, all
 threads, plus that of any child process). On a shared or loaded machine wall seconds stretch with the load; CPU
@@ -21,8 +24,8 @@ training prompts (same sampler, pool size, batching and reader as the stages, PN
 scaled linearly to all of them.
 
 **Budgets.** Each method trains for ``--train-budget`` seconds of the chosen clock *after* its data cost (zero
-for the online method) and/or ``--budget-steps`` steps, so no method goes untrained however long its rollouts
-took. ``--online-budget`` gives the online method its own budget, e.g. the offline methods' data cost plus
+for the online methods) and/or ``--budget-steps`` steps, so no method goes untrained however long its rollouts
+took. ``--online-budget`` gives the online methods their own budget, e.g. the offline methods' data cost plus
 ``--train-budget``, so that it trains as long in total as they do and its final reward is a fair target.
 
 **Targets.** Times are reported to reach base + 0.05, base + 0.10, ... (``--target-deltas``): targets above the
@@ -85,9 +88,12 @@ METHODS: dict[str, dict] = {
     "dpo_anchor": {"objective": "dpo_anchor"},
     "offline_dpo": {"objective": "offline_dpo"},
     "sft_best": {"objective": "sft_best"},
+    "lair": {"objective": "lair"},
     "flow_grpo": {"objective": "flow_grpo"},
+    "diffusion_nft": {"objective": "diffusion_nft"},
+    "awm": {"objective": "awm"},
 }
-ONLINE = {"flow_grpo"}
+ONLINE = {"flow_grpo", "diffusion_nft", "awm"}
 NEVER = 10**9  # a step count no run reaches: the budget stops every run, and nothing is checkpointed
 OUT_NAME = "cpu_objectives"
 SCORES = ("reward", "corrected", "velocity_norm_ratio")
@@ -431,7 +437,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-budget", type=float, default=360.0,
                     help="seconds of --clock each method trains after its own data cost (0 = step budget only)")
     ap.add_argument("--online-budget", type=float, default=0.0,
-                    help="seconds of --clock the online method trains (0 = --train-budget); e.g. an offline method's "
+                    help="seconds of --clock each online method trains (0 = --train-budget); e.g. an offline method's "
                          "data cost + --train-budget, so both get the same total clock")
     ap.add_argument("--budget-steps", type=int, default=0, help="also stop after this many steps (0 = no step budget)")
     ap.add_argument("--eval-every", type=float, default=60.0, help="seconds of a method's clock between evaluations")

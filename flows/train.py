@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.context import load_layout
 from gdro_core.models import load_model
 from gdro_core.models.family import BASE_FILE
+from gdro_core.params import ONLINE_OBJECTIVES
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
 from gdro_core.tasks.registry import make_task
@@ -54,16 +55,16 @@ def fit_adapter(lay: Layout) -> dict:
             f"train.num_processes is {p.train.num_processes}: run `gdro train` (it starts torchrun) or "
             "`accelerate launch --multi_gpu --num_processes N -m flows.cli train`; the pipeline and sweep flows train in one process"
         )
-    if lay.round > 1 and p.train.objective == "flow_grpo":
-        raise ValueError("train.objective flow_grpo samples its own images online: later rounds (--round) are for the "
-                         "offline objectives; run them without --round")
+    online = p.train.objective in ONLINE_OBJECTIVES
+    if lay.round > 1 and online:
+        raise ValueError(f"train.objective {p.train.objective} samples its own images online: later rounds (--round) "
+                         "are for the offline objectives; run them without --round")
     logger = get_run_logger()
     log = metric_logger(logger.info, p.tracking.metric_pause)
     data, rewards, model = _offline_inputs(lay)
     ckpt = lay.checkpoints("train", train_fingerprint(lay))
     task = make_task(p)
     val = task.read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts]
-    online = p.train.objective == "flow_grpo"
     # offline: the monitor's prompts are encoded now, so the encoders and VAE can leave the device
     monitored = model if online else PreEncoded(model, [q.prompt for q in val], p.sampler.batch_size)
     monitor = CheckpointMonitor(
@@ -74,7 +75,7 @@ def fit_adapter(lay: Layout) -> dict:
     )
     monitor.evaluate_base()
     every = p.evaluate.checkpoint_every or p.train.steps
-    if online:  # the online baseline: fresh rollouts every iteration
+    if online:  # the online baselines: fresh rollouts every iteration
         prompts = task.read_prompts(lay.prompts("train"))
         reward = task_reward(task, prompts)
         train_online(model, prompts, *encode_prompts(model, prompts, p.sampler.batch_size), reward, p.train, ckpt, log,

@@ -295,11 +295,18 @@ class Lora(Section):
     )
 
 
+ONLINE_OBJECTIVES = ("flow_grpo", "diffusion_nft", "awm")
+"""Objectives that sample their own groups from the policy while training (no rollout pool)."""
+
+
 class Train(Section):
-    objective: Literal["gdro", "dpo", "dpo_anchor", "offline_dpo", "sft_best", "flow_grpo"] = Field(
+    objective: Literal[
+        "gdro", "dpo", "dpo_anchor", "offline_dpo", "sft_best", "lair", "flow_grpo", "diffusion_nft", "awm"
+    ] = Field(
         "gdro",
         description="Loss over the offline groups (dpo: Diffusion-DPO, gamma ignored, tied pairs dropped; dpo_anchor: "
-        "dpo + gamma * anchor; offline_dpo: best vs worst of each prompt's N), or 'flow_grpo', the online baseline.",
+        "dpo + gamma * anchor; offline_dpo: best vs worst of each prompt's N; lair: centred-softmax-weighted implicit "
+        "reward), or an online baseline sampling its own groups ('flow_grpo', 'diffusion_nft', 'awm').",
     )
     group_size: int = Field(6, ge=2, description="k members drawn from each prompt's pool per step.")
     groups_per_step: int = Field(8, ge=1)
@@ -317,21 +324,56 @@ class Train(Section):
     noise: Literal["fresh", "prior"] = Field(
         "fresh", description="ε of the implicit reward: fresh per group, or each image's own rollout noise (prior)."
     )
-    grpo_prompts_per_iteration: int = Field(4, ge=1, description="flow_grpo: training prompts sampled per iteration.")
-    grpo_group_size: int = Field(6, ge=2, description="flow_grpo: images per prompt per iteration (one group).")
-    grpo_sample_steps: int = Field(10, ge=1, description="flow_grpo: SDE sampler steps of each rollout.")
+    lair_tau: float = Field(0.05, ge=0, description="lair: temperature of the group weights softmax(r/τ) − 1/k.")
+    lair_lambda: float = Field(
+        1.0, gt=0, description="lair: quadratic penalty (λ/2) s² on the implicit reward; the optimum is s = w/λ."
+    )
+    grpo_prompts_per_iteration: int = Field(
+        4, ge=1, description="online objectives: training prompts sampled per iteration."
+    )
+    grpo_group_size: int = Field(6, ge=2, description="online objectives: images per prompt per iteration (one group).")
+    grpo_sample_steps: int = Field(
+        10, ge=1, description="online objectives: sampler steps of each rollout (SDE for flow_grpo, ODE otherwise)."
+    )
     grpo_eta: float = Field(0.7, gt=0, description="flow_grpo: SDE noise level η, σ_t = η √(t / (1 − t)).")
     grpo_timestep_fraction: float = Field(
-        0.99, gt=0, le=1, description="flow_grpo: train on the first ⌊sample_steps · fraction⌋ steps (at least one)."
+        0.99, gt=0, le=1, description="online objectives: train on ⌊sample_steps · fraction⌋ steps (at least one); "
+        "flow_grpo the first ones, diffusion_nft and awm a random subset of the sampler's timesteps per sample.",
     )
     grpo_clip_range: float = Field(1e-4, gt=0, description="flow_grpo: ratio clip ε (log-probs: means over elements).")
-    grpo_adv_clip_max: float = Field(5.0, gt=0, description="flow_grpo: advantages clamped to [-max, max].")
-    grpo_global_std: bool = Field(True, description="flow_grpo: advantage std over the whole iteration, not per group.")
+    grpo_adv_clip_max: float = Field(
+        5.0, gt=0, description="online objectives: advantages clamped to [-max, max] (diffusion_nft maps them to "
+        "r = A / (2 max) + 1/2)."
+    )
+    grpo_global_std: bool = Field(
+        True, description="online objectives: advantage std over the whole iteration, not per group."
+    )
     grpo_kl_beta: float = Field(
         0.04, ge=0, description="flow_grpo: β_KL on ‖μ_θ − μ_ref‖² / (2σ_t²), the reference code's KL scale."
     )
-    grpo_inner_epochs: int = Field(1, ge=1, description="flow_grpo: passes over each iteration's samples.")
-    grpo_minibatches: int = Field(2, ge=1, description="flow_grpo: optimiser steps per pass (shuffled minibatches).")
+    grpo_inner_epochs: int = Field(1, ge=1, description="online objectives: passes over each iteration's samples.")
+    grpo_minibatches: int = Field(
+        2, ge=1, description="online objectives: optimiser steps per pass (shuffled minibatches)."
+    )
+    nft_beta: float = Field(
+        0.1, gt=0, description="diffusion_nft: β of the implicit policies v± = v_old ± β (v_θ − v_old) (reference "
+        "OCR recipe; its GenEval / PickScore recipes use 1.0)."
+    )
+    nft_kl_beta: float = Field(
+        1e-4, ge=0, description="diffusion_nft: weight of ‖v_θ − v_ref‖² (element mean) to the reference, adapter off."
+    )
+    nft_decay_flat: int = Field(
+        75, ge=0, description="diffusion_nft: optimiser steps before the sampling policy starts to lag (decay 0 until then)."
+    )
+    nft_decay_rate: float = Field(
+        0.0075, ge=0, description="diffusion_nft: the sampling policy's decay is min((steps − flat) · rate, max)."
+    )
+    nft_decay_max: float = Field(
+        0.999, ge=0, lt=1, description="diffusion_nft: largest decay of the sampling policy's soft update."
+    )
+    awm_kl_beta: float = Field(
+        0.0, ge=0, description="awm: weight of ‖v_θ − v_ref‖² (element mean) to the reference, adapter off; 0 = off."
+    )
     lora: Lora = Lora()
     ema_max_decay: float = Field(0.5, ge=0, lt=1, description="EMA decay is min(ema_rate * step, ema_max_decay).")
     ema_rate: float = Field(0.001, ge=0)
@@ -353,10 +395,11 @@ class Train(Section):
 
     @model_validator(mode="after")
     def _global_batch_splits(self) -> Train:
-        if self.objective == "flow_grpo" and self.num_processes > 1:
-            raise ValueError("objective 'flow_grpo' (online) trains in one process: set num_processes to 1")
+        online = self.objective in ONLINE_OBJECTIVES
+        if online and self.num_processes > 1:
+            raise ValueError(f"objective {self.objective!r} (online) trains in one process: set num_processes to 1")
         share = self.num_processes * self.gradient_accumulation_steps
-        if self.objective != "flow_grpo" and self.groups_per_step % share:
+        if not online and self.groups_per_step % share:
             raise ValueError(
                 f"groups_per_step ({self.groups_per_step}) must divide evenly over num_processes ({self.num_processes}) "
                 f"x gradient_accumulation_steps ({self.gradient_accumulation_steps}): change one of them"

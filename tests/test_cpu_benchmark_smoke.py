@@ -92,6 +92,7 @@ def test_every_method_is_timed_evaluated_and_compared(bench, tmp_path, capsys):
     assert runs["gdro_prior"]["train"] == {"objective": "gdro", "noise": "prior"}
     assert runs["dpo"]["train"] == {"objective": "dpo"}
     assert runs["flow_grpo"]["train"] == {"objective": "flow_grpo"}
+    assert runs["diffusion_nft"]["online"] and runs["awm"]["online"] and not runs["lair"]["online"]
     assert "train/pairs_kept" in runs["dpo"]["last_parts"] and "train/velocity_norm_ratio" in runs["gdro"]["last_parts"]
     assert "time to Flow-GRPO's final reward" in out and "base+0.05" in out
 

@@ -31,10 +31,10 @@ def _data(p, n_prompts=3, n=4):
 
 @pytest.mark.parametrize("objective, expected_main", [
     ("gdro", math.log(6)), ("dpo", math.log(2)), ("dpo_anchor", math.log(2)), ("offline_dpo", math.log(2)),
-    ("sft_best", 0.0),
+    ("sft_best", 0.0), ("lair", 0.0),
 ])
 def test_fresh_adapter_gives_textbook_losses_and_total_decomposes(tiny_params, objective, expected_main):
-    """B = 0 at init, so policy == reference, s ≡ 0: GDRO over k=3 gives log 3! per group, DPO log 2."""
+    """B = 0 at init, so policy == reference, s ≡ 0: GDRO over k=3 gives log 3! per group, DPO log 2, LAIR 0."""
     p = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"objective": objective})})
     model = _model(p)
     add_lora(model.transformer, p.train.lora)
@@ -42,7 +42,7 @@ def test_fresh_adapter_gives_textbook_losses_and_total_decomposes(tiny_params, o
     loss, parts = group_objective(model, data.latents[:2, :3], {k: v[:2] for k, v in data.cond.items()},
                                   rewards[:2, :3], p.train, torch.Generator().manual_seed(0))
     assert parts["loss_main"] == pytest.approx(expected_main, abs=1e-5)
-    gamma = {"sft_best": 1.0, "dpo": 0.0, "offline_dpo": 0.0}.get(objective, p.train.gamma)
+    gamma = {"sft_best": 1.0, "dpo": 0.0, "offline_dpo": 0.0, "lair": 0.0}.get(objective, p.train.gamma)
     assert anchor_weight(p.train) == gamma
     assert loss.item() == pytest.approx(parts["loss_main"] + gamma * parts["loss_anchor"], rel=1e-5)
     loss.backward()

@@ -72,3 +72,30 @@ def dpo_loss(s_win: Tensor, s_lose: Tensor, keep: Tensor | None = None) -> Tenso
         raise ValueError(f"keep mask {tuple(keep.shape)} does not match the pairs {tuple(losses.shape)}")
     keep = keep.to(losses.dtype)
     return (losses * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+def centred_softmax_weights(rewards: Tensor, tau: float) -> Tensor:
+    """w_i = softmax_j(r_j / τ)_i − 1/k within each group (G, k): weights that sum to zero over the group.
+
+    Above-average members (by the softmax of their rewards) get positive weight, the rest negative; a group of
+    equal rewards gets w ≡ 0 and carries no signal. τ = 0 is the limit τ → 0: uniform mass on the best members.
+    """
+    k = rewards.shape[-1]
+    if tau > 0:
+        p = torch.softmax(rewards.float() / tau, dim=-1)
+    else:
+        best = rewards == rewards.amax(dim=-1, keepdim=True)
+        p = best.float() / best.sum(dim=-1, keepdim=True)
+    return p - 1.0 / k
+
+
+def listwise_weighted_loss(s: Tensor, rewards: Tensor, tau: float, lam: float) -> Tensor:
+    """L = Σ_i [−w_i s_i + (λ/2) s_i²], mean over groups, with w :func:`centred_softmax_weights`.
+
+    An advantage-weighted regression on the implicit reward s with a quadratic penalty on its size (the
+    listwise objective of Diffusion LAIR, arXiv 2605.26491): every member of a group contributes, and the
+    per-member optimum s_i* = w_i / λ is bounded, so losers are pushed down only so far (a plain −Σ w_i s_i
+    is unbounded below). Members need not be sorted.
+    """
+    w = centred_softmax_weights(rewards.to(s.device), tau)
+    return (-w * s + 0.5 * lam * s.pow(2)).sum(dim=-1).mean()

@@ -7,6 +7,8 @@
 - ``offline_dpo``: the recipe public frameworks ship for offline preference data: for each prompt the best
   against the worst of all N frozen-model images of its pool; pools whose N rewards are all equal are skipped.
 - ``sft_best``: flow matching on the group's best member only.
+- ``lair``: every member's implicit reward regressed on centred softmax weights of the group's rewards, with a
+  quadratic penalty on its size (Diffusion LAIR, arXiv 2605.26491); no anchor (γ is ignored).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor
 from gdro_core.models.base import Condition, FlowModel, velocity, with_transformer
 from gdro_core.models.lora import reference
 from gdro_core.models.sampling import initial_noise
-from gdro_core.objectives.group_loss import dpo_loss, plackett_luce_loss, sort_groups
+from gdro_core.objectives.group_loss import dpo_loss, listwise_weighted_loss, plackett_luce_loss, sort_groups
 from gdro_core.objectives.implicit_reward import (
     flow_matching_error, implicit_reward, interpolate, ranking_counts, velocity_norm_ratio,
 )
@@ -27,14 +29,15 @@ from gdro_core.objectives.timesteps import sample_timesteps
 from gdro_core.params import Train
 
 PAIRWISE = ("dpo", "dpo_anchor", "offline_dpo")
-OFFLINE_OBJECTIVES = ("gdro", *PAIRWISE, "sft_best")
+OFFLINE_OBJECTIVES = ("gdro", *PAIRWISE, "sft_best", "lair")
 
 
 def anchor_weight(cfg: Train) -> float:
-    """Weight of ‖v − v_θ‖² on the best member: 1 for SFT, 0 for the DPO baselines, γ for GDRO and dpo_anchor."""
+    """Weight of ‖v − v_θ‖² on the best member: 1 for SFT, 0 for the DPO baselines and LAIR, γ for GDRO and
+    dpo_anchor."""
     if cfg.objective == "sft_best":
         return 1.0
-    if cfg.objective in ("dpo", "offline_dpo"):
+    if cfg.objective in ("dpo", "offline_dpo", "lair"):
         return 0.0
     return cfg.gamma
 
@@ -198,6 +201,8 @@ def group_objective(
             s = implicit_reward(err_pol, err_ref, cfg.beta)
             if cfg.objective in PAIRWISE:
                 main = dpo_loss(s[:, 0], s[:, 1], keep=untied.to(s.device))
+            elif cfg.objective == "lair":
+                main = listwise_weighted_loss(s, rewards.to(s.device), cfg.lair_tau, cfg.lair_lambda)
             else:
                 main = plackett_luce_loss(s, rewards.to(s.device), cfg.tau, cfg.positions or None)
             hits, pairs = ranking_counts(s.detach().cpu(), rewards)

@@ -126,11 +126,13 @@ def start_training(model: FlowModel, cfg: Train, ckpt_dir: Path | None, init_ada
 def end_of_step(
     step: int, cfg: Train, model: FlowModel, ema: LoraEma, opt: torch.optim.Optimizer, gen: torch.Generator,
     py_rng: random.Random, ckpt_dir: Path, on_checkpoint: OnCheckpoint | None, eval_every: int,
-    *, main_process: bool = True, num_processes: int = 1,
+    *, main_process: bool = True, num_processes: int = 1, extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> bool:
     """Evaluate (every ``eval_every`` steps and at the last) and checkpoint the whole training state.
 
     Only the main process does either; returns whether this step did (other processes then wait for it).
+    ``extra`` maps a prefix to further weights the checkpoint holds (e.g. DiffusionNFT's sampling policy under
+    ``old``); :func:`restore_extra` reads them back.
     """
     last_step = step == cfg.steps
     # decided from the schedule alone, so every process agrees on it (only the main one has ``on_checkpoint``)
@@ -143,10 +145,29 @@ def end_of_step(
     if save_now:
         weights = {f"lora.{k}": v for k, v in lora_state(model.transformer).items()}
         weights |= {f"ema.{k}": v for k, v in ema.shadow.items()}
+        for prefix, tensors in (extra or {}).items():
+            weights |= {f"{prefix}.{k}": v for k, v in tensors.items()}
         state = {"optimizer": opt.state_dict(), "rng": rng_state(gen, py_rng), "groups_per_step": cfg.groups_per_step,
                  "num_processes": num_processes}
         save_checkpoint(ckpt_dir, step, weights, state)
     return save_now
+
+
+def restore_extra(ckpt_dir: Path | None, prefix: str, target: dict[str, torch.Tensor]) -> bool:
+    """Copy the newest checkpoint's ``prefix.*`` weights (see :func:`end_of_step`) into ``target`` in place.
+
+    Returns False, leaving ``target`` as it is, when there is no checkpoint; a checkpoint without them is an error.
+    """
+    found = load_latest(ckpt_dir) if ckpt_dir is not None else None
+    if found is None:
+        return False
+    saved = {k.removeprefix(f"{prefix}."): v for k, v in found[0].items() if k.startswith(f"{prefix}.")}
+    if set(saved) != set(target):
+        raise ResumeError(f"the checkpoint in {ckpt_dir} holds no complete '{prefix}' weights: it was written by "
+                          "another objective; train from scratch in a fresh checkpoint directory")
+    for k, v in saved.items():
+        target[k].copy_(v.to(target[k]))
+    return True
 
 
 def warn_zero_signal(rewards: torch.Tensor) -> int:

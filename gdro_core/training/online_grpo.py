@@ -8,6 +8,10 @@ clipped-ratio loss plus β_KL · KL to the reference (the adapter switched off) 
 ⌊grpo_sample_steps · grpo_timestep_fraction⌋ denoising steps. Everything but the data and the loss is
 shared with :mod:`gdro_core.training`: the LoRA, the optimiser, the EMA, checkpoints and the checkpoint
 callback. ``train.steps`` counts iterations.
+
+The same loop runs the forward-process online objectives ``diffusion_nft`` and ``awm``
+(:mod:`gdro_core.training.online_matching`): same prompts, groups, advantages and schedule, an ODE sampler
+and their own losses.
 """
 
 from __future__ import annotations
@@ -28,13 +32,11 @@ from gdro_core.models.base import guided_velocity as family_guided_velocity
 from gdro_core.models.lora import lora_state, reference, set_lora_state
 from gdro_core.params import Train
 from gdro_core.tasks.base import PromptRecord, Task
-from gdro_core.training.loop import Logger, LoraEma, OnCheckpoint, ema_decay, end_of_step, start_training
+from gdro_core.training.loop import Logger, LoraEma, OnCheckpoint, ema_decay, end_of_step, restore_extra, start_training
+from gdro_core.training.online_matching import ADV_EPS, MATCHING_OBJECTIVES, sample_clean, update_matching
 
 RewardFn = Callable[[list[Image.Image], list[str]], Sequence[float] | Tensor]
 """Task reward of each image against its target text."""
-
-ADV_EPS = 1e-4
-"""ε in A = (r − mean) / (std + ε), the reference's value."""
 
 
 @dataclass(frozen=True)
@@ -200,16 +202,23 @@ def train_online(
     *,
     guidance: float,
 ) -> dict[str, Tensor]:
-    """Run ``cfg.steps`` Flow-GRPO iterations (resuming from ``ckpt_dir``); return the EMA adapter weights.
+    """Run ``cfg.steps`` iterations of the online objective (resuming from ``ckpt_dir``); return the EMA adapter.
 
-    ``cond`` holds one row per prompt, ``null_cond`` the empty prompt; sampling and training use the CFG
-    scale ``guidance``. ``on_checkpoint(iteration, ema_weights)`` runs every ``eval_every`` iterations and at
-    the last. Logged per iteration: loss, reward, KL, clip fraction and the seconds spent generating, scoring
-    and training.
+    ``flow_grpo`` (any objective but the two below) samples SDE trajectories and trains on their
+    log-likelihoods (:func:`update_policy`); ``diffusion_nft`` and ``awm`` sample with the ODE and train on the forward process
+    (:func:`gdro_core.training.online_matching.update_matching`), DiffusionNFT from its sampling policy, which
+    its checkpoints keep under ``old``. ``cond`` holds one row per prompt, ``null_cond`` the empty prompt;
+    sampling and training use the CFG scale ``guidance``. ``on_checkpoint(iteration, ema_weights)`` runs every
+    ``eval_every`` iterations and at the last. Logged per iteration: the loss and its parts, reward and the
+    seconds spent generating, scoring and training.
     """
     if cond["pooled_projections"].shape[0] != len(prompts):
         raise ValueError(f"conditioning has {cond['pooled_projections'].shape[0]} rows for {len(prompts)} prompts")
     params, opt, gen, py_rng, ema, start = start_training(model, cfg, ckpt_dir)
+    matching = cfg.objective in MATCHING_OBJECTIVES
+    old = LoraEma(lora_state(model.transformer)) if cfg.objective == "diffusion_nft" else None
+    if old is not None and start > 0:
+        restore_extra(ckpt_dir, "old", old.shadow)
     sigmas = sigma_schedule(model, cfg.grpo_sample_steps)
     k = cfg.grpo_group_size
     null = {key: v.to(model.device) for key, v in null_cond.items()}
@@ -219,20 +228,30 @@ def train_online(
         rows = chosen.repeat_interleave(k)
         batch = {key: v[rows].to(model.device) for key, v in cond.items()}
         model.transformer.eval()
-        traj = sample_trajectories(model, batch, null, sigmas, cfg.grpo_eta, guidance, gen)
+        if matching:
+            final = sample_clean(model, batch, null, sigmas, guidance, gen, old)
+        else:
+            traj = sample_trajectories(model, batch, null, sigmas, cfg.grpo_eta, guidance, gen)
+            final = traj.final
         with torch.no_grad():
-            images = model.decode(traj.final)
+            images = model.decode(final)
         t1 = time.perf_counter()
         rewards = torch.as_tensor(reward_fn(images, [prompts[int(i)].target for i in rows]), dtype=torch.float32)
         t2 = time.perf_counter()
-        means = update_policy(model, traj, batch, null, rewards, sigmas, cfg, guidance, step, params, opt, ema, gen)
+        if matching:
+            means = update_matching(model, final, batch, null, rewards, sigmas, cfg, guidance, step, params, opt, ema,
+                                    gen, old)
+        else:
+            means = update_policy(model, traj, batch, null, rewards, sigmas, cfg, guidance, step, params, opt, ema,
+                                  gen)
         t3 = time.perf_counter()
         if step % cfg.log_every == 0 or step == cfg.steps:
             metrics = {f"train/{key}": v for key, v in means.items()}
             metrics |= {"train/reward": float(rewards.mean()), "train/reward_std": float(rewards.std(unbiased=False))}
             metrics |= {"time/generation_s": t1 - t0, "time/scoring_s": t2 - t1, "time/training_s": t3 - t2}
             log(step, metrics)
-        end_of_step(step, cfg, model, ema, opt, gen, py_rng, ckpt_dir, on_checkpoint, eval_every)
+        end_of_step(step, cfg, model, ema, opt, gen, py_rng, ckpt_dir, on_checkpoint, eval_every,
+                    extra=None if old is None else {"old": old.shadow})
     model.transformer.eval()
     set_lora_state(model.transformer, ema.shadow)
     return ema.shadow
