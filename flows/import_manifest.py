@@ -19,6 +19,7 @@ from gdro_core.data.scoring import RewardTableError, read_table
 from gdro_core.data.store import read_json
 from gdro_core.models import load_model
 from gdro_core.models.identity import base_fingerprint
+from gdro_core.tasks.registry import caption_words
 from gdro_core.tracking.runs import stage_run
 
 
@@ -39,7 +40,7 @@ def import_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | No
             logger.info("%s is imported already (%d images in %s)", lay.import_manifest, rows, lay.rollout_dir)
         else:
             result = import_manifest(lay.import_manifest, p, load_model(p, lay.base_dir), lay.rollout_dir,
-                                     lay.rewards, fp, base, log=logger.warning)
+                                     lay.rewards, fp, base, log=logger.warning, words=caption_words(p))
             rows = result.rows
             logger.info("%s", result.summary())
             mlflow.log_metrics({"import_groups": len(result.groups.kept), "import_encoded": result.encoded,

@@ -103,9 +103,9 @@ EVALUATE = Stage(
 
 IMPORT = Stage(
     "import", "read your own images and rewards (data.manifest) into the rollout store and the reward table",
-    params=("task", "world", "geneval.world", "model", "prompts.templates", "sampler.batch_size", "rewards.weights",
-            "train.group_size", "train.noise", "data"),
-    code=("flows.import_manifest",),
+    params=("task", "world", "geneval.world", "geneval.classes", "geneval.colors", "model", "prompts.templates",
+            "sampler.batch_size", "rewards.weights", "train.group_size", "train.noise", "data"),
+    code=("flows.import_manifest",), task_parts=("prompts",),
     reads=("base_dir", "import_dir"), writes=(Out("rollout_dir"), Out("rewards")),
     notes={"data.source": "import: dvc.yaml runs this stage in place of rollout and score (same outputs)"},
 )

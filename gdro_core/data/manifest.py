@@ -16,7 +16,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -291,16 +291,15 @@ def stored_latents(folder: Path, base_fingerprint: str) -> tuple[dict[str, str],
 
 
 # --- the token limit ------------------------------------------------------------------------------------------
-def prompt_checker(params, model) -> Callable[[str, str], None]:
-    """A check that a prompt fits the text encoder: the built-in tokenizer's vocabulary and model.builtin.max_tokens,
-    or a real family's longest tokenizer's model_max_length."""
+def prompt_checker(params, model, words: Sequence[str] = ()) -> Callable[[str, str], None]:
+    """A check that a prompt fits the text encoder: the built-in tokenizer's vocabulary (its whole ``words``, the
+    task's caption words) and model.builtin.max_tokens, or a real family's longest tokenizer's model_max_length."""
     from gdro_core.data.prompt_checks import check_encodable
 
     if params.model.source == "builtin":
         from gdro_core.models.builtin import CHARACTERS, build_tokenizer
-        from gdro_core.tasks.registry import caption_words
 
-        tok = build_tokenizer(caption_words(params))
+        tok = build_tokenizer(list(words))
         limit = params.model.builtin.max_tokens
 
         def check(prompt: str, where: str) -> None:
@@ -348,7 +347,7 @@ def _tmp_dir(path: Path) -> Path:
 
 def import_manifest(
     manifest: Path, params, model, rollout_dir: Path, rewards: Path, fp: str, base_fingerprint: str,
-    log: Log = print,
+    log: Log = print, words: Sequence[str] = (),
 ) -> ImportResult:
     """Read, check and encode ``manifest``; write the rollout store at ``rollout_dir`` (fingerprint ``fp``: see
     :func:`gdro_core.cache_keys.import_fingerprint`) and the reward table at ``rewards`` tied to it. Nothing is
@@ -361,7 +360,7 @@ def import_manifest(
     folder = manifest.parent
     weights = dict(params.rewards.weights)
     rows = read_manifest(manifest, weights)
-    check_prompt = prompt_checker(params, model)
+    check_prompt = prompt_checker(params, model, words)
     for r in rows:
         try:
             check_prompt(r.prompt, r.where)
