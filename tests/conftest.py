@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +17,10 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One torch thread per process unless the caller says otherwise, in this process and every `gdro`/`dvc` one the tests
+# start: the tiny models gain nothing from a second thread, and the suite runs two stage processes at a time in places,
+# where threads that spin waiting for each other on two cores only slow both down.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
@@ -136,6 +141,120 @@ def staged_project(root: Path, params: dict, stages: tuple[str, ...]) -> dict[st
     env = gdro_env(root)
     for stage in stages:
         out = subprocess.run([Path(sys.executable).parent / "gdro", stage], cwd=root, env=env,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
         assert out.returncode == 0, f"gdro {stage}: " + out.stderr[-2000:]
     return env
+
+
+def started_together(work: dict[str, Callable[[], object]], at_once: int = 2) -> dict[str, Future]:
+    """Each of ``work``'s calls started on a thread, ``at_once`` at a time; ``.result()`` waits for one and re-raises its
+    failure (an assertion error with pytest's message) in the test that asks. Meant for chains of `gdro`/`dvc` processes
+    that are independent of each other: each stage process is mostly single-threaded (cold imports, a tiny model),
+    so on a two-core machine two chains take little longer than one."""
+    pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="chain")
+    futures = {name: pool.submit(call) for name, call in work.items()}
+    pool.shutdown(wait=False)
+    return futures
+
+
+def wait_all(futures: dict[str, Future]) -> None:
+    """At a fixture's teardown: no chain left running into the next module (their outcome is their test's)."""
+    for future in futures.values():
+        future.cancel()
+    for future in futures.values():
+        if not future.cancelled():
+            future.exception()
+
+
+def run_ok(cmd: list, cwd: Path, env: dict[str, str]) -> str:
+    """Run ``cmd``; fails the test with the end of its output unless it exits 0. Returns stdout + stderr."""
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"{' '.join(map(str, cmd))}: " + out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def dvc_env(root: Path) -> dict[str, str]:
+    """The environment of `dvc` commands in a project made by :func:`dvc_project_at`: its stages run its own copy
+    of the code (``PYTHONPATH``), so a test may edit that copy."""
+    return {**gdro_env(root), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root)}
+
+
+def dvc_project_at(root: Path, params: dict) -> dict[str, str]:
+    """A git + DVC project at ``root`` with dvc.yaml, the rounds file, a copy of the code and ``params`` (every key,
+    the defaults too: dvc reads params.yaml itself); nothing run yet. Returns its :func:`dvc_env`."""
+    root.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", root)
+    (root / "rounds").mkdir()
+    shutil.copy(ROOT / "rounds" / "dvc.yaml", root / "rounds")
+    for code in ("gdro_core", "flows", "prompt_files"):  # every dep path dvc.yaml names
+        shutil.copytree(ROOT / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(parse_params(params).model_dump()))
+    env = dvc_env(root)
+    run_ok(["git", "init", "-q"], root, env)
+    run_ok([Path(sys.executable).parent / "dvc", "init", "-q"], root, env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, prefect_server) -> tuple[Path, str]:
+    """The tiny project after its first `dvc repro` (what `make demo` runs), made once per session: its path and
+    the repro's output. Read it; a test that writes works on its own copy (:func:`dvc_copy`)."""
+    path = tmp_path_factory.mktemp("reproduced") / "project"
+    env = dvc_project_at(path, TINY)
+    return path, run_ok([Path(sys.executable).parent / "dvc", "repro"], path, env)
+
+
+def dvc_copy(reproduced: tuple[Path, str], dest: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the reproduced project that a test may change and rerun, and the environment of its commands."""
+    path = copy_project(reproduced[0], dest)
+    return path, dvc_env(path)
+
+
+def in_project(root: Path, *flows: Callable) -> list:
+    """Each of ``flows`` called in this process on the project at ``root`` (its params.yaml); their results."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GDRO_ROOT", str(root))
+    try:
+        return [flow(params_path="params.yaml") for flow in flows]
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def scored(tmp_path_factory, prefect_server) -> Path:
+    """A tiny project (``TINY``) whose prompts, base, rollouts and reward table are made once per session, by the
+    stage flows in this process. Its train and evaluate have not run; copy it (:func:`scored_copy`) to use it."""
+    from flows.base import base_flow
+    from flows.prompts import prompts_flow
+    from flows.rollout import rollout_flow
+    from flows.score import score_flow
+
+    root = tmp_path_factory.mktemp("scored") / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    in_project(root, prompts_flow, base_flow, rollout_flow, score_flow)
+    return root
+
+
+def scored_copy(scored: Path, dest: Path, params: dict | None = None) -> dict[str, str]:
+    """A copy of the :func:`scored` project at ``dest``, with ``params`` (which may change what train and evaluate
+    do, not the data) as its params.yaml; returns the environment of `gdro` commands run there."""
+    copy_project(scored, dest)
+    if params is not None:
+        for section in ("world", "prompts", "model", "pretrain", "sampler", "rollout", "reward", "task"):
+            assert params.get(section) == TINY.get(section), f"{section} would change the scored data"
+        (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    return gdro_env(dest)
+
+
+@pytest.fixture(scope="session")
+def pipelined(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
+    """The tiny project after the whole pipeline flow ran once in this process: its root and the metrics the flow
+    returned. Read it; a test that writes works on a copy (:func:`copy_project`)."""
+    from flows.pipeline import pipeline_flow
+
+    root = tmp_path_factory.mktemp("pipelined") / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    (metrics,) = in_project(root, pipeline_flow)
+    return root, metrics

@@ -1,9 +1,11 @@
 """dvc.yaml drives the same flows: a second repro does no work; a train param reruns train + evaluate only;
 invalid params stop it before any output is deleted; rounds/dvc.yaml runs later rounds after the first.
-The first repro runs once per module; each test works on its own copy of the project."""
 
-import os
-import shutil
+The first repro runs once per session (conftest ``reproduced``). Each test is a chain of `dvc` commands on its own
+copy of that project, and the module's chains run two at a time (``chains``): each test waits for its own, whose
+assertions fail in that test."""
+
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -11,50 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, copy_project
-from gdro_core.params import parse_params
+from conftest import dvc_copy, run_ok as run, started_together, wait_all
 
 BIN = Path(sys.executable).parent
 
 
-def run(cmd, cwd, env):
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout + out.stderr
-
-
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory, prefect_server):
-    """A tiny project after its first `dvc repro` (what `make demo` runs), made once for this module's tests."""
-    from prefect.settings import PREFECT_API_URL
-
-    path = tmp_path_factory.mktemp("dvc") / "project"
-    path.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", path)
-    (path / "rounds").mkdir()
-    shutil.copy(ROOT / "rounds" / "dvc.yaml", path / "rounds")
-    for code in ("gdro_core", "flows", "prompt_files"):  # the stages run this copy (PYTHONPATH), so a test may edit it
-        shutil.copytree(ROOT / code, path / code, ignore=shutil.ignore_patterns("__pycache__"))
-    # dvc reads params.yaml itself: write every key (the defaults too), not just the tiny overrides
-    (path / "params.yaml").write_text(yaml.safe_dump(parse_params(TINY).model_dump()))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(path)}
-    run(["git", "init", "-q"], path, env)
-    run([BIN / "dvc", "init", "-q"], path, env)
-    first = run([BIN / "dvc", "repro"], path, {**env, "GDRO_ROOT": str(path)})
-    return path, env, first
-
-
-@pytest.fixture()
-def dvc_project(reproduced, tmp_path):
-    """This test's own copy of the reproduced project: its edits and reruns never reach another test."""
-    source, env, first = reproduced
-    path = copy_project(source, tmp_path / "project")
-    return path, {**env, "GDRO_ROOT": str(path), "PYTHONPATH": str(path)}, first
-
-
-def test_repro_is_incremental(dvc_project):
-    path, env, first = dvc_project
+def repro_is_incremental(path, env, first):
     for stage in ("check", "prompts", "base", "rollout", "score", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first
     assert not any("@" in stage for stage in ran_stages(first))  # the root file never runs a later round
@@ -110,8 +74,7 @@ def stale(path, env) -> set[str]:
     return set(json.loads(run([BIN / "dvc", "status", "--json", "dvc.yaml"], path, env) or "{}"))
 
 
-def test_a_code_edit_reruns_exactly_the_stages_that_run_that_code(dvc_project):
-    path, env, _ = dvc_project
+def a_code_edit_reruns_exactly_the_stages_that_run_that_code(path, env, first):
     assert stale(path, env) == set()
     for rel, expected in EDITS.items():
         source = path / rel
@@ -122,8 +85,7 @@ def test_a_code_edit_reruns_exactly_the_stages_that_run_that_code(dvc_project):
         assert stale(path, env) == set(), rel
 
 
-def test_rerunning_every_stage_on_unchanged_inputs_writes_the_same_bytes(dvc_project):
-    path, env, _ = dvc_project
+def rerunning_every_stage_on_unchanged_inputs_writes_the_same_bytes(path, env, first):
     before = (path / "dvc.lock").read_text()
     again = run([BIN / "dvc", "repro", "--force"], path, env)  # every stage runs again, as `gdro pipeline` would
     assert {"check", "prompts", "base", "rollout", "score", "train", "evaluate"} <= ran_stages(again)
@@ -135,8 +97,7 @@ def ran_stages(log: str) -> set[str]:
     return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
 
 
-def test_rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it(dvc_project):
-    path, env, _ = dvc_project
+def rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it(path, env, first):
     metrics = run([BIN / "dvc", "metrics", "show", "reports/metrics.json", "reports/train_summary.json"], path, env)
     assert "rounds" not in metrics  # what `make demo` prints: round 1's metrics only
 
@@ -167,3 +128,42 @@ def test_rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it(
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     fourth = run([BIN / "dvc", "repro", "rounds/dvc.yaml"], path, env)
     assert ran_stages(fourth) == {"check", "rounds/dvc.yaml:train@2", "rounds/dvc.yaml:evaluate@2"}
+
+
+CHAINS = [  # the longest first: two at a time, they end about together
+    rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it,
+    rerunning_every_stage_on_unchanged_inputs_writes_the_same_bytes,
+    a_code_edit_reruns_exactly_the_stages_that_run_that_code,
+    repro_is_incremental,
+]
+
+
+@pytest.fixture(scope="module")
+def chains(request, reproduced, tmp_path_factory):
+    """The selected tests' chains, each on its own copy of the reproduced project (its edits and reruns never reach
+    another test), started together."""
+    wanted = {item.originalname for item in request.session.items if item.module is request.module}
+    work = {}
+    for chain in CHAINS:
+        if f"test_{chain.__name__}" in wanted:
+            path, env = dvc_copy(reproduced, tmp_path_factory.mktemp("dvc") / "project")
+            work[chain.__name__] = functools.partial(chain, path, env, reproduced[1])
+    futures = started_together(work)
+    yield futures
+    wait_all(futures)
+
+
+def test_repro_is_incremental(chains):
+    chains["repro_is_incremental"].result()
+
+
+def test_a_code_edit_reruns_exactly_the_stages_that_run_that_code(chains):
+    chains["a_code_edit_reruns_exactly_the_stages_that_run_that_code"].result()
+
+
+def test_rerunning_every_stage_on_unchanged_inputs_writes_the_same_bytes(chains):
+    chains["rerunning_every_stage_on_unchanged_inputs_writes_the_same_bytes"].result()
+
+
+def test_rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it(chains):
+    chains["rounds_file_runs_round_2_after_round_1_and_the_root_file_never_runs_it"].result()

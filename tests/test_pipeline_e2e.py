@@ -19,10 +19,8 @@ def project(tmp_path, monkeypatch, prefect_server):
     return tmp_path
 
 
-def test_pipeline_flow_runs_every_stage_and_registers_the_adapter(project):
-    from flows.pipeline import pipeline_flow
-
-    metrics = pipeline_flow(params_path="params.yaml")
+def test_pipeline_flow_runs_every_stage_and_registers_the_adapter(pipelined):
+    project, metrics = pipelined  # the session's one pipeline flow run (conftest), read only
     saved = json.loads((project / "reports" / "metrics.json").read_text())
     assert saved == metrics
     for name in ("base", "trained", "ceiling"):

@@ -10,7 +10,7 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, copy_project
 
 from gdro_core.params import parse_params
 from gdro_core.tracking.compare import collect_versions, compare_report, pick_champion, set_champion
@@ -87,18 +87,13 @@ def test_champion_is_the_best_corrected_score_else_the_best_reward(tmp_path):
     assert pd.read_csv(plot.with_suffix(".csv"))["version"].tolist() == [1, 2, 3, 4, 5]
 
 
-@pytest.fixture()
-def project(tmp_path, monkeypatch, prefect_server):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
-    monkeypatch.setenv("GDRO_ROOT", str(tmp_path))
-    return tmp_path
-
-
-def test_trained_adapter_is_a_version_with_params_metrics_and_data_version_loadable_as_champion(project, capsys):
+def test_trained_adapter_is_a_version_with_params_metrics_and_data_version_loadable_as_champion(pipelined, tmp_path,
+                                                                                            monkeypatch, capsys):
     from flows.cli import main
-    from flows.pipeline import pipeline_flow
 
-    metrics = pipeline_flow(params_path="params.yaml")
+    project = copy_project(pipelined[0], tmp_path / "project")  # the session's pipeline flow run; compare writes
+    metrics = pipelined[1]
+    monkeypatch.setenv("GDRO_ROOT", str(project))
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     (version,) = client.search_model_versions("name='gdro-ocr-lora'")

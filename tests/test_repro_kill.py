@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlflow
 
-from conftest import TINY, copy_project, kill_when, staged_project
+from conftest import TINY, copy_project, gdro_env, kill_when, tiny_project
 from gdro_core.data.store import dir_hash
 
 BIN = Path(sys.executable).parent
@@ -21,13 +21,15 @@ def test_kill_9_during_rollout_leaves_nothing_running_and_the_rerun_ends_with_th
     # one prompt per shard and more sampler steps: a rollout long enough to be interrupted between shards
     params = {**TINY, "prompts": {**TINY["prompts"], "n_train": 48},
               "sampler": {**TINY["sampler"], "steps": 20, "batch_size": 4}}
-    project = tmp_path / "killed"
-    env = staged_project(project, params, ("prompts", "base"))
+    project = tiny_project(tmp_path / "killed", params)  # prompts and a small random base, made in this process
+    env = gdro_env(project)
     twin = tmp_path / "uninterrupted"
     copy_project(project, twin)
-    done = subprocess.run([BIN / "gdro", "rollout"], cwd=twin, env={**env, "GDRO_ROOT": str(twin)},
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the uninterrupted rollout runs alongside the interrupted one and its rerun (each a single-threaded process)
+    twin_log = twin.parent / "uninterrupted.log"
+    with twin_log.open("w") as log:
+        uninterrupted = subprocess.Popen([BIN / "gdro", "rollout"], cwd=twin, env={**env, "GDRO_ROOT": str(twin)},
+                                         stdout=log, stderr=subprocess.STDOUT)
 
     proc = subprocess.Popen([BIN / "gdro", "rollout"], cwd=project, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -35,6 +37,7 @@ def test_kill_9_during_rollout_leaves_nothing_running_and_the_rerun_ends_with_th
     assert not (project / "data/rollouts/manifest.json").exists()
 
     rerun = subprocess.run([BIN / "gdro", "rollout"], cwd=project, env=env, capture_output=True, text=True)
+    assert uninterrupted.wait() == 0, twin_log.read_text()[-2000:]
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert dir_hash(project / "data/rollouts") == dir_hash(twin / "data/rollouts")
     assert not list(project.glob(".gdro/locks/*.lock"))

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import TINY, staged_project
+from conftest import TINY, scored_copy
 from gdro_core.params import parse_params
 from gdro_core.tracking.runs import PENDING_DIR, metric_logger, stage_run, tracking_optional
 
@@ -106,12 +106,13 @@ def healthy(url: str) -> bool:
         return False
 
 
-def test_the_tracking_server_stopping_mid_train_loses_no_training(tmp_path, prefect_server):
+def test_the_tracking_server_stopping_mid_train_loses_no_training(scored, tmp_path):
     """Before: training blocked at the next metric log and died minutes later, losing the steps since its checkpoint."""
     # long enough that a fast machine cannot finish between the first checkpoint and the server's stop
     params = {**TINY, "train": {**TINY["train"], "steps": 48, "checkpoint_every": 2},
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 16}}
-    env = staged_project(tmp_path, params, ("prompts", "base", "rollout", "score"))
+    tmp_path = tmp_path / "project"
+    env = scored_copy(scored, tmp_path, params)
 
     url = f"http://127.0.0.1:{free_port()}"
     server = subprocess.Popen(

@@ -2,7 +2,6 @@
 passing it on): the MLflow run ends KILLED, the last checkpoint (or finished rollout shard) is kept, and the next
 run resumes from it."""
 
-import os
 import re
 import shutil
 import signal
@@ -15,7 +14,7 @@ import mlflow
 import psutil
 import yaml
 
-from conftest import ROOT, TINY, staged_project
+from conftest import TINY, dvc_copy, scored_copy, staged_project
 from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
@@ -50,22 +49,16 @@ def logged_steps(log: str) -> list[int]:
     return [int(m) for m in re.findall(r"step (\d+):", log)]
 
 
-def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(tmp_path, prefect_server):
-    from prefect.settings import PREFECT_API_URL
-
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", project)
-    for code in ("gdro_core", "flows", "prompt_files"):
-        shutil.copytree(ROOT / code, project / code, ignore=shutil.ignore_patterns("__pycache__"))
+def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(reproduced, tmp_path):
+    # the reproduced project with a long pretraining: `dvc repro base` reruns check and base (the prompts are kept)
+    project, env = dvc_copy(reproduced, tmp_path / "project")
+    (project / "mlflow.db").unlink()  # the first repro's runs and checkpoints: this test counts and finds its own
+    shutil.rmtree(project / "checkpoints")
     params = parse_params({**TINY, "pretrain": {**TINY["pretrain"], "steps": 400, "checkpoint_every": 5,
                                                 "log_every": 1}})
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(project), "GDRO_ROOT": str(project),
+    env = {**env, "OMP_NUM_THREADS": "1",
            "SHELL": "/bin/sh"}  # DVC runs the stage through $SHELL; a POSIX sh (dash) stays alive between them
-    for cmd in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=project, env=env, check=True)
     repro = subprocess.Popen([BIN / "dvc", "repro", "base"], cwd=project, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: any((project / "checkpoints" / "base").glob("*/step-*")), "the first pretraining checkpoint")
@@ -87,10 +80,11 @@ def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(tmp_path, 
     assert runs(project, "base") == ["KILLED", "FINISHED"]
 
 
-def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(tmp_path, prefect_server):
+def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(scored, tmp_path):
     params = {**TINY, "train": {**TINY["train"], "steps": 300, "checkpoint_every": 5, "log_every": 1},
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 0}}
-    env = staged_project(tmp_path, params, ("prompts", "base", "rollout", "score"))
+    tmp_path = tmp_path / "project"
+    env = scored_copy(scored, tmp_path, params)
     log = tmp_path / "train.log"
     with log.open("w") as out:
         proc = subprocess.Popen([BIN / "gdro", "train"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},

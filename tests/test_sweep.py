@@ -1,14 +1,13 @@
 """Sweeps: each config trains and evaluates on the same cached rollouts, as nested MLflow runs, in parallel."""
 
 import json
-import os
 
 import mlflow
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import TINY, scored_copy
 from gdro_core.tracking.data_version import dvc_md5
 from gdro_core.params import ParamsError, Sweep, parse_params
 from gdro_core.data.store import sha256_file
@@ -73,25 +72,13 @@ def test_the_same_sweep_as_dvc_experiments_sets_every_swept_key_in_every_run():
 
 # --- the flow, with a real Prefect server and MLflow store ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cached_project(tmp_path_factory, prefect_server):
-    """A tiny project whose prompts, base model, rollouts and reward table are made once."""
-    from flows.base import base_flow
-    from flows.prompts import prompts_flow
-    from flows.rollout import rollout_flow
-    from flows.score import score_flow
-
-    root = tmp_path_factory.mktemp("sweep-project")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    old = os.environ.get("GDRO_ROOT")
-    os.environ["GDRO_ROOT"] = str(root)
-    for stage in (prompts_flow, base_flow, rollout_flow, score_flow):
-        stage(params_path="params.yaml")
-    yield root
-    if old is None:
-        os.environ.pop("GDRO_ROOT", None)
-    else:
-        os.environ["GDRO_ROOT"] = old
+@pytest.fixture()
+def cached_project(scored, tmp_path, monkeypatch):
+    """A copy of the session's tiny project whose prompts, base model, rollouts and reward table are made."""
+    root = tmp_path / "project"
+    scored_copy(scored, root)
+    monkeypatch.setenv("GDRO_ROOT", str(root))
+    return root
 
 
 def _runs(root):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY, copy_project, kill_when, staged_project
+from conftest import TINY, copy_project, kill_when, scored_copy
 
 from gdro_core.params import parse_params
 from gdro_core.tracking.locks import LockError, lock_path, stage_lock
@@ -122,19 +122,21 @@ except LockError:
 
 
 @pytest.fixture()
-def scored_project(tmp_path, prefect_server):
+def scored_project(scored, tmp_path):
     params = {**TINY, "train": {**TINY["train"], "steps": 24, "checkpoint_every": 2},
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 8}}
-    return tmp_path, staged_project(tmp_path, params, ("prompts", "base", "rollout", "score"))
+    return tmp_path / "project", scored_copy(scored, tmp_path / "project", params)
 
 
 def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_same_bytes(scored_project):
     path, env = scored_project
     twin = path.parent / "uninterrupted"
     copy_project(path, twin)
-    done = subprocess.run([BIN / "gdro", "train"], cwd=twin, env={**env, "GDRO_ROOT": str(twin)},
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the uninterrupted train runs alongside the interrupted one and its rerun (each a single-threaded process)
+    twin_log = twin.parent / "uninterrupted.log"
+    with twin_log.open("w") as log:
+        uninterrupted = subprocess.Popen([BIN / "gdro", "train"], cwd=twin, env={**env, "GDRO_ROOT": str(twin)},
+                                         stdout=log, stderr=subprocess.STDOUT)
 
     proc = subprocess.Popen([BIN / "gdro", "train"], cwd=path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -142,6 +144,7 @@ def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_
     assert list(path.glob(".gdro/locks/*.lock")), "the killed run's lock is left behind, to be taken over"
 
     rerun = subprocess.run([BIN / "gdro", "train"], cwd=path, env=env, capture_output=True, text=True)
+    assert uninterrupted.wait() == 0, twin_log.read_text()[-2000:]
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     weights = "models/adapter/pytorch_lora_weights.safetensors"
     assert (path / weights).read_bytes() == (twin / weights).read_bytes()

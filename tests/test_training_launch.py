@@ -1,6 +1,8 @@
-"""`gdro train` with train.num_processes = 2 starts itself under torchrun; only rank 0 writes and reports."""
+"""`gdro train` with train.num_processes = 2 starts itself under torchrun; only rank 0 writes and reports.
+The suite's one two-process `gdro train` (test_training_distributed runs the training loop itself)."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -9,23 +11,31 @@ from pathlib import Path
 import mlflow
 import torch
 
-from test_cpu_benchmark_smoke import make_project
+from test_cpu_benchmark_smoke import PARAMS, make_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gdro_train_on_two_processes_trains_once_and_reports_once(tmp_path, one_thread):
+    """The documented command with `model.device: auto` on a machine without CUDA: both ranks join one job, which
+    trains once (to its last step) and reports once."""
+    from gdro_core.training.checkpoint import latest_checkpoint, load_checkpoint
+
     make_project(tmp_path)
     env = {**os.environ, "GDRO_ROOT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--set", "train.num_processes=2"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = subprocess.run([Path(sys.executable).parent / "gdro", "train", "--set", "train.num_processes=2", "--set",
+                           "model.device=auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert (tmp_path / "models" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     states = sorted(glob.glob(str(tmp_path / "checkpoints" / "train" / "*" / "step-*" / "state.pt")))
     assert states, "no checkpoint written"
     assert {torch.load(s, weights_only=True)["num_processes"] for s in states} == {2}  # really two ranks
+    (ckpt,) = (tmp_path / "checkpoints" / "train").iterdir()
+    _, state = load_checkpoint(latest_checkpoint(ckpt))
+    assert state["num_processes"] == 2 and state["step"] == PARAMS["train"]["steps"]
+    assert json.loads((tmp_path / "reports" / "train_summary.json").read_text())["kept_step"] >= 0
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
