@@ -492,7 +492,8 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device, d
         }
     else:
         result["grpo_over_gdro"] = None
-    del model, tr, benches
+    benches.clear()
+    model = tr = None  # drop the last references before freeing the device's cache
     free_memory(device)
     return result
 

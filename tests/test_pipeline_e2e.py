@@ -13,8 +13,7 @@ from conftest import TINY
 
 @pytest.fixture()
 def project(tmp_path, monkeypatch, prefect_server):
-    params = {**TINY, "evaluate": {**TINY["evaluate"], "second_reader": "auto"}}  # rapidocr: the reader not trained on
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
     monkeypatch.setenv("GDRO_ROOT", str(tmp_path))
     return tmp_path
 
