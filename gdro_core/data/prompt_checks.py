@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 class PromptError(ValueError):
@@ -37,3 +38,13 @@ def check_builtin_encodable(prompts: Sequence, max_tokens: int, words: Sequence[
 
     tok = build_tokenizer(words)
     check_encodable(prompts, set(CHARACTERS), max_tokens, lambda s: len(tok(s).input_ids), where)
+
+
+def hold_out_val(sets: dict[str, list], n_val: int, source: Path | str) -> dict[str, list]:
+    """``sets`` with a ``val`` split: the file's own when given, else the last ``n_val`` training prompts."""
+    if "val" in sets or not n_val:
+        return sets
+    if n_val >= len(sets["train"]):
+        raise PromptError(f"{source}/train.txt has {len(sets['train'])} prompts, too few to hold out "
+                          f"prompts.n_val={n_val} for validation: add val.txt or lower prompts.n_val")
+    return {**sets, "train": sets["train"][:-n_val], "val": sets["train"][-n_val:]}

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.prompt_checks import PromptError, check_unique
+from gdro_core.data.prompt_checks import PromptError, check_unique, hold_out_val
 from gdro_core.data.store import atomic_write, jsonl_records
 
 HELD_OUT = ("test", "val")
@@ -51,12 +51,7 @@ def load_prompt_source(source: Path, n_val: int) -> dict[str, list[GeneralPrompt
     sets = {split: read_prompt_file(find(split)) for split in ("train", "test")}
     if find("val").is_file():
         sets["val"] = read_prompt_file(find("val"))
-    elif n_val:
-        if n_val >= len(sets["train"]):
-            raise PromptError(f"{source}/train has {len(sets['train'])} prompts, too few to hold out "
-                              f"prompts.n_val={n_val} for validation: add val.txt or lower prompts.n_val")
-        sets["train"], sets["val"] = sets["train"][:-n_val], sets["train"][-n_val:]
-    return sets
+    return hold_out_val(sets, n_val, source)
 
 
 def validate_prompt_sets(sets: dict[str, list[GeneralPrompt]], where: str) -> None:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique
+from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique, hold_out_val
 from gdro_core.data.store import atomic_write, jsonl_records
 from gdro_core.tasks.base import words_of
 
@@ -125,12 +125,7 @@ def load_prompt_source(source: Path, n_val: int) -> dict[str, list[OcrPrompt]]:
     sets = {split: read_prompt_file(Path(source) / f"{split}.txt") for split in ("train", "test")}
     if (Path(source) / "val.txt").is_file():
         sets["val"] = read_prompt_file(Path(source) / "val.txt")
-    elif n_val:
-        if n_val >= len(sets["train"]):
-            raise PromptError(f"{source}/train.txt has {len(sets['train'])} prompts, too few to hold out "
-                              f"prompts.n_val={n_val} for validation: add val.txt or lower prompts.n_val")
-        sets["train"], sets["val"] = sets["train"][:-n_val], sets["train"][-n_val:]
-    return sets
+    return hold_out_val(sets, n_val, source)
 
 
 def check_disjoint(sets: dict[str, list[OcrPrompt]], where: str) -> None:
