@@ -24,7 +24,8 @@ def load_layout(params_path: str = "params.yaml", overrides: dict[str, Any] | No
     """The layout of ``round`` (1: the default pipeline) with the params that round runs with."""
     import torch
 
-    from gdro_core.models import check_image_size, stage_threads
+    from gdro_core.models import check_image_size
+    from gdro_core.params import stage_threads
 
     root = project_root()
     path = Path(params_path)

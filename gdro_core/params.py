@@ -6,6 +6,7 @@ is an error naming the key, never a silent default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -845,3 +846,11 @@ def section_dict(params: Params, *names: str) -> dict[str, Any]:
             node = node[part]
         walk(name, node)
     return out
+
+
+def stage_threads(threads: int) -> int:
+    """Torch CPU threads for a stage process: ``scale.threads``, else ``OMP_NUM_THREADS`` when set, else 1."""
+    if threads:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else 1

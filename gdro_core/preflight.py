@@ -75,7 +75,7 @@ def model_source(params: Params, root: Path) -> list[str]:
         return problems
     if path.exists():
         return [f"model.source: {path} is a file, not a diffusers checkpoint directory"]
-    from gdro_core.models.families import read_model_index
+    from gdro_core.models.checkpoint_files import read_model_index
 
     looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
     if looks_like_hub_id and read_model_index(source) is not None:

@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -40,6 +41,20 @@ TINY = {
     "evaluate": {"grid_prompts": 4, "checkpoint_every": 2, "checkpoint_prompts": 2, "second_reader": "none"},
     "judge": {"reference_images": 16},
 }
+
+
+LONGEST_FIRST = (  # modules of whole `gdro`/`dvc` runs, longest first (`make test` prints the slowest tests)
+    "test_dvc_pipeline.py", "test_families_pipeline.py", "test_fanout.py", "test_stop_signals.py", "test_serve.py",
+    "test_serve_stop.py", "test_training_launch.py", "test_cli_errors.py", "test_rewards.py", "test_tracking_faults.py",
+    "test_repro_tracking.py", "test_rounds.py", "test_repro_kill.py",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """`make test` hands whole modules to its workers (pytest-xdist ``--dist loadfile``) in collection order: the
+    longest go first, so the workers end together instead of one finishing a long module alone."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other module keeps its order
 
 
 @pytest.fixture(scope="session")
@@ -195,13 +210,36 @@ def dvc_project_at(root: Path, params: dict) -> dict[str, str]:
     return env
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> object:
+    """``build(root)``'s result for a project the tests only read or copy, built once per test run.
+
+    Under pytest-xdist every worker runs its own session fixtures; the first worker to ask builds the project in the
+    run's shared temporary directory while holding a file lock, and the others wait and read its JSON result. A
+    failed build leaves nothing behind, so the next worker to ask tries again (and fails with its own message)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return json.loads(json.dumps(build(tmp_path_factory.mktemp(name))))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / name
+    done = root.with_name(name + ".json")
+    with FileLock(str(root) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            done.write_text(json.dumps(build(root)))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory, prefect_server) -> tuple[Path, str]:
-    """The tiny project after its first `dvc repro` (what `make demo` runs), made once per session: its path and
+    """The tiny project after its first `dvc repro` (what `make demo` runs), made once per test run: its path and
     the repro's output. Read it; a test that writes works on its own copy (:func:`dvc_copy`)."""
-    path = tmp_path_factory.mktemp("reproduced") / "project"
-    env = dvc_project_at(path, TINY)
-    return path, run_ok([Path(sys.executable).parent / "dvc", "repro"], path, env)
+    def build(root: Path) -> tuple[str, str]:
+        env = dvc_project_at(root / "project", TINY)
+        return str(root / "project"), run_ok([Path(sys.executable).parent / "dvc", "repro"], root / "project", env)
+
+    path, out = built_once(tmp_path_factory, "reproduced", build)
+    return Path(path), out
 
 
 def dvc_copy(reproduced: tuple[Path, str], dest: Path) -> tuple[Path, dict[str, str]]:
@@ -229,11 +267,14 @@ def scored(tmp_path_factory, prefect_server) -> Path:
     from flows.rollout import rollout_flow
     from flows.score import score_flow
 
-    root = tmp_path_factory.mktemp("scored") / "project"
-    root.mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    in_project(root, prompts_flow, base_flow, rollout_flow, score_flow)
-    return root
+    def build(parent: Path) -> str:
+        root = parent / "project"
+        root.mkdir()
+        (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+        in_project(root, prompts_flow, base_flow, rollout_flow, score_flow)
+        return str(root)
+
+    return Path(built_once(tmp_path_factory, "scored", build))
 
 
 def scored_copy(scored: Path, dest: Path, params: dict | None = None) -> dict[str, str]:
@@ -253,9 +294,13 @@ def pipelined(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
     returned. Read it; a test that writes works on a copy (:func:`copy_project`)."""
     from flows.pipeline import pipeline_flow
 
-    root = tmp_path_factory.mktemp("pipelined") / "project"
-    root.mkdir()
-    params = {**TINY, "evaluate": {**TINY["evaluate"], "second_reader": "auto"}}  # rapidocr reads the held-out too
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (metrics,) = in_project(root, pipeline_flow)
-    return root, metrics
+    def build(parent: Path) -> tuple[str, dict]:
+        root = parent / "project"
+        root.mkdir()
+        params = {**TINY, "evaluate": {**TINY["evaluate"], "second_reader": "auto"}}  # rapidocr reads the held-out too
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        (metrics,) = in_project(root, pipeline_flow)
+        return str(root), metrics
+
+    root, metrics = built_once(tmp_path_factory, "pipelined", build)
+    return Path(root), metrics

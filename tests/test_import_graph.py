@@ -312,3 +312,34 @@ def test_scanner_follows_type_checking_and_relative_imports_and_parent_packages(
     })
     assert {"pkg.tasks.x.world", "pkg.heavy"} <= g.closure("pkg.tasks.x.prompts")
     assert g.top_level_imports("pkg.tasks.x.prompts") == ["typing"]
+
+
+def test_gdro_check_validates_without_loading_torch_diffusers_or_mlflow(tmp_path):
+    """`gdro check` is the first DVC stage and reruns on every params change: it reads sizes, paths and code
+    without the model stack (before, each check imported torch, diffusers, peft and MLflow: about 5 CPU-s)."""
+    import subprocess
+
+    import yaml
+    from conftest import TINY
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    probe = ("import sys; from flows.cli import main; rc = main(['check']); "
+             "print('loaded', sorted(m for m in ('torch', 'diffusers', 'peft', 'mlflow') if m in sys.modules)); "
+             "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**__import__("os").environ, "GDRO_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "params valid" in out.stdout and "loaded []" in out.stdout, out.stdout
+
+
+def test_the_light_size_rules_are_the_families_own():
+    """`gdro check` sizes images with :mod:`gdro_core.models.checkpoint_files`; the family classes use the same
+    functions, so the two cannot disagree."""
+    from gdro_core.models.builtin import BuiltinModelAdapter
+    from gdro_core.models.checkpoint_files import SIZE_RULES, builtin_size_multiple
+    from gdro_core.models.families import FAMILIES
+
+    assert set(SIZE_RULES) == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        assert family.size_multiple is SIZE_RULES[name], name
+    assert BuiltinModelAdapter.size_multiple is builtin_size_multiple

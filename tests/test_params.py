@@ -98,7 +98,7 @@ def test_the_training_prompt_evaluation_refuses_seeds_a_rollout_drew():
 
 
 def test_stage_threads_default_to_one_unless_told(monkeypatch):
-    from gdro_core.models import stage_threads
+    from gdro_core.params import stage_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert stage_threads(0) == 1  # never torch's every-core default, which thrashes a loaded machine

@@ -1,17 +1,19 @@
 """Model families behind one interface (:class:`~gdro_core.models.base.FlowModel`).
 
 :func:`load_model` is the one way a stage builds its model from params; the families themselves take
-plain values (image size, channels, the ``model.builtin`` section as an object), never a params type.
+plain values (image size, channels, the ``model.builtin`` section as an object), never a params type. Importing
+the package loads neither torch nor diffusers (``gdro check`` never loads a model); loading a model does.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from gdro_core.models.checkpoint_files import ModelError, check_image_size  # noqa: F401 - torch-free, re-exported
 
-from gdro_core.models.base import FlowModel, ModelError, pick_device, stage_threads
-
+if TYPE_CHECKING:
+    from gdro_core.models.base import FlowModel
 
 def load_model(params, base_dir: str | Path, device: str | None = None) -> FlowModel:
     """The model ``params`` describe: the built-in base saved in ``base_dir`` or the real checkpoint
@@ -20,15 +22,6 @@ def load_model(params, base_dir: str | Path, device: str | None = None) -> FlowM
     m, s = params.model, params.sampler
     height, width, _ = params.image_shape
     return _load_family_model(m.source, base_dir, (height, width), device or m.device, m.dtype, s.shift, s.guidance)
-
-
-def check_image_size(params) -> None:
-    """Raise :class:`ModelError` (a ``ValueError``) naming the multiple when the model family of ``model.source``
-    cannot take the task's images (patch size, VAE factor x patch); a checkpoint not found locally is not checked."""
-    from gdro_core.models.families import check_size
-
-    height, width, _ = params.image_shape
-    check_size(params.model.source, height, width, params.model.builtin)
 
 
 def _load_family_model(
@@ -40,6 +33,9 @@ def _load_family_model(
     ``shift`` (``sampler.shift``) replaces the checkpoint's timestep shift when set; ``guidance`` is the
     embedded guidance scale a guidance-distilled checkpoint (FLUX.1-dev) is trained at (``sampler.guidance``).
     """
+    import torch
+
+    from gdro_core.models.base import pick_device
     from gdro_core.models.builtin import BuiltinModelAdapter, TextRenderPipeline
     from gdro_core.models.families import check_size, family_for_class, read_model_index
 

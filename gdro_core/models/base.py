@@ -9,7 +9,6 @@ branches on the family.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -19,12 +18,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from torch import Tensor
 
+from gdro_core.models.checkpoint_files import ModelError  # noqa: F401 - re-exported
+
 Condition = dict[str, Tensor]
 """Prompt conditioning, batch-first: ``encoder_hidden_states`` and ``pooled_projections``."""
-
-
-class ModelError(ValueError):
-    """A model source that cannot be loaded; the message says what to change."""
 
 
 class FlowModel(Protocol):
@@ -78,14 +75,6 @@ def pick_device(name: str) -> torch.device:
 
         return PartialState().device
     return torch.device(name)
-
-
-def stage_threads(threads: int) -> int:
-    """Torch CPU threads for a stage process: ``scale.threads``, else ``OMP_NUM_THREADS`` when set, else 1."""
-    if threads:
-        return threads
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else 1
 
 
 def images_to_array(images: list[Image.Image]) -> np.ndarray:

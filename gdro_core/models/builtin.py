@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedTokenizerFast
 
 from gdro_core.models.base import Condition, ModelError
+from gdro_core.models.checkpoint_files import builtin_size_multiple
 from gdro_core.models.family import DiffusersFlowModel
 from gdro_core.models.sd3 import SD3_TARGETS, sd3_timesteps, sd3_velocity
 
@@ -141,10 +142,7 @@ class BuiltinModelAdapter(DiffusersFlowModel):
         super().__init__(pipe, (pipe.transformer.config.in_channels, *world_shape), "builtin", base_dir,
                          shift, guidance)
 
-    @staticmethod
-    def size_multiple(cfg) -> tuple[int, str]:
-        """``cfg``: the ``model.builtin`` params section."""
-        return cfg.patch_size, f"model.builtin.patch_size={cfg.patch_size}"
+    size_multiple = staticmethod(builtin_size_multiple)
 
     def encode(self, prompts: list[str]) -> Condition:
         """CLIP conditioning; gradients only while the text encoder is being trained (pretraining)."""

@@ -16,6 +16,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor
 
 from gdro_core.models.base import Condition
+from gdro_core.models.checkpoint_files import flux_size_multiple
 from gdro_core.models.family import DiffusersFlowModel
 
 FLUX_TARGETS = (
@@ -46,10 +47,7 @@ class FluxModel(DiffusersFlowModel):
         super().__init__(pipe, (pipe.transformer.config.in_channels // 4, height // f, width // f), source, **kwargs)
         self.embedded_guidance = bool(pipe.transformer.config.guidance_embeds)
 
-    @staticmethod
-    def size_multiple(vae_config: dict, transformer_config: dict) -> tuple[int, str]:
-        f = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        return 2 * f, f"{f}x VAE x 2x2 latent packing"
+    size_multiple = staticmethod(flux_size_multiple)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Condition:

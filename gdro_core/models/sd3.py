@@ -8,6 +8,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from torch import Tensor
 
 from gdro_core.models.base import Condition
+from gdro_core.models.checkpoint_files import sd3_size_multiple
 from gdro_core.models.family import DiffusersFlowModel
 
 SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -49,11 +50,7 @@ class StableDiffusion3Model(DiffusersFlowModel):
         f = pipe.vae_scale_factor
         super().__init__(pipe, (pipe.transformer.config.in_channels, height // f, width // f), source, **kwargs)
 
-    @staticmethod
-    def size_multiple(vae_config: dict, transformer_config: dict) -> tuple[int, str]:
-        f = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        p = transformer_config.get("patch_size", 2)
-        return f * p, f"{f}x VAE x patch {p}"
+    size_multiple = staticmethod(sd3_size_multiple)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Condition:

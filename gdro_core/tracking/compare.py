@@ -14,10 +14,9 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from gdro_core.params import Params
-from gdro_core.tracking.runs import tracking_uri
+from gdro_core.tracking.uri import tracking_uri
 
 METRICS = ("trained.reward", "trained.corrected", "base.reward", "base.corrected")
 
@@ -33,6 +32,7 @@ def missing_artifacts(client, name: str, version: int | str) -> str:
     """What is gone of a registered version's files ('' when its ``MLmodel`` and adapter weights are there)."""
     import yaml
     from mlflow.artifacts import list_artifacts, load_text
+    from mlflow.exceptions import MlflowException
 
     from gdro_core.models.lora import WEIGHTS
 
@@ -104,6 +104,8 @@ def collect_versions(client, name: str, params: list[str], metrics: tuple[str, .
                      ) -> pd.DataFrame:
     """Every registered version of ``name`` as a table (empty when the model is not registered); its ``artifacts``
     column is ``ok``, or ``MISSING`` (with the reason in ``frame.attrs["missing"][version]``)."""
+    from mlflow.exceptions import MlflowException
+
     columns = ["version", "aliases", *metrics, *params, "data.rollouts", "data.prompts", "artifacts"]
     try:
         aliases = client.get_registered_model(name).aliases or {}
@@ -190,8 +192,6 @@ def unregistered_outputs(params: Params, root: Path, open_store: bool = True) ->
     ``tracking.registered_model`` (``mlflow.db`` deleted, or ``tracking.uri`` changed): `dvc repro` then reuses every
     output and registers nothing. '' otherwise. ``open_store=False`` only looks for a missing local store file (a
     remote server is not asked)."""
-    import mlflow
-
     from gdro_core.layout import Layout
 
     name = params.tracking.registered_model
@@ -206,6 +206,9 @@ def unregistered_outputs(params: Params, root: Path, open_store: bool = True) ->
                 f"lost: {fix}")
     if not open_store and not uri.startswith("sqlite:///"):
         return ""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     try:
         mlflow.set_tracking_uri(uri)
         versions = mlflow.MlflowClient().search_model_versions(f"name='{name}'", max_results=1)

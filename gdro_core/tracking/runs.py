@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from gdro_core.data.store import write_json
 from gdro_core.params import Params, section_dict
 from gdro_core.tracking.locks import pid_alive, stage_lock
+from gdro_core.tracking.uri import tracking_uri
 
 log = logging.getLogger("gdro")
 PID_TAG, HOST_TAG, RESUME_TAG, ROUND_TAG = "gdro.pid", "gdro.host", "gdro.resume_key", "gdro.round"
@@ -34,14 +35,6 @@ PID_TAG, HOST_TAG, RESUME_TAG, ROUND_TAG = "gdro.pid", "gdro.host", "gdro.resume
 
 class TrackingError(RuntimeError):
     """The tracking server cannot be used; the message says how to fix it."""
-
-
-def tracking_uri(uri: str, root: Path) -> str:
-    """Relative ``sqlite:///x.db`` URIs are taken relative to the project root."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        return prefix + str((root / uri[len(prefix) :]).resolve())
-    return uri
 
 
 def check_reachable(uri: str, timeout: float) -> None:
