@@ -599,7 +599,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="gdro_rounds: training steps between re-samples of the training prompts from the policy")
     ap.add_argument("--target-deltas", nargs="+", type=float, default=[0.05, 0.10, 0.15, 0.20, 0.25, 0.30],
                     help="reward targets above the base's held-out reward")
-    ap.add_argument("--out-dir", type=Path, help="default: <reports_dir>/benchmark")
+    ap.add_argument("--out-dir", type=Path, help="default: <reports_dir>/benchmark (with --merge: the first report's)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
+                    help="instead of running: merge complete reports of the same settings on different seeds into "
+                         "one (run seeds in parallel with their own --seeds and --out-dir, then merge)")
     args = ap.parse_args(argv)
     if args.train_budget <= 0 and args.budget_steps <= 0:
         ap.error("give a positive --train-budget or --budget-steps: otherwise no method would stop")
@@ -639,8 +642,62 @@ def build_report(args: argparse.Namespace, p: Params, base: dict[str, float | No
     }
 
 
+MERGE_SAME = ("methods", "clock", "train_budget", "online_budget", "budget_steps", "eval_every", "eval_prompts",
+              "rollout_prompts", "target_deltas", "round_steps", "overrides", "params", "reader_mode",
+              "sampler_steps", "second_reader")
+"""Settings every merged report must share: otherwise their seeds did not run the same benchmark."""
+
+
+def merge_reports(paths: list[Path]) -> dict:
+    """One report from complete reports of the same benchmark on different seeds (e.g. one process per core, each
+    with ``--seeds`` of its own): their per-seed runs and data costs side by side, aggregated as one run's are."""
+    reports = [read_json(path) for path in paths]
+    first = reports[0]
+    per_seed: dict[int, dict[str, dict]] = {}
+    for path, report in zip(paths, reports, strict=True):
+        if not report.get("complete"):
+            raise SystemExit(f"--merge: {path} is a partial report (its run did not finish); merge complete ones")
+        differ = [k for k in MERGE_SAME if report["settings"].get(k) != first["settings"].get(k)]
+        if differ:
+            raise SystemExit(f"--merge: {path} differs from {paths[0]} in {', '.join(differ)}: its seeds ran "
+                             "another benchmark; merge only reports of the same settings")
+        if report["base"] != first["base"]:
+            raise SystemExit(f"--merge: {path} evaluated another base ({report['base']} against {first['base']}): "
+                             "merge only reports of the same base model, data and held-out prompts")
+        for seed, runs in report["per_seed"].items():
+            if int(seed) in per_seed:
+                raise SystemExit(f"--merge: seed {seed} is in more than one report; each seed once")
+            per_seed[int(seed)] = runs
+    offline_runs = [run for report in reports for run in report["offline_runs"]]
+    names = set.intersection(*(set(runs) for runs in per_seed.values()))
+    common = {s: {n: r for n, r in runs.items() if n in names} for s, runs in sorted(per_seed.items())}
+    settings = first["settings"]
+    return {
+        "complete": True,
+        "settings": {**settings, "seeds": sorted(per_seed), "merged_from": [str(path) for path in paths]},
+        "offline": {k: mean_sd([o[k] for o in offline_runs])
+                    for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
+        "offline_runs": offline_runs,
+        "base": first["base"],
+        "per_seed": {str(s): v for s, v in sorted(per_seed.items())},
+        "aggregate": aggregate(common, first["base"]["reward"], sorted(settings["target_deltas"]),
+                               CLOCKS[settings["clock"]]),
+        "benchmark_cost": {"wall_s": max(r["benchmark_cost"]["wall_s"] for r in reports),
+                           "cpu_s": sum(r["benchmark_cost"]["cpu_s"] for r in reports)},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        report = merge_reports(args.merge)
+        out_dir = args.out_dir or args.merge[0].parent
+        write_json(out_dir / f"{OUT_NAME}.json", report)
+        plot(report, out_dir / f"{OUT_NAME}.png")
+        print("\n".join(summary_lines(report)))
+        print(f"merged {len(args.merge)} reports, seeds {report['settings']['seeds']}; written to "
+              f"{out_dir / OUT_NAME}.json and .png")
+        return report
     root = args.root.resolve()
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     params = load_params(args.params if args.params.is_absolute() else root / args.params, overrides)

@@ -137,6 +137,23 @@ def test_every_method_is_timed_evaluated_and_compared(bench, tmp_path, capsys):
         for online in ("flow_grpo", "diffusion_nft", "awm"):
             assert f"time to {bench.LABELS[online]}'s final reward, {online} / {ours}" in out
 
+    # seeds run in separate processes merge into one report, aggregated as one run's; other settings are refused
+    other = json.loads(json.dumps(saved))
+    other["per_seed"] = {"4": {name: {**r, "seed": 4, "final": {**r["final"], "reward": r["final"]["reward"] + 0.5}}
+                               for name, r in saved["per_seed"]["3"].items()}}
+    (tmp_path / "seed4.json").write_text(json.dumps(other))
+    merged = bench.main(["--merge", str(lay.reports_dir / "benchmark" / "cpu_objectives.json"),
+                         str(tmp_path / "seed4.json"), "--out-dir", str(tmp_path / "merged")])
+    assert merged["settings"]["seeds"] == [3, 4] and len(merged["offline_runs"]) == 2
+    gdro = merged["aggregate"]["methods"]["gdro"]["reward"]
+    assert gdro["n"] == 2 and gdro["mean"] == pytest.approx(runs["gdro"]["final"]["reward"] + 0.25)
+    assert gdro["sd"] == pytest.approx(statistics.stdev([0.0, 0.5]))
+    assert json.loads((tmp_path / "merged" / "cpu_objectives.json").read_text()) == json.loads(json.dumps(merged))
+    other["settings"]["train_budget"] = 99.0
+    (tmp_path / "budget.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differs .* in train_budget"):
+        bench.main(["--merge", str(lay.reports_dir / "benchmark" / "cpu_objectives.json"), str(tmp_path / "budget.json")])
+
 
 def _run(curve_points):
     return {"curve": [{"seconds": 2 * c, "cpu_seconds": c, "step": i, "reward": r} for i, (c, r) in enumerate(curve_points)],
