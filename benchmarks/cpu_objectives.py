@@ -10,6 +10,8 @@ and the same held-out prompts, each method trains under the same budget *after i
   recipe public frameworks ship, best against worst of each prompt's N frozen-model images;
 - ``sft_best``: flow matching on each group's best member;
 - ``lair``: every member's implicit reward regressed on centred softmax weights of its group's rewards;
+- ``gdro_rounds``: semi-online GDRO, which every ``--round-steps`` steps re-samples every training prompt's pool
+  from its current policy, re-scores it with the same reader and trains on (see :func:`train_rounds`);
 - ``flow_grpo``: the online baseline of :mod:`gdro_core.training.online_grpo`, sampling and scoring as it trains;
   ``diffusion_nft`` and ``awm``: the online forward-process baselines on the same loop
   (:mod:`gdro_core.training.online_matching`).
@@ -21,7 +23,8 @@ method's clock counts its training loop (and, online, its sampling and scoring);
 (evaluations, the EMA copy it evaluates) is left out. The offline methods also pay for their data: their clock
 starts at the cost of the ``rollout`` and ``score`` stages, re-measured for every seed on ``--rollout-prompts``
 training prompts (same sampler, pool size, batching and reader as the stages, PNGs and shards written) and
-scaled linearly to all of them.
+scaled linearly to all of them. ``gdro_rounds`` also pays for every re-sample and re-score it makes, as measured
+(all training prompts, nothing scaled), and these come out of its ``--train-budget``.
 
 **Budgets.** Each method trains for ``--train-budget`` seconds of the chosen clock *after* its data cost (zero
 for the online methods) and/or ``--budget-steps`` steps, so no method goes untrained however long its rollouts
@@ -29,15 +32,18 @@ took. ``--online-budget`` gives the online methods their own budget, e.g. the of
 ``--train-budget``, so that it trains as long in total as they do and its final reward is a fair target.
 
 **Targets.** Times are reported to reach base + 0.05, base + 0.10, ... (``--target-deltas``): targets above the
-base, so no method "reaches" one at step 0. GDRO against Flow-GRPO is compared on the time each takes to reach
-Flow-GRPO's final held-out reward, counted only when that reward is at least base + the smallest delta (else
-the comparison is reported as not meaningful, with the reason), and at every common target.
+base, so no method "reaches" one at step 0. GDRO (and ``gdro_rounds``) against each online method that ran is
+compared on the time each takes to reach the online method's final held-out reward, counted only when that reward
+is at least base + the smallest delta (else the comparison is reported as not meaningful, with the reason), and at
+every common target.
 
 **Seeds.** ``--seeds`` runs every method once per seed (LoRA initialisation, group and noise draws, online
-sampling noise); the report gives each figure as mean ± sd over seeds and the GDRO / Flow-GRPO ratio with its
+sampling noise); the report gives each figure as mean ± sd over seeds and each online / offline ratio with its
 spread. Every ``--eval-every`` seconds of a method's clock and when its budget is spent, the EMA of its adapter is
 evaluated as ``gdro train`` evaluates checkpoints (:class:`gdro_core.evaluation.monitor.CheckpointMonitor`) on the
-first ``--eval-prompts`` held-out prompts.
+first ``--eval-prompts`` held-out prompts. The final evaluation (and the base's) also reads those images with the
+task's second reader (``evaluate.second_reader``; ``second_reward``, n/a when there is none): a gain that only
+fits the training reader's quirks shows there.
 
 Writes ``reports/benchmark/cpu_objectives.json`` and ``cpu_objectives.png`` (reward and corrected score against
 CPU and wall seconds, one colour per method, one line per seed) and prints the table. Run after ``dvc repro score``::
@@ -49,17 +55,20 @@ CPU and wall seconds, one colour per method, one line per seed) and prints the t
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 import yaml
+from PIL import Image
 
 from gdro_core import models
 from gdro_core.data.rollout import MANIFEST, Rollouts, generate_rollouts, load_rollouts
@@ -70,12 +79,14 @@ from gdro_core.evaluation.judge_scores import Judge
 from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.layout import Layout
 from gdro_core.models.base import FlowModel
-from gdro_core.models.lora import lora_state
-from gdro_core.params import Params, Train, load_params
+from gdro_core.models.lora import lora_state, set_lora_state
+from gdro_core.params import Params, Train, check_round_seeds, load_params, round_params
+from gdro_core.tasks.base import Progress
 from gdro_core.tasks.ocr.prompts import OcrPrompt, read_prompts
 from gdro_core.tasks.ocr.reader import Reader, reader_from_params
 from gdro_core.tasks.ocr.reward import score_rollouts
 from gdro_core.tasks.ocr.task import OcrTask
+from gdro_core.training.checkpoint import load_latest
 from gdro_core.training.loop import LoraEma, ema_decay, train
 from gdro_core.training.online_grpo import RewardFn, encode_prompts, task_reward, train_online
 
@@ -89,14 +100,20 @@ METHODS: dict[str, dict] = {
     "offline_dpo": {"objective": "offline_dpo"},
     "sft_best": {"objective": "sft_best"},
     "lair": {"objective": "lair"},
+    "gdro_rounds": {},
     "flow_grpo": {"objective": "flow_grpo"},
     "diffusion_nft": {"objective": "diffusion_nft"},
     "awm": {"objective": "awm"},
 }
 ONLINE = {"flow_grpo", "diffusion_nft", "awm"}
-NEVER = 10**9  # a step count no run reaches: the budget stops every run, and nothing is checkpointed
+ROUNDS = {"gdro_rounds"}  # offline objectives that re-sample their data from the policy as they train
+RACERS = ("gdro", "gdro_rounds")  # the offline methods raced against every online one
+LABELS = {"gdro": "GDRO", "gdro_rounds": "GDRO rounds", "flow_grpo": "Flow-GRPO", "diffusion_nft": "DiffusionNFT",
+          "awm": "AWM"}
+NEVER = 10**9  # a step count no run reaches: the budget stops every run, and nothing is checkpointed but round ends
 OUT_NAME = "cpu_objectives"
 SCORES = ("reward", "corrected", "velocity_norm_ratio")
+FINAL_SCORES = (*SCORES, "second_reward")  # the second reader reads the final evaluation only (~1 s an image)
 CLOCKS = {"cpu": "cpu_seconds", "wall": "seconds"}
 
 
@@ -122,7 +139,7 @@ class BudgetReached(Exception):
 
 @dataclass
 class Shared:
-    """Everything the methods share: params, layout, data, prompts, reader, judge, base scores."""
+    """Everything the methods share: params, layout, data, prompts, reader, judge, base scores (and second reward)."""
 
     lay: Layout
     data: Rollouts
@@ -132,7 +149,7 @@ class Shared:
     reader: Reader
     judge: Judge
     reward_fn: RewardFn
-    base: dict[str, float]
+    base: dict[str, float | None]
 
     @property
     def params(self) -> Params:
@@ -151,38 +168,74 @@ def load_model(lay: Layout) -> FlowModel:
     return models.load_model(lay.params, lay.base_dir)
 
 
+class TwoReaderTask(OcrTask):
+    """The OCR task the monitor scores with. Once armed, it also reads the next evaluation's images with the
+    second reader: those exact images, and only where asked (the final evaluation and the base's), since it is slow."""
+
+    def __init__(self, params: Params, reader: Reader):
+        super().__init__(params, reader=reader)
+        self.armed = False
+        self.second: dict[str, float] = {}
+
+    def reward(self, images: list[Image.Image], records: Sequence, progress: Progress | None = None) -> pd.DataFrame:
+        if self.armed:
+            self.armed = False
+            self.second = self.second_opinion(images, records)  # {} when there is no second reader
+        return super().reward(images, records, progress)
+
+
+def read_twice(monitor: CheckpointMonitor, evaluate: Callable[[], None]) -> float | None:
+    """Run one of ``monitor``'s evaluations with its task's second reader armed; that reader's mean reward (None:
+    no second reader installed or configured)."""
+    task: TwoReaderTask = monitor.task
+    task.armed, task.second = True, {}
+    try:
+        evaluate()
+    finally:
+        task.armed = False
+    return task.second.get("second_reward")
+
+
 def make_monitor(model: FlowModel, shared: Shared, workdir: Path) -> CheckpointMonitor:
     """The evaluation ``gdro train`` runs at checkpoints, on the benchmark's held-out prompts."""
     p = shared.params
     return CheckpointMonitor(
-        model, shared.eval_prompts, OcrTask(p, reader=shared.reader), shared.judge, judge_task=p.judge_task,
+        model, shared.eval_prompts, TwoReaderTask(p, shared.reader), shared.judge, judge_task=p.judge_task,
         seed=p.evaluate.seed, steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size,
         keep="last", workdir=workdir, log=lambda step, metrics: None,
     )
+
+
+def rollout_batch(p: Params) -> int:
+    """Prompts per sampler batch, as the rollout stage batches them."""
+    return max(1, p.sampler.batch_size // p.rollout.images_per_prompt)
+
+
+def sample_and_score(model: FlowModel, p: Params, reader: Reader, prompts: Sequence[OcrPrompt], seed: int,
+                     out_dir: Path, fingerprint: str) -> tuple[dict, pd.DataFrame, dict[str, float]]:
+    """The rollout and score stages' work on ``prompts`` from rollout seed ``seed`` (same sampler, pool size,
+    batching and reader; PNGs and shards written): the manifest, the reward table and the seconds each part took."""
+    watch = Stopwatch()
+    manifest = generate_rollouts(model, prompts, p.rollout.images_per_prompt, seed, p.sampler.steps,
+                                 p.sampler.guidance, rollout_batch(p), out_dir, fingerprint)
+    gen_wall, gen_cpu = watch.read()
+    table = score_rollouts(manifest["rows"], out_dir, reader, p.reward.substring_full_credit, p.reward.batch_size)
+    all_wall, all_cpu = watch.read()
+    return manifest, table, {"generation_s": gen_wall, "scoring_s": all_wall - gen_wall,
+                             "generation_cpu_s": gen_cpu, "scoring_cpu_s": all_cpu - gen_cpu}
 
 
 def measure_offline(model: FlowModel, lay: Layout, reader: Reader, prompts: list[OcrPrompt], n_prompts: int,
                     total_prompts: int) -> dict[str, float]:
     """Wall and CPU seconds the rollout and score stages take for ``total_prompts``, from ``n_prompts``, scaled."""
     p = lay.params
-    per_batch = max(1, p.sampler.batch_size // p.rollout.images_per_prompt)  # as the rollout stage batches
     # at least one full sampler batch: a half-empty batch costs nearly as much and would double the per-image cost
-    m = max(1, min(max(n_prompts, per_batch), len(prompts)))
+    m = max(1, min(max(n_prompts, rollout_batch(p)), len(prompts)))
     with tempfile.TemporaryDirectory() as tmp:
-        watch = Stopwatch()
-        manifest = generate_rollouts(
-            model, prompts[:m], p.rollout.images_per_prompt, p.rollout.seed, p.sampler.steps, p.sampler.guidance,
-            per_batch, Path(tmp), "benchmark",
-        )
-        gen_wall, gen_cpu = watch.read()
-        score_rollouts(manifest["rows"], Path(tmp), reader, p.reward.substring_full_credit, p.reward.batch_size)
-        all_wall, all_cpu = watch.read()
+        _, _, cost = sample_and_score(model, p, reader, prompts[:m], p.rollout.seed, Path(tmp), "benchmark")
     scale = total_prompts / m
-    return {
-        "generation_s": gen_wall * scale, "scoring_s": (all_wall - gen_wall) * scale,
-        "generation_cpu_s": gen_cpu * scale, "scoring_cpu_s": (all_cpu - gen_cpu) * scale,
-        "measured_prompts": m, "total_prompts": total_prompts, "images_per_prompt": p.rollout.images_per_prompt,
-    }
+    return {**{k: v * scale for k, v in cost.items()},
+            "measured_prompts": m, "total_prompts": total_prompts, "images_per_prompt": p.rollout.images_per_prompt}
 
 
 class Tracker:
@@ -201,7 +254,8 @@ class Tracker:
         self.steps = 0
         self.ema: LoraEma | None = None
         self.last_parts: dict[str, float] = {}
-        self.curve = [{**offset, "step": 0, **base}]
+        self.second_reward: float | None = None  # the second reader's, on the final evaluation's images
+        self.curve = [{**offset, "step": 0, **{k: v for k, v in base.items() if k in SCORES}}]
         self.next_eval = self.offset[self.key] + self.eval_every if self.eval_every > 0 else float("inf")
         self.watch = Stopwatch()
 
@@ -217,6 +271,14 @@ class Tracker:
         key = key or self.key
         return self.offset[key] + self.elapsed[key]
 
+    def charge(self, cost: dict[str, float]) -> None:
+        """Add data cost paid mid-run (a round's re-sample and re-score) to the clock, as the offline data cost
+        is added before training: to the offset, not to the training time. The budget stays where it was."""
+        self.offset = {"seconds": self.offset["seconds"] + cost["generation_s"] + cost["scoring_s"],
+                       "cpu_seconds": self.offset["cpu_seconds"] + cost["generation_cpu_s"] + cost["scoring_cpu_s"]}
+        self.generation += cost["generation_s"]
+        self.scoring += cost["scoring_s"]
+
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.pause()
         self.steps = step
@@ -230,7 +292,10 @@ class Tracker:
             self.ema.update(live, ema_decay(step, self.cfg.ema_rate, self.cfg.ema_max_decay))
         done = self.clock() >= self.budget or (self.budget_steps > 0 and step >= self.budget_steps)
         if done or self.clock() >= self.next_eval:
-            self.monitor(step, self.ema.shadow)
+            if done:
+                self.second_reward = read_twice(self.monitor, lambda: self.monitor(step, self.ema.shadow))
+            else:
+                self.monitor(step, self.ema.shadow)
             row = self.monitor.curve[self.monitor.curve["step"] == step].iloc[-1]
             self.curve.append({"seconds": self.clock("seconds"), "cpu_seconds": self.clock("cpu_seconds"),
                                "step": step, **{k: float(row[k]) for k in SCORES}})
@@ -239,6 +304,56 @@ class Tracker:
         if done:
             raise BudgetReached
         self.start()
+
+
+def live_policy(model: FlowModel, ckpt_dir: Path) -> None:
+    """Put the live LoRA of the newest checkpoint in ``model``: ``train()`` ends with its EMA in the model, but a
+    round samples from the adapter being trained, the one the next round resumes from."""
+    weights, _ = load_latest(ckpt_dir)
+    set_lora_state(model.transformer, {k.removeprefix("lora."): v for k, v in weights.items() if k.startswith("lora.")})
+
+
+def train_rounds(shared: Shared, cfg: Train, args: argparse.Namespace, run_dir: Path, tracker: Tracker,
+                 rounds: list[dict]) -> None:
+    """Semi-online GDRO: ``--round-steps`` steps on the current data, then every training prompt's pool re-sampled
+    from the live policy and re-scored by the same reader, and on; until the tracker's budget stops it.
+
+    ``train()`` trains on one data set it is given, and attaches a fresh adapter to its model (a second call on the
+    same model would attach a second one), so it cannot take new data mid-run: each round calls it again, on a
+    freshly loaded base, resuming from the run's checkpoint directory (LoRA, the loop's EMA, AdamW state, the
+    group generator and the step), as an interrupted ``gdro train`` resumes. The round's sampling uses the sampler
+    settings, pool size and batching of the rollout stage, on as many training prompts as the offline data holds,
+    with rollout seeds offset by the round number (:func:`gdro_core.params.round_params`; the offline data is
+    round 1) so every round draws new noise. Its generation and scoring, measured on all those prompts (nothing
+    scaled: every one is really re-sampled), are charged to the clock as the offline data cost is
+    (:meth:`Tracker.charge`); reloading the base and the new shards is not, as the first load is not.
+    Each round's cost, seeds and how far its data moved are appended to ``rounds``.
+    """
+    p = shared.params
+    data, rewards = shared.data, shared.rewards
+    prompts = shared.train_prompts[: data.shape[0]]  # the prompts the offline data was sampled for
+    check_round_seeds(p, len(prompts))
+    ckpt = run_dir / "ckpt"
+    for r in itertools.count(1):  # round 1 trains on the offline data; the budget raises BudgetReached in some round
+        train(tracker.model, data, rewards, cfg.model_copy(update={"steps": r * args.round_steps}), ckpt, tracker)
+        tracker.pause()
+        policy = tracker.model
+        live_policy(policy, ckpt)
+        seed = round_params(p, r + 1).rollout.seed
+        out_dir = run_dir / f"round{r + 1}"
+        manifest, table, cost = sample_and_score(policy, p, shared.reader, prompts, seed, out_dir,
+                                                 f"benchmark-round{r + 1}")
+        tracker.charge(cost)
+        new_data = load_rollouts(out_dir)
+        new_rewards = reward_matrix(table, *new_data.shape)
+        rounds.append({"round": r + 1, "after_step": tracker.steps, "first_seed": seed, "images": len(manifest["rows"]),
+                       **cost, "mean_reward": float(new_rewards.mean()),
+                       "latent_change": float((new_data.latents - data.latents).abs().mean())})
+        data, rewards = new_data, new_rewards
+        tracker.model = tracker.monitor = policy = None  # one model in memory at a time
+        tracker.model = load_model(shared.lay)
+        tracker.monitor = make_monitor(tracker.model, shared, run_dir / "monitor")  # the same curve, read back
+        tracker.start()
 
 
 def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Path, seed: int,
@@ -255,24 +370,28 @@ def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Pat
                "cpu_seconds": offline["generation_cpu_s"] + offline["scoring_cpu_s"]})
     run_dir = workdir / f"seed{seed}" / name
     tracker = Tracker(model, make_monitor(model, shared, run_dir / "monitor"), cfg, shared.base, offset, args, online)
+    rounds: list[dict] = []
+    del model  # the tracker holds it (and a round replaces it)
     tracker.start()
     try:
-        if online:
+        if name in ROUNDS:
+            train_rounds(shared, cfg, args, run_dir, tracker, rounds)
+        elif online:
             watch = Stopwatch()
-            cond, null = encode_prompts(model, shared.train_prompts, p.sampler.batch_size)
+            cond, null = encode_prompts(tracker.model, shared.train_prompts, p.sampler.batch_size)
             tracker.generation += watch.read()[0]
-            train_online(model, shared.train_prompts, cond, null, shared.reward_fn, cfg, run_dir / "ckpt",
+            train_online(tracker.model, shared.train_prompts, cond, null, shared.reward_fn, cfg, run_dir / "ckpt",
                          tracker, guidance=p.sampler.guidance)
         else:
-            train(model, shared.data, shared.rewards, cfg, run_dir / "ckpt", tracker)
+            train(tracker.model, shared.data, shared.rewards, cfg, run_dir / "ckpt", tracker)
     except BudgetReached:
         pass
     if online:
         time_split = {"generation_s": tracker.generation, "scoring_s": tracker.scoring,
                       "training_s": tracker.elapsed["seconds"] - tracker.generation - tracker.scoring}
-    else:
-        time_split = {"generation_s": offline["generation_s"], "scoring_s": offline["scoring_s"],
-                      "training_s": tracker.elapsed["seconds"]}
+    else:  # a round's re-samples add to the offline data cost (zero for the other offline methods)
+        time_split = {"generation_s": offline["generation_s"] + tracker.generation,
+                      "scoring_s": offline["scoring_s"] + tracker.scoring, "training_s": tracker.elapsed["seconds"]}
     time_split["total_s"] = tracker.clock("seconds")
     time_split["total_cpu_s"] = tracker.clock("cpu_seconds")
     time_split["training_cpu_s"] = tracker.elapsed["cpu_seconds"]
@@ -283,7 +402,9 @@ def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Pat
         "online": online,
         "steps": tracker.steps,
         "time": time_split,
-        "final": {k: final[k] for k in SCORES},
+        "clock_offset": tracker.offset,  # data cost charged to its clocks: offline, plus every round's re-sample
+        "rounds": rounds,
+        "final": {**{k: final[k] for k in SCORES}, "second_reward": tracker.second_reward},
         "last_parts": {k: v for k, v in tracker.last_parts.items() if k.startswith("train/")},
         "curve": tracker.curve,
     }
@@ -301,29 +422,44 @@ def targets_reached(run: dict, base: float, deltas: list[float]) -> dict[str, di
     return {f"{d:+.2f}": time_to_reach(run["curve"], base + d) for d in deltas}
 
 
-def compare(runs: dict[str, dict], base: float, deltas: list[float], key: str) -> dict | None:
-    """One seed's GDRO against Flow-GRPO: time to Flow-GRPO's final reward and to every target, as ratios."""
-    if "gdro" not in runs or "flow_grpo" not in runs:
+def compare(runs: dict[str, dict], base: float, deltas: list[float], key: str, ours: str = "gdro",
+            online: str = "flow_grpo") -> dict | None:
+    """One seed's offline method ``ours`` against ``online``: the time ``online`` takes to reach its own final
+    reward over the time ``ours`` takes to reach it, and the same ratio at every target (None where one never got
+    there). Not counted, with the reason, when that final reward is below base + the smallest delta."""
+    if ours not in runs or online not in runs:
         return None
-    gdro, grpo = runs["gdro"], runs["flow_grpo"]
-    final = grpo["final"]["reward"]
-    out: dict = {"target_reward": final, "clock": key}
+    mine, theirs = runs[ours], runs[online]
+    final = theirs["final"]["reward"]
+    out: dict = {"offline": ours, "online": online, "target_reward": final, "clock": key}
     if final < base + min(deltas) - 1e-9:
-        out["reason"] = (f"Flow-GRPO's final reward {final:.3f} is below base + {min(deltas):.2f} "
+        out["reason"] = (f"{LABELS[online]}'s final reward {final:.3f} is below base + {min(deltas):.2f} "
                          f"({base + min(deltas):.3f}): no improvement to race to")
         out["ratio"] = None
     else:
-        t_gdro, t_grpo = time_to_reach(gdro["curve"], final), time_to_reach(grpo["curve"], final)
-        out["gdro"], out["flow_grpo"] = t_gdro, t_grpo
-        out["ratio"] = t_grpo[key] / t_gdro[key] if t_gdro and t_grpo else None
-        if t_gdro is None:
-            out["reason"] = "GDRO did not reach Flow-GRPO's final reward within its budget"
+        t_mine, t_theirs = time_to_reach(mine["curve"], final), time_to_reach(theirs["curve"], final)
+        out[ours], out[online] = t_mine, t_theirs
+        out["ratio"] = t_theirs[key] / t_mine[key] if t_mine and t_theirs else None
+        if t_mine is None:
+            out["reason"] = f"{LABELS[ours]} did not reach {LABELS[online]}'s final reward within its budget"
     per_target = {}
     for d in deltas:
-        a, b = time_to_reach(gdro["curve"], base + d), time_to_reach(grpo["curve"], base + d)
+        a, b = time_to_reach(mine["curve"], base + d), time_to_reach(theirs["curve"], base + d)
         per_target[f"{d:+.2f}"] = b[key] / a[key] if a and b else None
     out["ratio_at_target"] = per_target
     return out
+
+
+def race(per_seed: dict[int, dict[str, dict]], base: float, deltas: list[float], key: str, ours: str,
+         online: str) -> dict | None:
+    """:func:`compare` on every seed, as mean ± sd over seeds (None when the two did not both run)."""
+    comps = [c for c in (compare(per_seed[s], base, deltas, key, ours, online) for s in per_seed) if c is not None]
+    if not comps:
+        return None
+    return {"to_final": mean_sd([c["ratio"] for c in comps]),
+            "reasons": sorted({c["reason"] for c in comps if c.get("reason")}),
+            "at_target": {t: mean_sd([c["ratio_at_target"][t] for c in comps]) for t in comps[0]["ratio_at_target"]},
+            "clock": key, "per_seed": comps}
 
 
 def mean_sd(values: list[float | None]) -> dict:
@@ -339,7 +475,7 @@ def aggregate(per_seed: dict[int, dict[str, dict]], base: float, deltas: list[fl
     out = {}
     for name in names:
         runs = [per_seed[s][name] for s in per_seed]
-        entry = {k: mean_sd([r["final"][k] for r in runs]) for k in SCORES}
+        entry = {k: mean_sd([r["final"].get(k) for r in runs]) for k in FINAL_SCORES}
         entry["steps"] = mean_sd([float(r["steps"]) for r in runs])
         entry["total_cpu_s"] = mean_sd([r["time"]["total_cpu_s"] for r in runs])
         entry["total_s"] = mean_sd([r["time"]["total_s"] for r in runs])
@@ -349,15 +485,17 @@ def aggregate(per_seed: dict[int, dict[str, dict]], base: float, deltas: list[fl
             for t in reached[0]
         }
         out[name] = entry
-    comps = [compare(per_seed[s], base, deltas, key) for s in per_seed]
-    comps = [c for c in comps if c is not None]
-    ratio = None
-    if comps:
-        ratio = {"to_flow_grpo_final": mean_sd([c["ratio"] for c in comps]),
-                 "reasons": sorted({c["reason"] for c in comps if c.get("reason")}),
-                 "at_target": {t: mean_sd([c["ratio_at_target"][t] for c in comps]) for t in comps[0]["ratio_at_target"]},
-                 "clock": key}
-    return {"methods": out, "gdro_vs_flow_grpo": ratio, "per_seed_comparison": comps}
+    onlines = [m for m in METHODS if m in ONLINE]
+    vs_online: dict[str, dict[str, dict]] = {}  # {offline method: {online method: race}}, pairs that both ran
+    for ours in RACERS:
+        races = {m: race(per_seed, base, deltas, key, ours, m) for m in onlines}
+        if any(races.values()):
+            vs_online[ours] = {m: r for m, r in races.items() if r is not None}
+    legacy = vs_online.get("gdro", {}).get("flow_grpo")  # the key earlier reports (and their readers) know
+    ratio = None if legacy is None else {"to_flow_grpo_final": legacy["to_final"], "reasons": legacy["reasons"],
+                                         "at_target": legacy["at_target"], "clock": key}
+    return {"methods": out, "vs_online": vs_online, "gdro_vs_flow_grpo": ratio,
+            "per_seed_comparison": legacy["per_seed"] if legacy else []}
 
 
 def fmt(stat: dict, digits: int = 3) -> str:
@@ -371,27 +509,40 @@ def summary_lines(report: dict) -> list[str]:
     agg, key = report["aggregate"], report["settings"]["clock"]
     clock = CLOCKS[key]
     targets = list(next(iter(agg["methods"].values()))["time_to_target"])
+    second = report["settings"]["second_reader"]
+    base_second = report["base"].get("second_reward")
     lines = [f"mean ± sd over seeds {report['settings']['seeds']}; times in {key} seconds "
-             f"(offline methods include their rollout + scoring cost); (n/N) = seeds that reached it",
-             f"{'method':<12} {'steps':>11} {'reward':>13} {'corrected':>13} {'v-ratio':>11} "
+             f"(offline methods include their rollout + scoring cost); (n/N) = seeds that reached it; "
+             f"reward 2 = the final held-out images read by the second reader ({second})",
+             f"{'method':<13} {'steps':>11} {'reward':>13} {'reward 2':>13} {'corrected':>13} {'v-ratio':>11} "
              + " ".join(f"{'to base' + t:>18}" for t in targets)]
     for name, e in agg["methods"].items():
-        lines.append(f"{name:<12} {fmt(e['steps'], 0):>11} {fmt(e['reward']):>13} {fmt(e['corrected']):>13} "
+        lines.append(f"{name:<13} {fmt(e['steps'], 0):>11} {fmt(e['reward']):>13} "
+                     f"{fmt(e['second_reward']) if e['second_reward']['n'] else 'n/a':>13} {fmt(e['corrected']):>13} "
                      f"{fmt(e['velocity_norm_ratio'], 2):>11} "
                      + " ".join(f"{fmt(e['time_to_target'][t][clock], 0):>18}" for t in targets))
-    lines.append(f"{'base':<12} {'0':>11} {report['base']['reward']:>13.3f} {report['base']['corrected']:>13.3f}")
+    lines.append(f"{'base':<13} {'0':>11} {report['base']['reward']:>13.3f} "
+                 f"{'n/a' if base_second is None else f'{base_second:.3f}':>13} {report['base']['corrected']:>13.3f}")
     off = report["offline"]
     lines.append("offline data cost per seed: generation " + fmt(off["generation_s"], 1) + " s wall, "
                  + fmt(off["generation_cpu_s"], 1) + " s CPU; scoring " + fmt(off["scoring_s"], 1) + " s wall, "
                  + fmt(off["scoring_cpu_s"], 1) + " s CPU")
-    r = agg["gdro_vs_flow_grpo"]
-    if r is None:
-        lines.append("ratio flow_grpo / gdro: n/a (run both gdro and flow_grpo to compare them)")
-    else:
-        lines.append(f"time to Flow-GRPO's final reward, flow_grpo / gdro ({key} s): {fmt(r['to_flow_grpo_final'], 2)}")
-        for reason in r["reasons"]:
-            lines.append(f"  not counted: {reason}")
-        lines.append("at each target: " + ", ".join(f"base{t}: {fmt(s, 2)}" for t, s in r["at_target"].items()))
+    if not agg["vs_online"]:
+        lines.append(f"online / offline time ratios: n/a (run one of {', '.join(RACERS)} and an online method "
+                     f"({', '.join(m for m in METHODS if m in ONLINE)}) to compare them)")
+    for ours, races in agg["vs_online"].items():
+        for online, r in races.items():
+            lines.append(f"time to {LABELS[online]}'s final reward, {online} / {ours} ({key} s): "
+                         f"{fmt(r['to_final'], 2)}")
+            for reason in r["reasons"]:
+                lines.append(f"  not counted: {reason}")
+            lines.append("  at each target: " + ", ".join(f"base{t}: {fmt(s, 2)}" for t, s in r["at_target"].items()))
+    rounds = [r for runs in report["per_seed"].values() for run in runs.values() for r in run.get("rounds", [])]
+    if rounds:
+        lines.append(f"gdro_rounds: {len(rounds)} re-samples over {len(report['per_seed'])} seed(s), each "
+                     + fmt(mean_sd([r["generation_s"] + r["scoring_s"] for r in rounds]), 1) + " s wall, "
+                     + fmt(mean_sd([r["generation_cpu_s"] + r["scoring_cpu_s"] for r in rounds]), 1)
+                     + f" s CPU (every {report['settings']['round_steps']} steps)")
     return lines
 
 
@@ -444,12 +595,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per evaluation")
     ap.add_argument("--rollout-prompts", type=int, default=8,
                     help="training prompts the offline cost is measured on (at least one full sampler batch)")
+    ap.add_argument("--round-steps", type=int, default=100,
+                    help="gdro_rounds: training steps between re-samples of the training prompts from the policy")
     ap.add_argument("--target-deltas", nargs="+", type=float, default=[0.05, 0.10, 0.15, 0.20, 0.25, 0.30],
                     help="reward targets above the base's held-out reward")
-    ap.add_argument("--out-dir", type=Path, help="default: <reports_dir>/benchmark")
+    ap.add_argument("--out-dir", type=Path, help="default: <reports_dir>/benchmark (with --merge: the first report's)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
+                    help="instead of running: merge complete reports of the same settings on different seeds into "
+                         "one (run seeds in parallel with their own --seeds and --out-dir, then merge)")
     args = ap.parse_args(argv)
     if args.train_budget <= 0 and args.budget_steps <= 0:
         ap.error("give a positive --train-budget or --budget-steps: otherwise no method would stop")
+    if args.round_steps <= 0:
+        ap.error(f"--round-steps must be positive (got {args.round_steps}): gdro_rounds re-samples its data every "
+                 "--round-steps training steps")
     if min(args.target_deltas) <= 0:
         ap.error("--target-deltas must be positive: a target at or below the base is met before any training")
     for item in args.overrides:
@@ -458,7 +617,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_report(args: argparse.Namespace, p: Params, base: dict[str, float], offline_runs: list[dict],
+def build_report(args: argparse.Namespace, p: Params, base: dict[str, float | None], offline_runs: list[dict],
                  per_seed: dict[int, dict[str, dict]], deltas: list[float], total: Stopwatch, complete: bool) -> dict:
     """The report over the seeds (and, for a partial report, the methods) run so far."""
     done = {s: runs for s, runs in per_seed.items() if runs}
@@ -471,6 +630,7 @@ def build_report(args: argparse.Namespace, p: Params, base: dict[str, float], of
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "device": p.model.device, "torch_threads": torch.get_num_threads(),
             "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
+            "second_reader": OcrTask(p).second_reader() or "none",
         },
         "offline": {k: mean_sd([o[k] for o in offline_runs])
                     for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
@@ -482,8 +642,62 @@ def build_report(args: argparse.Namespace, p: Params, base: dict[str, float], of
     }
 
 
+MERGE_SAME = ("methods", "clock", "train_budget", "online_budget", "budget_steps", "eval_every", "eval_prompts",
+              "rollout_prompts", "target_deltas", "round_steps", "overrides", "params", "reader_mode",
+              "sampler_steps", "second_reader")
+"""Settings every merged report must share: otherwise their seeds did not run the same benchmark."""
+
+
+def merge_reports(paths: list[Path]) -> dict:
+    """One report from complete reports of the same benchmark on different seeds (e.g. one process per core, each
+    with ``--seeds`` of its own): their per-seed runs and data costs side by side, aggregated as one run's are."""
+    reports = [read_json(path) for path in paths]
+    first = reports[0]
+    per_seed: dict[int, dict[str, dict]] = {}
+    for path, report in zip(paths, reports, strict=True):
+        if not report.get("complete"):
+            raise SystemExit(f"--merge: {path} is a partial report (its run did not finish); merge complete ones")
+        differ = [k for k in MERGE_SAME if report["settings"].get(k) != first["settings"].get(k)]
+        if differ:
+            raise SystemExit(f"--merge: {path} differs from {paths[0]} in {', '.join(differ)}: its seeds ran "
+                             "another benchmark; merge only reports of the same settings")
+        if report["base"] != first["base"]:
+            raise SystemExit(f"--merge: {path} evaluated another base ({report['base']} against {first['base']}): "
+                             "merge only reports of the same base model, data and held-out prompts")
+        for seed, runs in report["per_seed"].items():
+            if int(seed) in per_seed:
+                raise SystemExit(f"--merge: seed {seed} is in more than one report; each seed once")
+            per_seed[int(seed)] = runs
+    offline_runs = [run for report in reports for run in report["offline_runs"]]
+    names = set.intersection(*(set(runs) for runs in per_seed.values()))
+    common = {s: {n: r for n, r in runs.items() if n in names} for s, runs in sorted(per_seed.items())}
+    settings = first["settings"]
+    return {
+        "complete": True,
+        "settings": {**settings, "seeds": sorted(per_seed), "merged_from": [str(path) for path in paths]},
+        "offline": {k: mean_sd([o[k] for o in offline_runs])
+                    for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
+        "offline_runs": offline_runs,
+        "base": first["base"],
+        "per_seed": {str(s): v for s, v in sorted(per_seed.items())},
+        "aggregate": aggregate(common, first["base"]["reward"], sorted(settings["target_deltas"]),
+                               CLOCKS[settings["clock"]]),
+        "benchmark_cost": {"wall_s": max(r["benchmark_cost"]["wall_s"] for r in reports),
+                           "cpu_s": sum(r["benchmark_cost"]["cpu_s"] for r in reports)},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        report = merge_reports(args.merge)
+        out_dir = args.out_dir or args.merge[0].parent
+        write_json(out_dir / f"{OUT_NAME}.json", report)
+        plot(report, out_dir / f"{OUT_NAME}.png")
+        print("\n".join(summary_lines(report)))
+        print(f"merged {len(args.merge)} reports, seeds {report['settings']['seeds']}; written to "
+              f"{out_dir / OUT_NAME}.json and .png")
+        return report
     root = args.root.resolve()
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     params = load_params(args.params if args.params.is_absolute() else root / args.params, overrides)
@@ -511,9 +725,11 @@ def main(argv: list[str] | None = None) -> dict:
         shared = Shared(lay, data, rewards, train_prompts, eval_prompts, reader, make_task_judge(task, p.judge),
                         task_reward(task, train_prompts), {})
         base_monitor = make_monitor(base_model, shared, workdir / "base")
-        base_monitor.evaluate_base()  # also warms up the sampler and the reader before anything is timed
-        shared.base = {k: float(base_monitor.curve[k].iloc[0]) for k in SCORES}
-        print(f"base: reward {shared.base['reward']:.3f}, corrected {shared.base['corrected']:.3f}", flush=True)
+        # also warms up the sampler and the reader before anything is timed
+        second = read_twice(base_monitor, base_monitor.evaluate_base)
+        shared.base = {**{k: float(base_monitor.curve[k].iloc[0]) for k in SCORES}, "second_reward": second}
+        print(f"base: reward {shared.base['reward']:.3f}, corrected {shared.base['corrected']:.3f}, second reader "
+              + ("n/a" if second is None else f"{second:.3f}"), flush=True)
         per_seed: dict[int, dict[str, dict]] = {}
         offline_runs = []
         for seed in args.seeds:
@@ -528,9 +744,12 @@ def main(argv: list[str] | None = None) -> dict:
             for name in args.methods:
                 r = run_method(name, shared, args, workdir, seed, offline)
                 per_seed[seed][name] = r
-                print(f"seed {seed} {name}: {r['steps']} steps, reward {r['final']['reward']:.3f}, corrected "
+                second = r["final"]["second_reward"]
+                resampled = f", {len(r['rounds'])} re-samples" if r["rounds"] else ""
+                print(f"seed {seed} {name}: {r['steps']} steps, reward {r['final']['reward']:.3f} (second reader "
+                      + ("n/a" if second is None else f"{second:.3f}") + f"), corrected "
                       f"{r['final']['corrected']:.3f}, {r['time']['total_s']:.1f} s wall, "
-                      f"{r['time']['total_cpu_s']:.1f} s CPU", flush=True)
+                      f"{r['time']['total_cpu_s']:.1f} s CPU{resampled}", flush=True)
                 # after every method, so an interrupted run keeps what it measured
                 partial = build_report(args, p, shared.base, offline_runs, per_seed, deltas, total, complete=False)
                 write_json(out_dir / f"{OUT_NAME}.partial.json", partial)

@@ -1,8 +1,10 @@
 """benchmarks/cpu_objectives.py run in-process on a tiny project (random-weight base, tiny rollouts) with a tiny
-budget: every method is trained, timed and evaluated, and the report, the plot and the ratio line appear.
+budget: every method is trained, timed and evaluated (the final evaluation also by the second reader), gdro_rounds
+re-samples and pays for it, and the report, the plot and the ratio lines appear.
 benchmarks/checkpoint_choice.py on the same project: every checkpoint scored, every rule's choice reported."""
 
 import json
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -55,7 +57,8 @@ def make_project(root: Path) -> Layout:
 def test_every_method_is_timed_evaluated_and_compared(bench, tmp_path, capsys):
     lay = make_project(tmp_path)
     report = bench.main(["--root", str(tmp_path), "--seeds", "3", "--train-budget", "0", "--budget-steps", "2",
-                         "--eval-every", "0", "--eval-prompts", "2", "--rollout-prompts", "2"])
+                         "--eval-every", "0", "--eval-prompts", "2", "--rollout-prompts", "2", "--round-steps", "1",
+                         "--set", "evaluate.second_reader=rapidocr"])
     out = capsys.readouterr().out
 
     saved = json.loads((lay.reports_dir / "benchmark" / "cpu_objectives.json").read_text())
@@ -96,6 +99,61 @@ def test_every_method_is_timed_evaluated_and_compared(bench, tmp_path, capsys):
     assert "train/pairs_kept" in runs["dpo"]["last_parts"] and "train/velocity_norm_ratio" in runs["gdro"]["last_parts"]
     assert "time to Flow-GRPO's final reward" in out and "base+0.05" in out
 
+    # the second reader read the base's and every final evaluation's held-out images
+    assert saved["settings"]["second_reader"] == "rapidocr" and 0.0 <= saved["base"]["second_reward"] <= 1.0
+    for name, r in runs.items():
+        assert 0.0 <= r["final"]["second_reward"] <= 1.0, name
+        mean = saved["aggregate"]["methods"][name]["second_reward"]["mean"]
+        assert mean == pytest.approx(r["final"]["second_reward"])
+        assert "second_reward" not in r["curve"][0]  # not at the intermediate evaluations
+    assert "reward 2" in out and "(rapidocr)" in out
+
+    # gdro_rounds re-sampled after step 1 from its policy, with new seeds, and paid for it on both clocks
+    rounds = runs["gdro_rounds"]
+    [again] = rounds["rounds"]
+    p = parse_params(PARAMS)
+    assert again["round"] == 2 and again["after_step"] == 1
+    assert again["first_seed"] == p.rollout.seed + p.rounds.seed_offset
+    assert again["images"] == n_train * PARAMS["rollout"]["images_per_prompt"]  # every training prompt, not scaled
+    assert again["latent_change"] > 0  # its data changed
+    paid = {"seconds": again["generation_s"] + again["scoring_s"],
+            "cpu_seconds": again["generation_cpu_s"] + again["scoring_cpu_s"]}
+    assert min(paid.values()) > 0
+    for clock in ("seconds", "cpu_seconds"):
+        start = rounds["curve"][0][clock]  # the offline data cost, as every offline method starts
+        assert rounds["clock_offset"][clock] == pytest.approx(start + paid[clock])  # its clock offset grew
+        assert runs["gdro"]["clock_offset"][clock] == pytest.approx(start)  # the others' did not
+        assert rounds["curve"][-1][clock] >= rounds["clock_offset"][clock]
+    assert rounds["time"]["generation_s"] == pytest.approx(offline["generation_s"] + again["generation_s"])
+    assert rounds["time"]["scoring_s"] == pytest.approx(offline["scoring_s"] + again["scoring_s"])
+    assert all(not r["rounds"] for name, r in runs.items() if name != "gdro_rounds")
+    assert "gdro_rounds: 1 re-samples" in out
+
+    # GDRO and GDRO rounds against every online method
+    vs = saved["aggregate"]["vs_online"]
+    assert {k: set(v) for k, v in vs.items()} == {o: {"flow_grpo", "diffusion_nft", "awm"} for o in bench.RACERS}
+    assert saved["aggregate"]["gdro_vs_flow_grpo"]["to_flow_grpo_final"] == vs["gdro"]["flow_grpo"]["to_final"]
+    for ours in bench.RACERS:
+        for online in ("flow_grpo", "diffusion_nft", "awm"):
+            assert f"time to {bench.LABELS[online]}'s final reward, {online} / {ours}" in out
+
+    # seeds run in separate processes merge into one report, aggregated as one run's; other settings are refused
+    other = json.loads(json.dumps(saved))
+    other["per_seed"] = {"4": {name: {**r, "seed": 4, "final": {**r["final"], "reward": r["final"]["reward"] + 0.5}}
+                               for name, r in saved["per_seed"]["3"].items()}}
+    (tmp_path / "seed4.json").write_text(json.dumps(other))
+    merged = bench.main(["--merge", str(lay.reports_dir / "benchmark" / "cpu_objectives.json"),
+                         str(tmp_path / "seed4.json"), "--out-dir", str(tmp_path / "merged")])
+    assert merged["settings"]["seeds"] == [3, 4] and len(merged["offline_runs"]) == 2
+    gdro = merged["aggregate"]["methods"]["gdro"]["reward"]
+    assert gdro["n"] == 2 and gdro["mean"] == pytest.approx(runs["gdro"]["final"]["reward"] + 0.25)
+    assert gdro["sd"] == pytest.approx(statistics.stdev([0.0, 0.5]))
+    assert json.loads((tmp_path / "merged" / "cpu_objectives.json").read_text()) == json.loads(json.dumps(merged))
+    other["settings"]["train_budget"] = 99.0
+    (tmp_path / "budget.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differs .* in train_budget"):
+        bench.main(["--merge", str(lay.reports_dir / "benchmark" / "cpu_objectives.json"), str(tmp_path / "budget.json")])
+
 
 def _run(curve_points):
     return {"curve": [{"seconds": 2 * c, "cpu_seconds": c, "step": i, "reward": r} for i, (c, r) in enumerate(curve_points)],
@@ -120,6 +178,78 @@ def test_ratio_is_flow_grpos_time_over_gdros_to_flow_grpos_final_reward(bench):
     assert c["target_reward"] == 0.55
     assert c["ratio"] == pytest.approx(400 / 200)  # Flow-GRPO first reached 0.55 at 400 s, GDRO at 200 s
     assert c["ratio_at_target"] == {"+0.05": pytest.approx(200 / 150), "+0.10": pytest.approx(400 / 200)}
+
+
+def test_every_offline_racer_is_compared_with_every_online_method(bench):
+    base = 0.40
+    gdro = _run([(100, base), (150, 0.47), (200, 0.56)])
+    rounds = _run([(100, base), (250, 0.50), (300, 0.60)])
+    awm = _run([(0, base), (300, 0.50)])
+    c = bench.compare({"gdro_rounds": rounds, "awm": awm}, base, [0.05, 0.10], "cpu_seconds", "gdro_rounds", "awm")
+    assert c["ratio"] == pytest.approx(300 / 250)  # AWM reached its final 0.50 at 300 s, GDRO rounds at 250 s
+    assert c["ratio_at_target"] == {"+0.05": pytest.approx(300 / 250), "+0.10": pytest.approx(300 / 250)}
+    assert c["gdro_rounds"]["cpu_seconds"] == 250 and c["awm"]["cpu_seconds"] == 300
+    assert bench.compare({"gdro": gdro, "awm": awm}, base, [0.05], "cpu_seconds", "gdro", "awm")["ratio"] == 1.5
+    high = _run([(0, base), (300, 0.65)])  # higher than GDRO rounds ever got
+    c = bench.compare({"gdro_rounds": rounds, "awm": high}, base, [0.05], "cpu_seconds", "gdro_rounds", "awm")
+    assert c["ratio"] is None and c["reason"] == "GDRO rounds did not reach AWM's final reward within its budget"
+    assert bench.compare({"gdro": gdro}, base, [0.05], "cpu_seconds", "gdro", "awm") is None  # AWM did not run
+
+
+def test_vs_online_gives_each_pair_mean_and_sd_over_seeds_and_prints_a_line_for_each(bench):
+    base, deltas = 0.40, [0.05, 0.10]
+    curves = {  # per seed: cpu seconds and held-out reward of each evaluation
+        0: {"gdro": [(100, base), (150, 0.47), (200, 0.56)], "gdro_rounds": [(100, base), (250, 0.50), (300, 0.60)],
+            "flow_grpo": [(0, base), (200, 0.46), (400, 0.55), (500, 0.55)], "awm": [(0, base), (300, 0.50)],
+            "diffusion_nft": [(0, base), (300, 0.42)]},
+        1: {"gdro": [(100, base), (150, 0.52), (200, 0.56)], "gdro_rounds": [(100, base), (250, 0.50), (300, 0.60)],
+            "flow_grpo": [(0, base), (300, 0.55)], "awm": [(0, base), (600, 0.50)],
+            "diffusion_nft": [(0, base), (300, 0.42)]},
+    }
+    runs = {s: {name: {**_run(points), "steps": len(points), "time": {"total_cpu_s": points[-1][0],
+                                                                       "total_s": 2.0 * points[-1][0]}}
+                for name, points in seed.items()} for s, seed in curves.items()}
+    for seed in runs.values():
+        for r in seed.values():
+            r["final"] |= {"corrected": 0.0, "velocity_norm_ratio": 1.0, "second_reward": None}
+    agg = bench.aggregate(runs, base, deltas, "cpu_seconds")
+    vs = agg["vs_online"]
+    expected = {("gdro", "flow_grpo"): [400 / 200, 300 / 200], ("gdro", "awm"): [300 / 200, 600 / 150],
+                ("gdro_rounds", "flow_grpo"): [400 / 300, 300 / 300], ("gdro_rounds", "awm"): [300 / 250, 600 / 250]}
+    for (ours, online), ratios in expected.items():
+        got = vs[ours][online]["to_final"]
+        assert got["mean"] == pytest.approx(statistics.fmean(ratios)), (ours, online)
+        assert got["sd"] == pytest.approx(statistics.stdev(ratios)) and got["n"] == 2, (ours, online)
+        assert [c["ratio"] for c in vs[ours][online]["per_seed"]] == pytest.approx(ratios)
+    at = vs["gdro"]["awm"]["at_target"]  # +0.05: AWM at 300 and 600 s, GDRO at 150 s both times
+    assert at["+0.05"]["mean"] == pytest.approx((300 / 150 + 600 / 150) / 2)
+    for ours in bench.RACERS:  # DiffusionNFT ended below base + 0.05: not meaningful, and said why
+        nft = vs[ours]["diffusion_nft"]
+        assert (nft["to_final"]["n"], nft["to_final"]["of"]) == (0, 2)
+        assert nft["reasons"] == ["DiffusionNFT's final reward 0.420 is below base + 0.05 (0.450): no improvement to "
+                                  "race to"]
+    legacy = agg["gdro_vs_flow_grpo"]
+    assert legacy["to_flow_grpo_final"] == vs["gdro"]["flow_grpo"]["to_final"]
+    assert agg["per_seed_comparison"] == vs["gdro"]["flow_grpo"]["per_seed"]
+
+    p = parse_params(PARAMS)  # evaluate.second_reader: none
+    args = bench.parse_args(["--seeds", "0", "1", "--budget-steps", "2", "--target-deltas", *map(str, deltas)])
+    offline = {k: 1.0 for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")}
+    report = bench.build_report(args, p, {"reward": base, "corrected": 0.0, "second_reward": None}, [offline], runs,
+                                deltas, bench.Stopwatch(), complete=True)
+    assert report["aggregate"]["vs_online"] == vs and report["settings"]["second_reader"] == "none"
+    lines = bench.summary_lines(report)
+    pairs = [line for line in lines if line.startswith("time to ")]
+    assert len(pairs) == 2 * 3  # one line per (offline racer, online method)
+    assert "time to AWM's final reward, awm / gdro_rounds (cpu s): 1.80±0.85" in pairs
+    table = {line.split()[0]: line.split() for line in lines[2:8]}
+    assert table["gdro"][2:4] == ["0.560±0.000", "n/a"] and table["base"][2:4] == ["0.400", "n/a"]
+
+
+def test_round_steps_must_be_positive(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--budget-steps", "2", "--round-steps", "0"])
+    assert "--round-steps must be positive" in capsys.readouterr().err
 
 
 def test_aggregate_gives_mean_and_sd_over_seeds(bench):
