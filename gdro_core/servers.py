@@ -61,6 +61,9 @@ def mlflow_spec(host: str, port: int, backend_store_uri: str, artifact_root: Pat
                  "--no-serve-artifacts"],
         health_url=f"{base}/health",
         ui_url=base,
+        # MLflow's job runner (seven huey consumer processes, for GenAI evaluation jobs and trace rollups) serves
+        # nothing gdro logs: without it the server starts sooner and leaves fewer processes to stop
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
 
 

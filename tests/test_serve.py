@@ -123,6 +123,15 @@ def test_servers_listen_on_loopback_and_a_gdro_command_reports_to_both(served, p
     state = json.loads((served.root / ".prefect" / "serve.json").read_text())
     assert state["prefect_api_url"] == f"{served.prefect}/api"
     assert (served.root / ".prefect" / "prefect.db").is_file()  # the project's own Prefect home
+    import psutil
+
+    started = []
+    for child in psutil.Process(served.proc.pid).children(recursive=True):
+        try:
+            started.append(" ".join(child.cmdline()))
+        except psutil.Error:  # ended meanwhile
+            pass
+    assert not [c for c in started if "huey" in c], started  # MLflow's job runner serves nothing gdro logs
 
     # A plain `gdro prompts`, no PREFECT_API_URL set: it finds the running server by itself.
     done = subprocess.run([BIN / "gdro", "prompts"], cwd=served.root, env=served.env, capture_output=True, text=True)
