@@ -42,11 +42,12 @@ pipeline: setup  ## the same stages as one Prefect flow, without DVC
 ui: setup  ## Prefect and MLflow UIs on 127.0.0.1 plus the pipeline/sweep deployments; Ctrl-C stops them
 	$(BIN)/gdro serve
 
-# Two workers (pytest-xdist), each taking whole test modules: most tests wait on `gdro`/`dvc` processes that use one
+# Two workers (pytest-xdist), each taking whole test modules in collection order (the longest first, tests/conftest.py
+# `LONGEST_FIRST`), not by test count: most tests wait on `gdro`/`dvc` processes that use one
 # core each, and the projects the tests only read are built once for both (tests/conftest.py `built_once`).
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 clean:
 	rm -rf data models reports checkpoints mlflow.db mlartifacts .prefect data-geneval models-geneval reports-geneval

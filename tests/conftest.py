@@ -43,16 +43,18 @@ TINY = {
 }
 
 
-LONGEST_FIRST = (  # modules of whole `gdro`/`dvc` runs, longest first (`make test` prints the slowest tests)
-    "test_dvc_pipeline.py", "test_families_pipeline.py", "test_fanout.py", "test_stop_signals.py", "test_serve.py",
-    "test_serve_stop.py", "test_training_launch.py", "test_cli_errors.py", "test_rewards.py", "test_tracking_faults.py",
-    "test_repro_tracking.py", "test_rounds.py", "test_repro_kill.py",
+LONGEST_FIRST = (  # modules of whole `gdro`/`dvc` runs, longest first (`make test` prints the slowest tests); the
+    # ones that wait for the session's reproduced project (test_dvc_pipeline builds it) come after others
+    "test_dvc_pipeline.py", "test_fanout.py", "test_families_pipeline.py", "test_serve_stop.py", "test_serve.py",
+    "test_stop_signals.py", "test_tracking_faults.py", "test_rewards.py", "test_training_launch.py",
+    "test_repro_tracking.py", "test_cli_errors.py", "test_repro_kill.py", "test_rounds.py",
 )
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """`make test` hands whole modules to its workers (pytest-xdist ``--dist loadfile``) in collection order: the
-    longest go first, so the workers end together instead of one finishing a long module alone."""
+    """`make test` hands whole modules to its workers (pytest-xdist ``--dist loadfile --no-loadscope-reorder``) in
+    collection order: the longest go first, so the workers end together instead of one finishing a long module
+    alone."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other module keeps its order
 

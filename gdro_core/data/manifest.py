@@ -297,7 +297,7 @@ def prompt_checker(params, model, words: Sequence[str] = ()) -> Callable[[str, s
     from gdro_core.data.prompt_checks import check_encodable
 
     if params.model.source == "builtin":
-        from gdro_core.models.builtin import CHARACTERS, build_tokenizer
+        from gdro_core.models.builtin_tokenizer import CHARACTERS, build_tokenizer
 
         tok = build_tokenizer(list(words))
         limit = params.model.builtin.max_tokens

@@ -34,7 +34,7 @@ def check_encodable(prompts: Sequence, vocab: set[str], max_tokens: int, count_t
 
 def check_builtin_encodable(prompts: Sequence, max_tokens: int, words: Sequence[str], where: str) -> None:
     """:func:`check_encodable` against the built-in model's tokenizer (``words`` read whole; none: characters)."""
-    from gdro_core.models.builtin import CHARACTERS, build_tokenizer
+    from gdro_core.models.builtin_tokenizer import CHARACTERS, build_tokenizer
 
     tok = build_tokenizer(words)
     check_encodable(prompts, set(CHARACTERS), max_tokens, lambda s: len(tok(s).input_ids), where)
