@@ -649,14 +649,13 @@ MERGE_SAME = ("methods", "clock", "train_budget", "online_budget", "budget_steps
 
 
 def merge_reports(paths: list[Path]) -> dict:
-    """One report from complete reports of the same benchmark on different seeds (e.g. one process per core, each
-    with ``--seeds`` of its own): their per-seed runs and data costs side by side, aggregated as one run's are."""
+    """One report from reports of the same benchmark on different seeds (e.g. one process per core, each with
+    ``--seeds`` of its own): their per-seed runs and data costs side by side, aggregated as one run's are, over the
+    methods every seed finished. A partial report (``*.partial.json``, its run stopped) makes the merge partial."""
     reports = [read_json(path) for path in paths]
     first = reports[0]
     per_seed: dict[int, dict[str, dict]] = {}
     for path, report in zip(paths, reports, strict=True):
-        if not report.get("complete"):
-            raise SystemExit(f"--merge: {path} is a partial report (its run did not finish); merge complete ones")
         differ = [k for k in MERGE_SAME if report["settings"].get(k) != first["settings"].get(k)]
         if differ:
             raise SystemExit(f"--merge: {path} differs from {paths[0]} in {', '.join(differ)}: its seeds ran "
@@ -673,7 +672,7 @@ def merge_reports(paths: list[Path]) -> dict:
     common = {s: {n: r for n, r in runs.items() if n in names} for s, runs in sorted(per_seed.items())}
     settings = first["settings"]
     return {
-        "complete": True,
+        "complete": all(report.get("complete") for report in reports),
         "settings": {**settings, "seeds": sorted(per_seed), "merged_from": [str(path) for path in paths]},
         "offline": {k: mean_sd([o[k] for o in offline_runs])
                     for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
@@ -695,6 +694,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(out_dir / f"{OUT_NAME}.json", report)
         plot(report, out_dir / f"{OUT_NAME}.png")
         print("\n".join(summary_lines(report)))
+        if not report["complete"]:
+            print("partial: a merged run did not finish; the table holds the methods every seed finished")
         print(f"merged {len(args.merge)} reports, seeds {report['settings']['seeds']}; written to "
               f"{out_dir / OUT_NAME}.json and .png")
         return report

@@ -149,6 +149,10 @@ def test_every_method_is_timed_evaluated_and_compared(bench, tmp_path, capsys):
     assert gdro["n"] == 2 and gdro["mean"] == pytest.approx(runs["gdro"]["final"]["reward"] + 0.25)
     assert gdro["sd"] == pytest.approx(statistics.stdev([0.0, 0.5]))
     assert json.loads((tmp_path / "merged" / "cpu_objectives.json").read_text()) == json.loads(json.dumps(merged))
+    assert merged["complete"]
+    other["complete"] = False  # a stopped run's .partial.json: merged, and the merge says it is partial
+    (tmp_path / "stopped.json").write_text(json.dumps(other))
+    assert not bench.merge_reports([lay.reports_dir / "benchmark" / "cpu_objectives.json", tmp_path / "stopped.json"])["complete"]
     other["settings"]["train_budget"] = 99.0
     (tmp_path / "budget.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="differs .* in train_budget"):
