@@ -23,7 +23,7 @@ from gdro_core.servers import (
     SERVE_ENV, STATE_FILE, ServeError, ServerSpec, healthy, local_store, mlflow_spec, port_holder, port_in_use,
     prefect_spec, stop_leftovers, write_state,
 )
-from gdro_core.tracking.runs import tracking_uri
+from gdro_core.tracking.uri import tracking_uri
 
 STOP_GRACE_S = (15.0, 5.0, 5.0)  # seconds after SIGINT, SIGTERM, SIGKILL
 

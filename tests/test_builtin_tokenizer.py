@@ -6,7 +6,8 @@ import torch
 
 from gdro_core.data.prompt_checks import PromptError
 from gdro_core.models import load_model
-from gdro_core.models.builtin import build_builtin_pipeline, build_tokenizer
+from gdro_core.models.builtin import build_builtin_pipeline
+from gdro_core.models.builtin_tokenizer import build_tokenizer
 from gdro_core.params import load_params
 from gdro_core.tasks.geneval.prompts import validate_sets
 from gdro_core.tasks.registry import caption_words, make_task

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from gdro_core.models.builtin import build_tokenizer
+from gdro_core.models.builtin_tokenizer import build_tokenizer
 
 
 def save_tiny_clip(path: Path, projection_dim: int = 16, seed: int = 0, processor: bool = True) -> Path:

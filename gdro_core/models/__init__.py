@@ -15,6 +15,7 @@ from gdro_core.models.checkpoint_files import ModelError, check_image_size  # no
 if TYPE_CHECKING:
     from gdro_core.models.base import FlowModel
 
+
 def load_model(params, base_dir: str | Path, device: str | None = None) -> FlowModel:
     """The model ``params`` describe: the built-in base saved in ``base_dir`` or the real checkpoint
     ``model.source``, for the task's images (``params.image_shape``), on ``model.device`` (or ``device``) in
@@ -37,7 +38,8 @@ def _load_family_model(
 
     from gdro_core.models.base import pick_device
     from gdro_core.models.builtin import BuiltinModelAdapter, TextRenderPipeline
-    from gdro_core.models.families import check_size, family_for_class, read_model_index
+    from gdro_core.models.checkpoint_files import check_size, read_model_index
+    from gdro_core.models.families import family_for_class
 
     height, width = size
     torch_dtype = getattr(torch, dtype)

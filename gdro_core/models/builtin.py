@@ -22,8 +22,7 @@ from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from gdro_core.models.base import Condition, ModelError
-from gdro_core.models.builtin_tokenizer import BOS, CHARACTERS, EOS, build_tokenizer  # noqa: F401 - re-exported
-from gdro_core.models.checkpoint_files import builtin_size_multiple
+from gdro_core.models.builtin_tokenizer import BOS, EOS, build_tokenizer
 from gdro_core.models.family import DiffusersFlowModel
 from gdro_core.models.sd3 import SD3_TARGETS, sd3_timesteps, sd3_velocity
 
@@ -112,8 +111,6 @@ class BuiltinModelAdapter(DiffusersFlowModel):
                  shift: float | None = None, guidance: float | None = None):
         super().__init__(pipe, (pipe.transformer.config.in_channels, *world_shape), "builtin", base_dir,
                          shift, guidance)
-
-    size_multiple = staticmethod(builtin_size_multiple)
 
     def encode(self, prompts: list[str]) -> Condition:
         """CLIP conditioning; gradients only while the text encoder is being trained (pretraining)."""

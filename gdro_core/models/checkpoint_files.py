@@ -2,8 +2,7 @@
 components' configs and the image sizes its family takes.
 
 ``gdro check``, the first DVC stage, reruns on every params change and validates sizes and paths with these alone,
-so it starts in about a second instead of paying for torch and diffusers. The family classes
-(:mod:`gdro_core.models.families`) take their size rules from here.
+so it starts in about a second instead of paying for torch and diffusers. Loading a model checks sizes here too.
 """
 
 from __future__ import annotations
@@ -66,7 +65,8 @@ SIZE_RULES: dict[str, Callable[[dict, dict], tuple[int, str]]] = {
     "StableDiffusion3Pipeline": sd3_size_multiple,
     "FluxPipeline": flux_size_multiple,
 }
-"""Each real family's size rule by its pipeline class; the family classes share these (tests check they agree)."""
+"""Each real family's size rule by its pipeline class (the families' registry, ``families.FAMILIES``, has the same
+keys: tests check it)."""
 
 
 def unsupported(class_name: str) -> ModelError:

@@ -12,10 +12,8 @@ from pathlib import Path
 import torch
 
 from gdro_core.models.base import ModelError
-from gdro_core.models.checkpoint_files import (  # noqa: F401 - re-exported: the family registry's light half
-    SUPPORTED, cached_file, check_size, read_model_index, size_multiple, unsupported,
-)
 from gdro_core.models.builtin import BuiltinModelAdapter
+from gdro_core.models.checkpoint_files import SUPPORTED, read_model_index, unsupported
 from gdro_core.models.flux import FluxModel
 from gdro_core.models.lora import attach_lora, save_lora
 from gdro_core.models.sd3 import StableDiffusion3Model

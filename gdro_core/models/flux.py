@@ -16,7 +16,6 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor
 
 from gdro_core.models.base import Condition
-from gdro_core.models.checkpoint_files import flux_size_multiple
 from gdro_core.models.family import DiffusersFlowModel
 
 FLUX_TARGETS = (
@@ -46,8 +45,6 @@ class FluxModel(DiffusersFlowModel):
         f = pipe.vae_scale_factor
         super().__init__(pipe, (pipe.transformer.config.in_channels // 4, height // f, width // f), source, **kwargs)
         self.embedded_guidance = bool(pipe.transformer.config.guidance_embeds)
-
-    size_multiple = staticmethod(flux_size_multiple)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Condition:

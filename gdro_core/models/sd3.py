@@ -8,7 +8,6 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from torch import Tensor
 
 from gdro_core.models.base import Condition
-from gdro_core.models.checkpoint_files import sd3_size_multiple
 from gdro_core.models.family import DiffusersFlowModel
 
 SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -49,8 +48,6 @@ class StableDiffusion3Model(DiffusersFlowModel):
     def __init__(self, pipe, height: int, width: int, source: str = "", **kwargs):
         f = pipe.vae_scale_factor
         super().__init__(pipe, (pipe.transformer.config.in_channels, height // f, width // f), source, **kwargs)
-
-    size_multiple = staticmethod(sd3_size_multiple)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Condition:

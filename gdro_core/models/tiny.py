@@ -32,7 +32,7 @@ def t5_tokenizer():
 def _clip(with_projection: bool, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from gdro_core.models.builtin import BOS, EOS, build_tokenizer
+    from gdro_core.models.builtin_tokenizer import BOS, EOS, build_tokenizer
 
     tok = build_tokenizer()
     tok.model_max_length = CLIP_TOKENS
