@@ -151,18 +151,6 @@ def gdro_env(root: Path) -> dict[str, str]:
             "PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
-def staged_project(root: Path, params: dict, stages: tuple[str, ...]) -> dict[str, str]:
-    """``params`` written to ``root`` and ``stages`` run there as `gdro` commands; returns their environment."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    env = gdro_env(root)
-    for stage in stages:
-        out = subprocess.run([Path(sys.executable).parent / "gdro", stage], cwd=root, env=env,
-                             capture_output=True, text=True, check=False)
-        assert out.returncode == 0, f"gdro {stage}: " + out.stderr[-2000:]
-    return env
-
-
 def started_together(work: dict[str, Callable[[], object]], at_once: int = 2) -> dict[str, Future]:
     """Each of ``work``'s calls started on a thread, ``at_once`` at a time; ``.result()`` waits for one and re-raises its
     failure (an assertion error with pytest's message) in the test that asks. Meant for chains of `gdro`/`dvc` processes

@@ -14,7 +14,7 @@ import mlflow
 import psutil
 import yaml
 
-from conftest import TINY, dvc_copy, scored_copy, staged_project
+from conftest import TINY, dvc_copy, gdro_env, scored_copy, tiny_project
 from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
@@ -116,7 +116,8 @@ def test_sigterm_stops_rollout_keeps_finished_shards_and_the_rerun_reuses_them(t
     # one prompt per shard and more sampler steps: a rollout long enough to be stopped between shards
     params = {**TINY, "prompts": {**TINY["prompts"], "n_train": 16},
               "sampler": {**TINY["sampler"], "steps": 20, "batch_size": 4}}
-    env = staged_project(tmp_path, params, ("prompts", "base"))
+    tiny_project(tmp_path, params)  # prompts and a small random base, made in this process
+    env = gdro_env(tmp_path)
     records = tmp_path / "data" / "rollouts" / "records"
     log = tmp_path / "rollout.log"
     with log.open("w") as out:
