@@ -19,7 +19,7 @@ def test_kill_9_during_rollout_leaves_nothing_running_and_the_rerun_ends_with_th
     from prefect.client.schemas.sorting import FlowRunSort
 
     # one prompt per shard and more sampler steps: a rollout long enough to be interrupted between shards
-    params = {**TINY, "prompts": {**TINY["prompts"], "n_train": 48},
+    params = {**TINY, "prompts": {**TINY["prompts"], "n_train": 16},
               "sampler": {**TINY["sampler"], "steps": 20, "batch_size": 4}}
     project = tiny_project(tmp_path / "killed", params)  # prompts and a small random base, made in this process
     env = gdro_env(project)

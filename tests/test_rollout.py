@@ -52,12 +52,12 @@ def test_rollouts_are_stored_and_reused(model, prompts, tmp_path, monkeypatch):
     assert data.cond["encoder_hidden_states"].shape[0] == 3
     assert len({r["seed"] for r in manifest["rows"]}) == 12
 
-    import gdro_core.data.rollout as rollout_mod
+    import gdro_core.models.sampling as sampling_mod
 
     def fail(*a, **k):
         raise AssertionError("a complete, verified cache must not be sampled again")
 
-    monkeypatch.setattr(rollout_mod, "sample", fail)
+    monkeypatch.setattr(sampling_mod, "sample", fail)
     assert _generate(model, prompts, out) == manifest
 
 
@@ -85,9 +85,9 @@ def test_corrupt_shard_is_regenerated_not_trusted(model, prompts, tmp_path):
 
 def test_interrupted_rollout_resumes_from_finished_shards(model, prompts, tmp_path, monkeypatch):
     out = tmp_path / "rollouts"
-    import gdro_core.data.rollout as rollout_mod
+    import gdro_core.models.sampling as sampling_mod
 
-    real, count = rollout_mod.sample, {"n": 0}
+    real, count = sampling_mod.sample, {"n": 0}
 
     def crash_second(*a, **k):
         count["n"] += 1
@@ -95,7 +95,7 @@ def test_interrupted_rollout_resumes_from_finished_shards(model, prompts, tmp_pa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(rollout_mod, "sample", crash_second)
+    monkeypatch.setattr(sampling_mod, "sample", crash_second)
     with pytest.raises(KeyboardInterrupt):
         _generate(model, prompts, out)
     assert (out / "shard-0000.safetensors").is_file() and not (out / "manifest.json").exists()
@@ -105,15 +105,15 @@ def test_interrupted_rollout_resumes_from_finished_shards(model, prompts, tmp_pa
 
 
 def _count_samples(monkeypatch):
-    import gdro_core.data.rollout as rollout_mod
+    import gdro_core.models.sampling as sampling_mod
 
-    real, seen = rollout_mod.sample, []
+    real, seen = sampling_mod.sample, []
 
     def counting(*a, **k):
         seen.append(a[3])  # the seeds sampled
         return real(*a, **k)
 
-    monkeypatch.setattr(rollout_mod, "sample", counting)
+    monkeypatch.setattr(sampling_mod, "sample", counting)
     return seen
 
 

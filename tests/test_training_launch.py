@@ -11,20 +11,20 @@ from pathlib import Path
 import mlflow
 import torch
 
+from conftest import gdro_env
 from test_cpu_benchmark_smoke import PARAMS, make_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gdro_train_on_two_processes_trains_once_and_reports_once(tmp_path, one_thread):
+def test_gdro_train_on_two_processes_trains_once_and_reports_once(tmp_path, one_thread, prefect_server):
     """The documented command with `model.device: auto` on a machine without CUDA: both ranks join one job, which
     trains once (to its last step) and reports once."""
     from gdro_core.training.checkpoint import latest_checkpoint, load_checkpoint
 
     make_project(tmp_path)
-    env = {**os.environ, "GDRO_ROOT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect"), "OMP_NUM_THREADS": "1",
+    env = {**gdro_env(tmp_path), "OMP_NUM_THREADS": "1",  # the session's Prefect server: no temporary one to start
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("PREFECT_API_URL", None)
     done = subprocess.run([Path(sys.executable).parent / "gdro", "train", "--set", "train.num_processes=2", "--set",
                            "model.device=auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

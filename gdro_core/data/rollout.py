@@ -13,14 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from gdro_core.data.store import TMP_SUFFIX, atomic_write, read_json, sha256_file, write_json
-from gdro_core.models.base import Condition, FlowModel
 from gdro_core.tasks.base import PromptRecord
-from gdro_core.models.sampling import sample
+
+if TYPE_CHECKING:  # the model stack (diffusers) loads only where a shard is sampled: reading rollouts needs none
+    from gdro_core.models.base import Condition, FlowModel
 
 MANIFEST = "manifest.json"
 RECORDS = "records"
@@ -115,6 +117,8 @@ def write_shard(
     null: Condition | None = None,
 ) -> dict:
     """Sample one shard; write its PNGs, then its tensors, then its record (last: it vouches for the rest)."""
+    from gdro_core.models.sampling import sample
+
     out_dir = Path(out_dir)
     null = model.encode([""]) if null is None else null
     with torch.no_grad():
