@@ -642,16 +642,18 @@ def build_report(args: argparse.Namespace, p: Params, base: dict[str, float | No
     }
 
 
-MERGE_SAME = ("methods", "clock", "train_budget", "online_budget", "budget_steps", "eval_every", "eval_prompts",
+MERGE_SAME = ("clock", "train_budget", "online_budget", "budget_steps", "eval_every", "eval_prompts",
               "rollout_prompts", "target_deltas", "round_steps", "overrides", "params", "reader_mode",
               "sampler_steps", "second_reader")
-"""Settings every merged report must share: otherwise their seeds did not run the same benchmark."""
+"""Settings every merged report must share: otherwise their seeds did not run the same benchmark. The methods may
+differ: reports of the same seed with other methods (e.g. the offline variants run later) join that seed's runs."""
 
 
 def merge_reports(paths: list[Path]) -> dict:
     """One report from reports of the same benchmark on different seeds (e.g. one process per core, each with
-    ``--seeds`` of its own): their per-seed runs and data costs side by side, aggregated as one run's are, over the
-    methods every seed finished. A partial report (``*.partial.json``, its run stopped) makes the merge partial."""
+    ``--seeds`` of its own) or on other methods of the same seeds: their per-seed runs and data costs side by side,
+    aggregated as one run's are, over the methods every seed finished. A partial report (``*.partial.json``, its
+    run stopped) makes the merge partial."""
     reports = [read_json(path) for path in paths]
     first = reports[0]
     per_seed: dict[int, dict[str, dict]] = {}
@@ -664,16 +666,20 @@ def merge_reports(paths: list[Path]) -> dict:
             raise SystemExit(f"--merge: {path} evaluated another base ({report['base']} against {first['base']}): "
                              "merge only reports of the same base model, data and held-out prompts")
         for seed, runs in report["per_seed"].items():
-            if int(seed) in per_seed:
-                raise SystemExit(f"--merge: seed {seed} is in more than one report; each seed once")
-            per_seed[int(seed)] = runs
+            twice = sorted(set(runs) & set(per_seed.get(int(seed), {})))
+            if twice:
+                raise SystemExit(f"--merge: seed {seed} of {', '.join(twice)} is in more than one report; "
+                                 "each seed of each method once")
+            per_seed.setdefault(int(seed), {}).update(runs)
     offline_runs = [run for report in reports for run in report["offline_runs"]]
     names = set.intersection(*(set(runs) for runs in per_seed.values()))
     common = {s: {n: r for n, r in runs.items() if n in names} for s, runs in sorted(per_seed.items())}
     settings = first["settings"]
+    methods = [m for m in METHODS if any(m in runs for runs in per_seed.values())]
     return {
         "complete": all(report.get("complete") for report in reports),
-        "settings": {**settings, "seeds": sorted(per_seed), "merged_from": [str(path) for path in paths]},
+        "settings": {**settings, "methods": methods, "seeds": sorted(per_seed),
+                     "merged_from": [str(path) for path in paths]},
         "offline": {k: mean_sd([o[k] for o in offline_runs])
                     for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
         "offline_runs": offline_runs,

@@ -153,6 +153,21 @@ def test_every_method_is_timed_evaluated_and_compared(bench, tmp_path, capsys):
     other["complete"] = False  # a stopped run's .partial.json: merged, and the merge says it is partial
     (tmp_path / "stopped.json").write_text(json.dumps(other))
     assert not bench.merge_reports([lay.reports_dir / "benchmark" / "cpu_objectives.json", tmp_path / "stopped.json"])["complete"]
+    # the same seed with other methods (run later) joins that seed's runs; a method of a seed twice is refused
+    first, later = json.loads(json.dumps(saved)), json.loads(json.dumps(saved))
+    del first["per_seed"]["3"]["lair"]
+    first["settings"]["methods"] = [m for m in first["settings"]["methods"] if m != "lair"]
+    later["settings"]["methods"] = ["lair"]
+    later["per_seed"] = {"3": {"lair": {**saved["per_seed"]["3"]["lair"], "final": {**runs["lair"]["final"], "reward": 0.0}}}}
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    (tmp_path / "lair.json").write_text(json.dumps(later))
+    joined = bench.merge_reports([tmp_path / "first.json", tmp_path / "lair.json"])
+    assert set(joined["per_seed"]["3"]) == set(runs) and joined["settings"]["methods"] == list(bench.METHODS)
+    assert joined["aggregate"]["methods"]["lair"]["reward"]["mean"] == 0.0
+    assert joined["aggregate"]["methods"]["gdro"] == saved["aggregate"]["methods"]["gdro"]
+    assert joined["settings"]["seeds"] == [3] and len(joined["offline_runs"]) == 2
+    with pytest.raises(SystemExit, match="seed 3 of awm, .*gdro, .* is in more than one report"):
+        bench.merge_reports([lay.reports_dir / "benchmark" / "cpu_objectives.json"] * 2)
     other["settings"]["train_budget"] = 99.0
     (tmp_path / "budget.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="differs .* in train_budget"):
