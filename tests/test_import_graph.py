@@ -344,11 +344,12 @@ def test_every_family_has_a_light_size_rule():
 def test_the_score_stage_and_its_workers_load_no_diffusion_model_stack():
     """`score` reads images and the rollout manifest, never a diffusion model: its flow, its fan-out and its worker
     job import no diffusers or peft (about 2 CPU-s per score process and per scoring worker)."""
+    import os
     import subprocess
 
     probe = ("import sys; import flows.score, gdro_core.data.fanout, gdro_core.tasks.jobs, gdro_core.data.rollout; "
              "print('loaded', sorted(m for m in ('diffusers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "loaded []" in out.stdout, out.stdout

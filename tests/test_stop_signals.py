@@ -19,6 +19,7 @@ from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
 STOP_WITHIN = 15.0  # seconds from SIGTERM to the stage's process being gone
+PRETRAIN_STEPS = 150  # long enough to be stopped after its first checkpoint (every 5 steps), short to finish on rerun
 
 
 def wait_for(ready, what: str, timeout: float = 300.0) -> None:
@@ -54,7 +55,7 @@ def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(reproduced
     project, env = dvc_copy(reproduced, tmp_path / "project")
     (project / "mlflow.db").unlink()  # the first repro's runs and checkpoints: this test counts and finds its own
     shutil.rmtree(project / "checkpoints")
-    params = parse_params({**TINY, "pretrain": {**TINY["pretrain"], "steps": 150, "checkpoint_every": 5,
+    params = parse_params({**TINY, "pretrain": {**TINY["pretrain"], "steps": PRETRAIN_STEPS, "checkpoint_every": 5,
                                                 "log_every": 1}})
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     env = {**env, "OMP_NUM_THREADS": "1",
@@ -71,12 +72,12 @@ def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(reproduced
     kept = sorted((project / "checkpoints" / "base").glob("*/step-*"))
     assert kept, "the last checkpoint was not kept"
     last = int(kept[-1].name.split("-")[1])
-    assert last < 150
+    assert last < PRETRAIN_STEPS
 
     again = subprocess.run([BIN / "dvc", "repro", "base"], cwd=project, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     steps = logged_steps(again.stdout + again.stderr)
-    assert steps and steps[0] > last and steps[-1] == 150, (last, steps[:3], steps[-1:])  # resumed, not restarted
+    assert steps and steps[0] > last and steps[-1] == PRETRAIN_STEPS, (last, steps[:3], steps[-1:])  # resumed, not restarted
     assert runs(project, "base") == ["KILLED", "FINISHED"]
 
 
