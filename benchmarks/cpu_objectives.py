@@ -11,7 +11,7 @@ and the same held-out prompts, each method trains under the same budget *after i
 - ``sft_best``: flow matching on each group's best member;
 - ``lair``: every member's implicit reward regressed on centred softmax weights of its group's rewards;
 - ``gdro_rounds``: semi-online GDRO, which every ``--round-steps`` steps re-samples every training prompt's pool
-  from its current policy, re-scores it with the same reader and trains on (see :func:`train_rounds`);
+  from its current policy, re-scores it with the same scorer and trains on (see :func:`train_rounds`);
 - ``flow_grpo``: the online baseline of :mod:`gdro_core.training.online_grpo`, sampling and scoring as it trains;
   ``diffusion_nft`` and ``awm``: the online forward-process baselines on the same loop
   (:mod:`gdro_core.training.online_matching`).
@@ -22,7 +22,7 @@ seconds much less so, which is why ``--clock cpu`` (the default) is the clock bu
 method's clock counts its training loop (and, online, its sampling and scoring); the benchmark's own work
 (evaluations, the EMA copy it evaluates) is left out. The offline methods also pay for their data: their clock
 starts at the cost of the ``rollout`` and ``score`` stages, re-measured for every seed on ``--rollout-prompts``
-training prompts (same sampler, pool size, batching and reader as the stages, PNGs and shards written) and
+training prompts (same sampler, pool size, batching and scorer as the stages, PNGs and shards written) and
 scaled linearly to all of them. ``gdro_rounds`` also pays for every re-sample and re-score it makes, as measured
 (all training prompts, nothing scaled), and these come out of its ``--train-budget``.
 
@@ -42,14 +42,18 @@ sampling noise); the report gives each figure as mean ± sd over seeds and each 
 spread. Every ``--eval-every`` seconds of a method's clock and when its budget is spent, the EMA of its adapter is
 evaluated as ``gdro train`` evaluates checkpoints (:class:`gdro_core.evaluation.monitor.CheckpointMonitor`) on the
 first ``--eval-prompts`` held-out prompts. The final evaluation (and the base's) also reads those images with the
-task's second reader (``evaluate.second_reader``; ``second_reward``, n/a when there is none): a gain that only
-fits the training reader's quirks shows there.
+task's second scorer (OCR: ``evaluate.second_reader``; ``second_reward``, n/a when there is none, as for GenEval): a
+gain that only fits the training reader's quirks shows there.
+
+**Tasks.** The task is the params file's (``--params``): the OCR world by default, the GenEval shapes world with
+``--params params-geneval.yaml`` (after ``make demo-geneval``); rewards are scored as the ``score`` stage scores them.
 
 Writes ``reports/benchmark/cpu_objectives.json`` and ``cpu_objectives.png`` (reward and corrected score against
 CPU and wall seconds, one colour per method, one line per seed) and prints the table. Run after ``dvc repro score``::
 
     python benchmarks/cpu_objectives.py --seeds 0 1 2                        # all methods
     python benchmarks/cpu_objectives.py --methods gdro flow_grpo dpo --seeds 0 1 2 --train-budget 240 --eval-every 40
+    python benchmarks/cpu_objectives.py --params params-geneval.yaml --methods gdro flow_grpo diffusion_nft --seeds 0
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ from PIL import Image
 
 from gdro_core import models
 from gdro_core.data.rollout import MANIFEST, Rollouts, generate_rollouts, load_rollouts
-from gdro_core.data.scoring import read_table, reward_matrix
+from gdro_core.data.scoring import read_table, reward_matrix, score_task_rollouts
 from gdro_core.data.store import read_json, write_json
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.evaluation.judge_scores import Judge
@@ -81,11 +85,8 @@ from gdro_core.layout import Layout
 from gdro_core.models.base import FlowModel
 from gdro_core.models.lora import lora_state, set_lora_state
 from gdro_core.params import Params, Train, check_round_seeds, load_params, round_params
-from gdro_core.tasks.base import Progress
-from gdro_core.tasks.ocr.prompts import OcrPrompt, read_prompts
-from gdro_core.tasks.ocr.reader import Reader, reader_from_params
-from gdro_core.tasks.ocr.reward import score_rollouts
-from gdro_core.tasks.ocr.task import OcrTask
+from gdro_core.tasks.base import Progress, PromptRecord, Task
+from gdro_core.tasks.registry import make_task
 from gdro_core.training.checkpoint import load_latest
 from gdro_core.training.loop import LoraEma, ema_decay, train
 from gdro_core.training.online_grpo import RewardFn, encode_prompts, task_reward, train_online
@@ -139,14 +140,15 @@ class BudgetReached(Exception):
 
 @dataclass
 class Shared:
-    """Everything the methods share: params, layout, data, prompts, reader, judge, base scores (and second reward)."""
+    """Everything the methods share: params, layout, data, prompts, the task (its scorer), judge, base scores (and
+    second reward)."""
 
     lay: Layout
     data: Rollouts
     rewards: torch.Tensor
-    train_prompts: list[OcrPrompt]
-    eval_prompts: list[OcrPrompt]
-    reader: Reader
+    train_prompts: list[PromptRecord]
+    eval_prompts: list[PromptRecord]
+    task: Task
     judge: Judge
     reward_fn: RewardFn
     base: dict[str, float | None]
@@ -168,20 +170,24 @@ def load_model(lay: Layout) -> FlowModel:
     return models.load_model(lay.params, lay.base_dir)
 
 
-class TwoReaderTask(OcrTask):
-    """The OCR task the monitor scores with. Once armed, it also reads the next evaluation's images with the
-    second reader: those exact images, and only where asked (the final evaluation and the base's), since it is slow."""
+class TwoReaderTask:
+    """The task the monitor scores with. Once armed, it also scores the next evaluation's images with the task's
+    second scorer (OCR: the second reader): those exact images, and only where asked (the final evaluation and the
+    base's), since it is slow. Everything else is the task's own."""
 
-    def __init__(self, params: Params, reader: Reader):
-        super().__init__(params, reader=reader)
+    def __init__(self, task: Task):
+        self.task = task
         self.armed = False
         self.second: dict[str, float] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
 
     def reward(self, images: list[Image.Image], records: Sequence, progress: Progress | None = None) -> pd.DataFrame:
         if self.armed:
             self.armed = False
-            self.second = self.second_opinion(images, records)  # {} when there is no second reader
-        return super().reward(images, records, progress)
+            self.second = self.task.second_opinion(images, records)  # {} when the task has no second scorer
+        return self.task.reward(images, records, progress)
 
 
 def read_twice(monitor: CheckpointMonitor, evaluate: Callable[[], None]) -> float | None:
@@ -200,7 +206,7 @@ def make_monitor(model: FlowModel, shared: Shared, workdir: Path) -> CheckpointM
     """The evaluation ``gdro train`` runs at checkpoints, on the benchmark's held-out prompts."""
     p = shared.params
     return CheckpointMonitor(
-        model, shared.eval_prompts, TwoReaderTask(p, shared.reader), shared.judge, judge_task=p.judge_task,
+        model, shared.eval_prompts, TwoReaderTask(shared.task), shared.judge, judge_task=p.judge_task,
         seed=p.evaluate.seed, steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size,
         keep="last", workdir=workdir, log=lambda step, metrics: None,
     )
@@ -211,28 +217,28 @@ def rollout_batch(p: Params) -> int:
     return max(1, p.sampler.batch_size // p.rollout.images_per_prompt)
 
 
-def sample_and_score(model: FlowModel, p: Params, reader: Reader, prompts: Sequence[OcrPrompt], seed: int,
+def sample_and_score(model: FlowModel, p: Params, task: Task, prompts: Sequence[PromptRecord], seed: int,
                      out_dir: Path, fingerprint: str) -> tuple[dict, pd.DataFrame, dict[str, float]]:
     """The rollout and score stages' work on ``prompts`` from rollout seed ``seed`` (same sampler, pool size,
-    batching and reader; PNGs and shards written): the manifest, the reward table and the seconds each part took."""
+    batching and scorer; PNGs and shards written): the manifest, the reward table and the seconds each part took."""
     watch = Stopwatch()
     manifest = generate_rollouts(model, prompts, p.rollout.images_per_prompt, seed, p.sampler.steps,
                                  p.sampler.guidance, rollout_batch(p), out_dir, fingerprint)
     gen_wall, gen_cpu = watch.read()
-    table = score_rollouts(manifest["rows"], out_dir, reader, p.reward.substring_full_credit, p.reward.batch_size)
+    table = score_task_rollouts(manifest["rows"], out_dir, task)
     all_wall, all_cpu = watch.read()
     return manifest, table, {"generation_s": gen_wall, "scoring_s": all_wall - gen_wall,
                              "generation_cpu_s": gen_cpu, "scoring_cpu_s": all_cpu - gen_cpu}
 
 
-def measure_offline(model: FlowModel, lay: Layout, reader: Reader, prompts: list[OcrPrompt], n_prompts: int,
+def measure_offline(model: FlowModel, lay: Layout, task: Task, prompts: list[PromptRecord], n_prompts: int,
                     total_prompts: int) -> dict[str, float]:
     """Wall and CPU seconds the rollout and score stages take for ``total_prompts``, from ``n_prompts``, scaled."""
     p = lay.params
     # at least one full sampler batch: a half-empty batch costs nearly as much and would double the per-image cost
     m = max(1, min(max(n_prompts, rollout_batch(p)), len(prompts)))
     with tempfile.TemporaryDirectory() as tmp:
-        _, _, cost = sample_and_score(model, p, reader, prompts[:m], p.rollout.seed, Path(tmp), "benchmark")
+        _, _, cost = sample_and_score(model, p, task, prompts[:m], p.rollout.seed, Path(tmp), "benchmark")
     scale = total_prompts / m
     return {**{k: v * scale for k, v in cost.items()},
             "measured_prompts": m, "total_prompts": total_prompts, "images_per_prompt": p.rollout.images_per_prompt}
@@ -316,7 +322,7 @@ def live_policy(model: FlowModel, ckpt_dir: Path) -> None:
 def train_rounds(shared: Shared, cfg: Train, args: argparse.Namespace, run_dir: Path, tracker: Tracker,
                  rounds: list[dict]) -> None:
     """Semi-online GDRO: ``--round-steps`` steps on the current data, then every training prompt's pool re-sampled
-    from the live policy and re-scored by the same reader, and on; until the tracker's budget stops it.
+    from the live policy and re-scored by the same scorer, and on; until the tracker's budget stops it.
 
     ``train()`` trains on one data set it is given, and attaches a fresh adapter to its model (a second call on the
     same model would attach a second one), so it cannot take new data mid-run: each round calls it again, on a
@@ -341,7 +347,7 @@ def train_rounds(shared: Shared, cfg: Train, args: argparse.Namespace, run_dir: 
         live_policy(policy, ckpt)
         seed = round_params(p, r + 1).rollout.seed
         out_dir = run_dir / f"round{r + 1}"
-        manifest, table, cost = sample_and_score(policy, p, shared.reader, prompts, seed, out_dir,
+        manifest, table, cost = sample_and_score(policy, p, shared.task, prompts, seed, out_dir,
                                                  f"benchmark-round{r + 1}")
         tracker.charge(cost)
         new_data = load_rollouts(out_dir)
@@ -617,8 +623,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_report(args: argparse.Namespace, p: Params, base: dict[str, float | None], offline_runs: list[dict],
-                 per_seed: dict[int, dict[str, dict]], deltas: list[float], total: Stopwatch, complete: bool) -> dict:
+def build_report(args: argparse.Namespace, p: Params, task: Task, base: dict[str, float | None],
+                 offline_runs: list[dict], per_seed: dict[int, dict[str, dict]], deltas: list[float], total: Stopwatch,
+                 complete: bool) -> dict:
     """The report over the seeds (and, for a partial report, the methods) run so far."""
     done = {s: runs for s, runs in per_seed.items() if runs}
     names = set.intersection(*(set(runs) for runs in done.values())) if done else set()
@@ -629,8 +636,8 @@ def build_report(args: argparse.Namespace, p: Params, base: dict[str, float | No
         "settings": {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "device": p.model.device, "torch_threads": torch.get_num_threads(),
-            "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
-            "second_reader": OcrTask(p).second_reader() or "none",
+            "task": p.task, "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
+            "second_reader": second_scorer(task),
         },
         "offline": {k: mean_sd([o[k] for o in offline_runs])
                     for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")},
@@ -640,6 +647,12 @@ def build_report(args: argparse.Namespace, p: Params, base: dict[str, float | No
         "aggregate": aggregate(common, base["reward"], deltas, CLOCKS[args.clock]) if names else None,
         "benchmark_cost": {"wall_s": wall, "cpu_s": cpu},
     }
+
+
+def second_scorer(task: Task) -> str:
+    """The name of what scores the final images a second time (OCR: the other reader), "none" where nothing does."""
+    name = getattr(task, "second_reader", None)
+    return (name() if callable(name) else "") or "none"
 
 
 MERGE_SAME = ("clock", "train_budget", "online_budget", "budget_steps", "eval_every", "eval_prompts",
@@ -720,16 +733,15 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_rollouts(lay.rollout_dir)
     scored = read_table(lay.rewards, read_json(lay.rollout_dir / MANIFEST)["fingerprint"])  # refused as train refuses it
     rewards = reward_matrix(scored, *data.latents.shape[:2])
-    reader = reader_from_params(p)  # as the score stage reads
-    train_prompts = read_prompts(lay.prompts("train"))
-    eval_prompts = read_prompts(lay.prompts("test"))[: args.eval_prompts]
+    task = make_task(p)  # as the score stage scores: one task, so one reader, for every part
+    train_prompts = task.read_prompts(lay.prompts("train"))
+    eval_prompts = task.read_prompts(lay.prompts("test"))[: args.eval_prompts]
     deltas = sorted(args.target_deltas)
     total = Stopwatch()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         base_model = load_model(lay)
-        task = OcrTask(p, reader=reader)
-        shared = Shared(lay, data, rewards, train_prompts, eval_prompts, reader, make_task_judge(task, p.judge),
+        shared = Shared(lay, data, rewards, train_prompts, eval_prompts, task, make_task_judge(task, p.judge),
                         task_reward(task, train_prompts), {})
         base_monitor = make_monitor(base_model, shared, workdir / "base")
         # also warms up the sampler and the reader before anything is timed
@@ -740,7 +752,7 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed: dict[int, dict[str, dict]] = {}
         offline_runs = []
         for seed in args.seeds:
-            offline = measure_offline(base_model, lay, reader, train_prompts, args.rollout_prompts,
+            offline = measure_offline(base_model, lay, task, train_prompts, args.rollout_prompts,
                                       data.latents.shape[0])
             offline_runs.append(offline)
             print(f"seed {seed}: offline rollout + score ({offline['total_prompts']} prompts x "
@@ -758,10 +770,10 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{r['final']['corrected']:.3f}, {r['time']['total_s']:.1f} s wall, "
                       f"{r['time']['total_cpu_s']:.1f} s CPU{resampled}", flush=True)
                 # after every method, so an interrupted run keeps what it measured
-                partial = build_report(args, p, shared.base, offline_runs, per_seed, deltas, total, complete=False)
+                partial = build_report(args, p, task, shared.base, offline_runs, per_seed, deltas, total, complete=False)
                 write_json(out_dir / f"{OUT_NAME}.partial.json", partial)
         del base_model
-    report = build_report(args, p, shared.base, offline_runs, per_seed, deltas, total, complete=True)
+    report = build_report(args, p, task, shared.base, offline_runs, per_seed, deltas, total, complete=True)
     write_json(out_dir / f"{OUT_NAME}.json", report)
     (out_dir / f"{OUT_NAME}.partial.json").unlink(missing_ok=True)
     plot(report, out_dir / f"{OUT_NAME}.png")

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import TINY, load_benchmark
 
 GENEVAL_TINY = {
     **TINY,
@@ -18,17 +18,20 @@ GENEVAL_TINY = {
 }
 
 
-@pytest.fixture()
-def project(tmp_path, monkeypatch, prefect_server):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(GENEVAL_TINY))
-    monkeypatch.setenv("GDRO_ROOT", str(tmp_path))
-    return tmp_path
-
-
-def test_geneval_pipeline_reports_the_per_tag_table_and_its_ceiling(project):
+@pytest.fixture(scope="module")
+def piped(tmp_path_factory, prefect_server):
+    """A tiny GenEval project after the whole pipeline flow, and the metrics it returned."""
     from flows.pipeline import pipeline_flow
 
-    metrics = pipeline_flow(params_path="params.yaml")
+    root = tmp_path_factory.mktemp("geneval")
+    (root / "params.yaml").write_text(yaml.safe_dump(GENEVAL_TINY))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GDRO_ROOT", str(root))
+        return root, pipeline_flow(params_path="params.yaml")
+
+
+def test_geneval_pipeline_reports_the_per_tag_table_and_its_ceiling(piped):
+    project, metrics = piped
     assert json.loads((project / "reports" / "metrics.json").read_text()) == metrics
     assert metrics["ceiling"]["geneval"] >= 0.95
     for name in ("base", "trained"):
@@ -49,3 +52,23 @@ def test_geneval_pipeline_reports_the_per_tag_table_and_its_ceiling(project):
     assert (rewards["reward"] <= 1).all() and (rewards["reward"] == rewards["score"]).all()
     first = json.loads((project / "data" / "prompts" / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"tag", "include", "exclude", "prompt"}  # Flow-GRPO's metadata format
+
+
+def test_the_cpu_benchmark_races_gdro_and_the_online_methods_on_the_geneval_world(piped, one_thread, capsys):
+    project, _ = piped
+    bench = load_benchmark("cpu_objectives")
+    report = bench.main(["--root", str(project), "--methods", "gdro", "flow_grpo", "diffusion_nft", "--seeds", "1",
+                         "--train-budget", "0", "--budget-steps", "2", "--eval-every", "0", "--eval-prompts", "4",
+                         "--rollout-prompts", "2"])
+    out = capsys.readouterr().out
+    assert report["settings"]["task"] == "geneval" and report["settings"]["second_reader"] == "none"
+    runs = report["per_seed"]["1"]
+    assert set(runs) == {"gdro", "flow_grpo", "diffusion_nft"}
+    for name, r in runs.items():
+        assert r["steps"] == 2 and [q["step"] for q in r["curve"]] == [0, 2], name
+        assert r["curve"][0]["reward"] == report["base"]["reward"]  # the task's reward: GenEval's partial credit
+        assert -1.0 <= r["final"]["reward"] <= 1.0 and r["final"]["second_reward"] is None
+    offline = report["offline_runs"][0]  # rollouts and scores re-made as the stages make them: by the detector
+    assert offline["scoring_cpu_s"] > 0 and offline["total_prompts"] == GENEVAL_TINY["prompts"]["n_train"]
+    assert (project / "reports" / "benchmark" / "cpu_objectives.json").is_file()
+    assert "time to Flow-GRPO's final reward" in out and "(none)" in out

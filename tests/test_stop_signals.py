@@ -14,7 +14,9 @@ import mlflow
 import psutil
 import yaml
 
-from conftest import TINY, dvc_copy, gdro_env, scored_copy, tiny_project
+from conftest import TINY, dvc_copy, gdro_env, in_project, scored_copy, tiny_project
+from flows.rollout import rollout_flow
+from flows.train import train_flow
 from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
@@ -39,11 +41,19 @@ def gone_within(proc: psutil.Process, seconds: float) -> float:
     return time.monotonic() - start
 
 
-def runs(root: Path, stage: str) -> list[str]:
+def stage_runs(root: Path, stage: str):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`gdro.stage` = '{stage}'",
-                               order_by=["attributes.start_time ASC"])
-    return list(found["status"])
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`gdro.stage` = '{stage}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def runs(root: Path, stage: str) -> list[str]:
+    """The statuses of ``stage``'s MLflow runs, oldest first."""
+    return list(stage_runs(root, stage)["status"])
+
+
+def run_ids(root: Path, stage: str) -> list[str]:
+    return list(stage_runs(root, stage)["run_id"])
 
 
 def logged_steps(log: str) -> list[int]:
@@ -102,11 +112,12 @@ def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(score
     assert runs(tmp_path, "train") == ["KILLED"]
     kept = sorted((tmp_path / "checkpoints" / "train").glob("*/step-*"))
     last = int(kept[-1].name.split("-")[1])
-    again = subprocess.run([BIN / "gdro", "train"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-2000:]
-    steps = logged_steps(again.stdout + again.stderr)
-    assert steps and steps[0] > last, (last, steps[:3])
+    rerun_ms = time.time() * 1000
+    in_project(tmp_path, train_flow)  # the rerun, in this process: it continues the killed run in MLflow
     assert runs(tmp_path, "train")[-1] == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(run_ids(tmp_path, "train")[-1], "train/loss")
+    steps = [m.step for m in sorted(history, key=lambda m: m.timestamp) if m.timestamp >= rerun_ms]
+    assert steps and steps[0] > last and steps[-1] == 120, (last, steps[:3], steps[-1:])  # resumed, not restarted
 
 
 def test_sigterm_stops_rollout_keeps_finished_shards_and_the_rerun_reuses_them(tmp_path, prefect_server):
@@ -143,9 +154,7 @@ def test_sigterm_stops_rollout_keeps_finished_shards_and_the_rerun_reuses_them(t
             sort=FlowRunSort.ID_DESC, limit=10)
     assert [r.state.type.value for r in stopped] in (["CRASHED"], ["CANCELLED"]), [r.state for r in stopped]
 
-    again = subprocess.run([BIN / "gdro", "rollout"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           check=False)
-    assert again.returncode == 0, again.stderr[-2000:]
+    in_project(tmp_path, rollout_flow)  # the rerun, in this process
     assert runs(tmp_path, "rollout") == ["KILLED", "FINISHED"]
     assert {n: (records / n).stat().st_mtime_ns for n in kept} == kept  # the kept shards were reused, not redone
     assert len(list(records.glob("shard-*.json"))) == 16
