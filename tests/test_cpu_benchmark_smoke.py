@@ -21,6 +21,7 @@ from gdro_core.tasks.ocr.prompts import make_prompt_sets, read_prompts, write_pr
 from gdro_core.data.rollout import generate_rollouts
 from gdro_core.data.scoring import write_table
 from gdro_core.tasks.ocr.reward import score_rollouts
+from gdro_core.tasks.ocr.task import OcrTask
 
 PARAMS = {**TINY, "train": {**TINY["train"], "grpo_prompts_per_iteration": 2, "grpo_group_size": 3,
                             "grpo_sample_steps": 3}}
@@ -254,9 +255,10 @@ def test_vs_online_gives_each_pair_mean_and_sd_over_seeds_and_prints_a_line_for_
     p = parse_params(PARAMS)  # evaluate.second_reader: none
     args = bench.parse_args(["--seeds", "0", "1", "--budget-steps", "2", "--target-deltas", *map(str, deltas)])
     offline = {k: 1.0 for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")}
-    report = bench.build_report(args, p, {"reward": base, "corrected": 0.0, "second_reward": None}, [offline], runs,
-                                deltas, bench.Stopwatch(), complete=True)
+    report = bench.build_report(args, p, OcrTask(p), {"reward": base, "corrected": 0.0, "second_reward": None},
+                                [offline], runs, deltas, bench.Stopwatch(), complete=True)
     assert report["aggregate"]["vs_online"] == vs and report["settings"]["second_reader"] == "none"
+    assert report["settings"]["task"] == "ocr"
     lines = bench.summary_lines(report)
     pairs = [line for line in lines if line.startswith("time to ")]
     assert len(pairs) == 2 * 3  # one line per (offline racer, online method)

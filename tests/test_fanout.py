@@ -76,11 +76,19 @@ def _assert_same(serial: Path, other: Path) -> None:
     assert not different, f"fanned-out outputs differ from the serial run: {different}"
 
 
-def test_dask_local_cluster_matches_serial_run(serial, tmp_path, monkeypatch):
+def test_an_existing_dask_cluster_matches_serial_run(serial, tmp_path, monkeypatch):
+    """Both stages on one Dask cluster that is already running (``scale.address``), as on a user's cluster; the
+    clusters a stage starts itself are the killed-worker and SIGTERM tests' below."""
     _needs("prefect_dask", "prefect-dask")
+    from distributed import LocalCluster
+    from prefect.settings import PREFECT_API_URL
+
     root = _copy_inputs(serial, tmp_path / "dask")
     monkeypatch.setenv("GDRO_ROOT", str(root))
-    _run(root, {"scale.runner": "dask", "scale.workers": 2, "scale.threads_per_worker": 1})
+    env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}  # workers report to the flow's server
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", env=env) as cluster:
+        _run(root, {"scale.runner": "dask", "scale.address": cluster.scheduler_address, "scale.threads_per_worker": 1})
     _assert_same(serial, root)
 
 
