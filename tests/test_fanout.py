@@ -15,7 +15,7 @@ import pytest
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from conftest import TINY, tiny_project
+from conftest import TINY, in_project, tiny_project
 from gdro_core.data.fanout import RolloutJob, run_jobs, run_rollout_job
 from gdro_core.tasks.ocr.prompts import read_prompts
 from gdro_core.data.rollout import plan_shards, prepare_rollouts, write_manifest
@@ -252,10 +252,9 @@ def test_dask_workers_report_to_the_flows_prefect_server_and_stop_with_it(tmp_pa
     kept = {p.name: p.stat().st_mtime_ns for p in records.glob("shard-*.json")}
     assert kept and not (root / "data" / "rollouts" / "manifest.json").exists()
 
-    with pytest.MonkeyPatch.context() as mp:  # the rerun: in this process, on the session's server, serially;
-        mp.setenv("GDRO_ROOT", str(root))  # reusing a shard does not depend on where it was sampled
-        from flows.rollout import rollout_flow
+    from flows.rollout import rollout_flow
 
-        rollout_flow(params_path="params.yaml")
+    in_project(root, rollout_flow)  # the rerun, in this process, serially: reusing a shard does not depend on where
+    # it was sampled
     assert {n: (records / n).stat().st_mtime_ns for n in kept} == kept  # the kept shards were reused
     assert (root / "data" / "rollouts" / "manifest.json").is_file()

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY, load_benchmark
+from conftest import TINY, in_project, load_benchmark
 
 GENEVAL_TINY = {
     **TINY,
@@ -25,9 +25,8 @@ def piped(tmp_path_factory, prefect_server):
 
     root = tmp_path_factory.mktemp("geneval")
     (root / "params.yaml").write_text(yaml.safe_dump(GENEVAL_TINY))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GDRO_ROOT", str(root))
-        return root, pipeline_flow(params_path="params.yaml")
+    (metrics,) = in_project(root, pipeline_flow)
+    return root, metrics
 
 
 def test_geneval_pipeline_reports_the_per_tag_table_and_its_ceiling(piped):
