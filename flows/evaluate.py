@@ -40,7 +40,7 @@ def score_models(lay: Layout) -> dict:
         load_model(p, lay.base_dir), lay.adapter_dir, task, make_task_judge(task, p.judge), p.judge_task,
         task.read_prompts(lay.prompts("test")), train_prompts, e.images_per_prompt, e.seed, e.train_seed, s.steps,
         s.guidance, s.batch_size, e.grid_prompts, with_ceiling=p.model.source == "builtin",
-        log=get_run_logger().info,
+        log=get_run_logger().info, bootstrap_samples=e.bootstrap_samples, ci_level=e.ci_level,
     )
 
 

@@ -148,8 +148,19 @@ class Pretrain(Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     cond_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by '' (enables CFG).")
+    timestep_sampling: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal", description="Training timesteps: SD3's logit-normal (most steps near t = 0.5) or uniform "
+        "(as many at high noise, where a scene's layout, counts and colours are decided).",
+    )
+    logit_mean: float = Field(0.0, description="logit_normal: mean of logit(t); > 0 shifts steps towards noise.")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: spread of logit(t).")
     caption_noise: float = Field(
         0.0, ge=0, le=1, description="Share of mislabelled captions (another random string): the base sometimes ignores its prompt."
+    )
+    attribute_errors: float = Field(
+        0.0, ge=0, le=1,
+        description="GenEval world: share of scenes whose caption misstates one attribute (another colour, colours "
+        "swapped, one object more or fewer, the relation reversed), as web captions do: the base binds badly.",
     )
     low_quality_share: float = Field(
         0.0, ge=0, le=1,
@@ -434,6 +445,11 @@ class Evaluate(Section):
     train_seed: int = Field(
         9000, ge=0, description="First seed of that evaluation; its seeds must miss every round's rollout seeds."
     )
+    bootstrap_samples: int = Field(
+        1000, ge=0, description="Resamples of the held-out prompts behind metrics.json's confidence intervals (ci), "
+        "paired for base and trained; 0 = no intervals.",
+    )
+    ci_level: float = Field(0.95, gt=0, lt=1, description="Coverage of those intervals.")
     second_reader: Literal["auto", "none", "easyocr", "rapidocr"] = Field(
         "auto", description="OCR: also read the held-out images with a reader training never used (metrics "
         "second_reward, second_exact), so a gain that fits the training reader's quirks shows; auto = the backend "
@@ -524,6 +540,10 @@ class GenEval(Section):
     )
     reward: Literal["score", "correct"] = Field(
         "score", description="Training reward: Flow-GRPO's partial-credit score, or GenEval's per-prompt 0/1 correctness."
+    )
+    clean_coherence: float = Field(
+        2.5, ge=0, le=5, description="Judge coherence at or above which a held-out image counts as clean "
+        "(metrics clean_share and geneval_clean: GenEval on clean images, beside the headline).",
     )
     world: GenEvalWorld = GenEvalWorld()
     detector: GenEvalDetector = GenEvalDetector()
@@ -689,6 +709,13 @@ class Params(Section):
         if self.task == "general":
             return self.world.height, self.world.width, 3
         return self.world.height, self.world.width, 1
+
+    @model_validator(mode="after")
+    def _attribute_errors_need_geneval(self) -> Params:
+        if self.pretrain.attribute_errors and self.task != "geneval":
+            raise ValueError(f"pretrain.attribute_errors misstates GenEval scenes' colours, counts and relations; "
+                             f"task {self.task!r} has none: set it to 0 (pretrain.caption_noise mislabels any task)")
+        return self
 
     @model_validator(mode="after")
     def _general_task_needs(self) -> Params:

@@ -38,7 +38,8 @@ TINY = {
     "rollout": {"images_per_prompt": 4},
     "train": {"group_size": 3, "groups_per_step": 2, "steps": 4, "checkpoint_every": 2, "log_every": 1,
               "lora": {"rank": 4, "alpha": 4.0}},
-    "evaluate": {"grid_prompts": 4, "checkpoint_every": 2, "checkpoint_prompts": 2, "second_reader": "none"},
+    "evaluate": {"grid_prompts": 4, "checkpoint_every": 2, "checkpoint_prompts": 2, "second_reader": "none",
+                 "bootstrap_samples": 200},
     "judge": {"reference_images": 16},
 }
 

@@ -36,6 +36,15 @@ def test_geneval_pipeline_reports_the_per_tag_table_and_its_ceiling(piped):
     for name in ("base", "trained"):
         assert 0.0 <= metrics[name]["geneval"] <= 1.0 and 0.0 <= metrics[name]["score"] <= 1.0
         assert {"tag.single_object", "tag.position", "tag.color_attr"} <= set(metrics[name])
+    # intervals: the held-out prompts resampled within their tags, the same draws for both models
+    ci = metrics["ci"]
+    assert sum(ci["prompts"].values()) == 6 and ci["samples"] == 200 and ci["level"] == 0.95
+    for name in ("base", "trained"):
+        for key in ("geneval", "score", "compositional", "clean_share"):
+            low, high = ci[name][key]
+            assert low <= metrics[name][key] <= high
+    low, high = ci["delta"]["score"]
+    assert low <= metrics["trained"]["score"] - metrics["base"]["score"] <= high
     # the training-prompt evaluation: both models on 4 training prompts, noise no rollout drew
     for name in ("base_train", "trained_train"):
         assert metrics[name]["score"] <= 1.0 and 0.0 <= metrics[name]["geneval"] <= 1.0

@@ -17,6 +17,7 @@ from gdro_core.tasks.geneval.prompts import (
     all_prompts,
     generate_sets,
     metadata_sets,
+    position,
     read_metadata,
 )
 from gdro_core.tasks.geneval.world import WorldError, WorldSpec
@@ -224,6 +225,82 @@ def test_low_quality_share_blurs_every_channel_of_that_share_of_scenes():
     assert scores[~changed].mean() == 1.0 and scores[changed].mean() < 0.2
 
 
+def test_attribute_errors_draw_scenes_their_captions_misstate_by_one_attribute():
+    """pretrain.attribute_errors: a base that binds badly (wrong colour, count or side), never a worse image. Every
+    such scene is read back as drawn and fails its caption in one attribute; object-only tags stay right."""
+    world = {"height": 16, "width": 16, "grid": 8, "object_size": 7, "jitter": 0}
+    p = parse_params({**GENEVAL, "geneval": {"world": world}})
+    task = make_task(p)
+    cfg = p.pretrain.model_copy(update={"cond_dropout": 0.0})
+    clean, captions = task.pretrain_batch(96, cfg, random.Random(3))
+    wrong, same = task.pretrain_batch(96, cfg.model_copy(update={"attribute_errors": 1.0}), random.Random(3))
+    assert same == captions and clean.shape == wrong.shape
+    by_prompt = {r.prompt: r for r in task.scene_prompts()}
+    records = [by_prompt[c] for c in captions]
+    table = task.reward(pixel_images(torch.from_numpy(wrong)), records)
+    compositional = np.array([r.tag in ("counting", "colors", "position", "color_attr") for r in records])
+    assert compositional.sum() > 40 and (~compositional).sum() > 10
+    assert table["correct"][compositional].sum() == 0  # every attribute scene misstated
+    assert table["correct"][~compositional].mean() == 1.0  # object-only scenes drawn as captioned
+    assert table["score"][compositional].mean() > 0.4  # one attribute wrong, the rest right: partial credit
+    assert task.reward(pixel_images(torch.from_numpy(clean)), records)["correct"].mean() == 1.0
+
+
+def test_misstated_changes_exactly_one_attribute():
+    from gdro_core.tasks.geneval.world import misstated, world_spec
+
+    p = parse_params(GENEVAL)
+    spec, rng = world_spec(p.geneval), random.Random(0)
+    red = all_prompts("colors", ["square"], ["red"], 4)[0]
+    assert misstated(red, spec, 4, rng).include[0]["color"] in {"green", "blue", "yellow"}
+    pair = all_prompts("color_attr", ["square", "circle"], ["red", "blue"], 4)[0]
+    swapped = misstated(pair, spec, 4, rng)
+    assert [c["color"] for c in swapped.include] == [c["color"] for c in pair.include][::-1]
+    four = all_prompts("counting", ["circle"], ["red"], 4)[-1]
+    assert {misstated(four, spec, 4, random.Random(s)).include[0]["count"] for s in range(20)} == {3}
+    two = all_prompts("counting", ["circle"], ["red"], 4)[0]
+    assert {misstated(two, spec, 4, random.Random(s)).include[0]["count"] for s in range(20)} == {1, 3}
+    left = position("square", "left of", "circle")
+    assert misstated(left, spec, 4, rng).include[1]["position"] == ["right of", 0]
+    assert misstated(left, spec, 4, rng).prompt == left.prompt
+    single = all_prompts("single_object", ["square"], ["red"], 4)[0]
+    assert misstated(single, spec, 4, rng) == single
+
+
+def test_attribute_errors_need_the_geneval_task():
+    with pytest.raises(ValueError, match="attribute_errors.*task 'ocr'"):
+        parse_params({"pretrain": {"attribute_errors": 0.3}})
+
+
+def test_held_out_intervals_resample_prompts_within_tags_paired():
+    """The paired bootstrap: intervals hold the point figure, the delta's is paired (a constant gain on every image
+    gives a zero-width interval), and each tag keeps its size."""
+    import pandas as pd
+
+    from gdro_core.evaluation.intervals import prompt_bootstrap
+
+    task = make_task(parse_params(GENEVAL))
+    rng = np.random.default_rng(0)
+    n_prompts, per = 24, 4
+    tags = np.repeat(["colors"] * 12 + ["counting"] * 8 + ["position"] * 4, per)
+    base = pd.DataFrame({"tag": tags, "correct": rng.integers(0, 2, len(tags)).astype(float),
+                         "score": rng.random(len(tags)), "coherence": rng.uniform(0, 5, len(tags))})
+    trained = base.assign(score=base["score"] + 0.1)
+    ci = prompt_bootstrap(base, trained, np.repeat(np.arange(n_prompts), per), task.summarise, 300, 0.9, 0)
+    assert ci["prompts"] == {"colors": 12, "counting": 8, "position": 4} and ci["level"] == 0.9
+    point = task.summarise(base)
+    for key in ("score", "geneval", "compositional", "tag.colors", "geneval_clean", "clean_share"):
+        lo, hi = ci["base"][key]
+        assert lo <= point[key] <= hi and lo < hi
+    assert ci["delta"]["score"] == pytest.approx([0.1, 0.1])
+    assert ci["delta"]["geneval"] == [0.0, 0.0]
+    assert point["compositional"] == pytest.approx(np.mean([point[f"tag.{t}"] for t in ("colors", "counting", "position")]))
+    clean = base["coherence"] >= 2.5
+    assert point["clean_share"] == pytest.approx(clean.mean())
+    with pytest.raises(ValueError, match="row for row"):
+        prompt_bootstrap(base, trained.iloc[:-1], np.repeat(np.arange(n_prompts), per), task.summarise, 10, 0.9, 0)
+
+
 def test_pixel_judge_prefers_clean_scenes_to_noise():
     p = parse_params({**GENEVAL, "judge": {"reference_images": 32, "task": "geneval"}})
     task = make_task(p)
@@ -257,4 +334,12 @@ def test_report_is_genevals_summary_table(tmp_path, capsys):
     assert tail[0].startswith("on training prompts")
     assert tail[1].split() == ["geneval", "0.200", "0.350", "+0.150"]
     assert tail[2].split() == ["score", "0.300", "0.250", "-0.050"]
+    metrics["ci"] = {"level": 0.95, "samples": 100, "prompts": {"counting": 16},
+                     "delta": {"tag.counting": [0.1, 0.4], "geneval": [0.05, 0.25]}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main([str(tmp_path / "metrics.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-3:] == ["95", "%", "interval"]
+    assert lines[1].split() == ["counting", "0.250", "0.500", "1.000", "+0.250", "[+0.100,", "+0.400]"]
+    assert "held-out prompts per tag: counting 16" in lines
     assert main([str(tmp_path / "none.json")]) == 1 and "make demo-geneval" in capsys.readouterr().err

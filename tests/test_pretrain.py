@@ -70,3 +70,34 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_schedule(tiny_p
     for k in full:
         torch.testing.assert_close(resumed[k], full[k])
     assert "schedule" in load_checkpoint(interrupted / "step-0000004")[1]
+
+
+def test_pretraining_draws_its_timesteps_as_pretrain_params_say(tiny_params, tmp_path, monkeypatch):
+    """pretrain.timestep_sampling / logit_mean / logit_std reach the sampler: t shifted towards noise is where a
+    scene's layout is decided."""
+    import torch
+
+    import gdro_core.training.pretrain as pretrain_module
+    from gdro_core.models.builtin import build_builtin_pipeline
+    from gdro_core.tasks.ocr.world import text_batch
+
+    p = tiny_params
+    seen = []
+    real = pretrain_module.sample_timesteps
+
+    def spy(n, scheme, mean, std, gen):
+        t = real(n, scheme, mean, std, gen)
+        seen.append((scheme, mean, std, t))
+        return t
+
+    monkeypatch.setattr(pretrain_module, "sample_timesteps", spy)
+    for update in ({"timestep_sampling": "logit_normal", "logit_mean": 2.0, "logit_std": 0.5},
+                   {"timestep_sampling": "uniform"}):
+        cfg = p.pretrain.model_copy(update={"steps": 1, "batch_size": 256, **update})
+        pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, cfg.seed)
+        pretrain_module.pretrain(pipe, (p.world.height, p.world.width), text_batch(p.world, p.prompts.templates), cfg,
+                                 tmp_path / cfg.timestep_sampling, lambda step, m: None)
+    (scheme, mean, std, shifted), (uniform, _, _, flat) = seen
+    assert (scheme, mean, std, uniform) == ("logit_normal", 2.0, 0.5, "uniform")
+    assert torch.logit(shifted).mean() > 1.8 and torch.logit(shifted).std() < 0.6  # sigmoid(N(2, 0.5))
+    assert 0.4 < flat.mean() < 0.6 and (flat > 0.9).float().mean() > 0.05

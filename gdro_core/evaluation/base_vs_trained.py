@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
+from gdro_core.evaluation.intervals import prompt_bootstrap
 from gdro_core.evaluation.heldout import assess, generate, sample_grid
 from gdro_core.evaluation.judge_scores import Judge
 from gdro_core.models.base import FlowModel
@@ -26,9 +28,11 @@ def evaluate_models(
     model: FlowModel, adapter_dir: Path, task: Task, judge: Judge, judge_task: str, prompts: Sequence[PromptRecord],
     train_prompts: Sequence[PromptRecord], per_prompt: int, seed: int, train_seed: int, steps: int, guidance: float,
     batch_size: int, grid_prompts: int, with_ceiling: bool, log: Callable[[str], None] = lambda line: None,
+    bootstrap_samples: int = 0, ci_level: float = 0.95,
 ) -> dict:
-    """``metrics`` (base, trained, delta; ``*_train`` on training prompts; ``ceiling`` where there is a world),
-    the sample ``grid`` and every image's ``scores``."""
+    """``metrics`` (base, trained, delta; ``*_train`` on training prompts; ``ceiling`` where there is a world;
+    ``ci``: their intervals from ``bootstrap_samples`` resamples of the held-out prompts, none for 0), the sample
+    ``grid`` and every image's ``scores``."""
     records = [q for q in prompts for _ in range(per_prompt)]
 
     def sample_on(chosen: Sequence[PromptRecord], first_seed: int) -> list[Image.Image]:
@@ -47,6 +51,10 @@ def evaluate_models(
             seen = task.reward(sample_on(train_prompts, train_seed), [q for q in train_prompts for _ in range(per_prompt)])
             metrics[f"{name}_train"] = task.summarise(seen)
             log(f"{name} on training prompts: {metrics[f'{name}_train']}")
+    if bootstrap_samples:
+        prompt_ids = np.repeat(np.arange(len(prompts)), per_prompt)
+        metrics["ci"] = prompt_bootstrap(tables[0], tables[1], prompt_ids, task.summarise, bootstrap_samples,
+                                         ci_level, seed)
     if with_ceiling:
         metrics["ceiling"] = task.ceiling(prompts)
     metrics["delta"] = {k: metrics["trained"][k] - metrics["base"][k] for k in DELTAS if k in metrics["base"]}

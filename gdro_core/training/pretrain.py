@@ -50,7 +50,7 @@ def pretrain(
         images, captions = batch(cfg.batch_size, cfg, py_rng)
         x0 = torch.from_numpy(images)
         noise = torch.randn(x0.shape, generator=gen)
-        t = sample_timesteps(len(captions), "logit_normal", 0.0, 1.0, gen)
+        t = sample_timesteps(len(captions), cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, gen)
         x_t, v = interpolate(x0, noise, t)
         loss = F.mse_loss(velocity(model, x_t, t, model.encode(captions)).float(), v)
         opt.zero_grad(set_to_none=True)

@@ -12,19 +12,28 @@ from pathlib import Path
 
 from gdro_core.tasks.geneval.prompts import TAGS
 
-ROWS = [*(f"tag.{t}" for t in TAGS), "geneval", "score", "strict", "u_hat", "corrected"]
+ROWS = [*(f"tag.{t}" for t in TAGS), "geneval", "compositional", "geneval_clean", "clean_share", "score", "strict",
+        "u_hat", "corrected"]
 
 
 def format_report(metrics: dict[str, dict[str, float]]) -> str:
-    """One row per tag and summary metric; columns base, trained, delta and ceiling."""
+    """One row per tag and summary metric; columns base, trained, ceiling, delta and, where metrics.json has
+    intervals (``ci``), the delta's interval over resampled held-out prompts."""
     cols = [c for c in ("base", "trained", "ceiling") if c in metrics]
-    lines = [f"{'':<20}" + "".join(f"{c:>10}" for c in cols) + f"{'delta':>10}"]
+    ci = metrics.get("ci", {}).get("delta", {})
+    level = metrics.get("ci", {}).get("level")
+    ci_head = f"{round(100 * level)} % interval" if level else "interval"
+    lines = [f"{'':<20}" + "".join(f"{c:>10}" for c in cols) + f"{'delta':>10}" + (f"  {ci_head}" if ci else "")]
     for row in ROWS:
         if not any(row in metrics[c] for c in cols):
             continue
         cells = "".join(f"{metrics[c][row]:>10.3f}" if row in metrics[c] else f"{'':>10}" for c in cols)
         delta = metrics["trained"].get(row, float("nan")) - metrics["base"].get(row, float("nan"))
-        lines.append(f"{row.removeprefix('tag.'):<20}{cells}{delta:>+10.3f}")
+        interval = f"  [{ci[row][0]:+.3f}, {ci[row][1]:+.3f}]" if row in ci else ""
+        lines.append(f"{row.removeprefix('tag.'):<20}{cells}{delta:>+10.3f}{interval}")
+    held = metrics.get("ci", {}).get("prompts", {})
+    if held:
+        lines.append("held-out prompts per tag: " + ", ".join(f"{t} {n}" for t, n in held.items()))
     if "base_train" in metrics:  # evaluate.train_prompts: the models on their own training prompts, fresh seeds
         lines.append("on training prompts (fresh seeds):")
         for row in ("geneval", "score"):

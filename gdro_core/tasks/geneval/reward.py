@@ -50,11 +50,26 @@ def reward_table(
     return table
 
 
-def summarise(scores: pd.DataFrame) -> dict[str, float]:
-    """Means of the reward, its parts and the judge columns, plus GenEval's per-tag table and overall score."""
+COMPOSITIONAL = ("counting", "colors", "position", "color_attr")
+"""The tags that bind an attribute (a count, a colour, a place) to an object: ``compositional`` is their mean."""
+
+
+def summarise(scores: pd.DataFrame, clean_coherence: float | None = None) -> dict[str, float]:
+    """Means of the reward, its parts and the judge columns, plus GenEval's per-tag table, its overall score and
+    the ``compositional`` tags' mean. With judge coherence and ``clean_coherence``: the share of images at or above
+    it (``clean_share``) and GenEval on those alone (``geneval_clean``), so a gain that only makes images cleaner
+    shows as one in ``clean_share``, not in ``geneval_clean``."""
     out = {k: float(scores[k].mean()) for k in SUMMARY if k in scores}
     if "tag" in scores and len(scores):
         out |= tag_summary(list(scores["tag"]), list(scores["correct"]))
+        present = [f"tag.{t}" for t in COMPOSITIONAL if f"tag.{t}" in out]
+        if present:
+            out["compositional"] = float(np.mean([out[k] for k in present]))
+        if clean_coherence is not None and "coherence" in scores:
+            clean = scores[scores["coherence"] >= clean_coherence]
+            out["clean_share"] = len(clean) / len(scores)
+            if len(clean):
+                out["geneval_clean"] = tag_summary(list(clean["tag"]), list(clean["correct"]))["geneval"]
     return out
 
 

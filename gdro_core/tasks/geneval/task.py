@@ -123,7 +123,7 @@ class GenEvalTask:
         from gdro_core.rewards.weighted import part_means
         from gdro_core.tasks.geneval.reward import summarise
 
-        return summarise(scores) | part_means(scores, list(self.params.rewards.weights))
+        return summarise(scores, self.cfg.clean_coherence) | part_means(scores, list(self.params.rewards.weights))
 
     def second_opinion(self, images: list[Image.Image], records: Sequence) -> dict[str, float]:
         return {}  # no second scorer configured for this task
@@ -156,10 +156,12 @@ class GenEvalTask:
 
     def pretrain_batch(self, n: int, cfg, rng: random.Random) -> tuple[np.ndarray, list[str]]:
         """Scenes of random prompts (tags equally likely), captioned with their prompts; some dropped, some
-        mislabelled (``caption_noise``), some blurred (``low_quality_share``)."""
+        misstating one attribute (``attribute_errors``), some mislabelled (``caption_noise``), some blurred
+        (``low_quality_share``)."""
         from gdro_core.tasks.geneval.world import scene_batch
 
-        return scene_batch(self.scene_prompts(), self._world(), self.position_threshold, n, cfg, rng)
+        return scene_batch(self.scene_prompts(), self._world(), self.position_threshold, n, cfg, rng,
+                           self.cfg.max_count)
 
     def pixel_judge(self, judge_params):
         """The scene judge: references are the world's scenes (half anti-aliased, ``judge.reference_supersample``);

@@ -155,17 +155,42 @@ def clean_images(records: Sequence[GenEvalPrompt], spec: WorldSpec, position_thr
     return [render(r, spec, rng, position_threshold) for r in records]
 
 
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def misstated(record: GenEvalPrompt, spec: WorldSpec, max_count: int, rng: random.Random) -> GenEvalPrompt:
+    """The scene of ``record`` with one attribute wrong, as a caption that misstates its image reads: another
+    colour (colors), the two colours swapped (color_attr), one object more or fewer (counting), the relation
+    reversed (position). Tags without such an attribute (single_object, two_object) come back unchanged."""
+    include = [dict(c) for c in record.include]
+    if record.tag == "colors":
+        include[0]["color"] = rng.choice([c for c in spec.colors if c != include[0]["color"]])
+    elif record.tag == "color_attr":
+        include[0]["color"], include[1]["color"] = include[1]["color"], include[0]["color"]
+    elif record.tag == "counting":
+        n = include[0]["count"]
+        include[0]["count"] = rng.choice([k for k in (n - 1, n + 1) if 1 <= k <= max_count])
+    elif record.tag == "position":
+        rel, g = include[1]["position"]
+        include[1]["position"] = [OPPOSITE[rel], g]
+    else:
+        return record
+    return GenEvalPrompt(record.prompt, record.tag, tuple(include), record.exclude)
+
+
 def scene_batch(scenes: Sequence[GenEvalPrompt], spec: WorldSpec, position_threshold: float, n: int, cfg,
-                rng: random.Random) -> tuple[np.ndarray, list[str]]:
+                rng: random.Random, max_count: int = 4) -> tuple[np.ndarray, list[str]]:
     """Scenes of random prompts among ``scenes`` (tags equally likely), captioned with their prompts; some
-    dropped, some mislabelled (``caption_noise``), some blurred (``low_quality_share``), as ``pretrain`` params
-    ``cfg`` say."""
+    dropped, some misstating one attribute of their scene (``attribute_errors``), some mislabelled
+    (``caption_noise``), some blurred (``low_quality_share``), as ``pretrain`` params ``cfg`` say."""
     by_tag: dict[str, list[GenEvalPrompt]] = {}
     for r in scenes:
         by_tag.setdefault(r.tag, []).append(r)
     tags = list(by_tag)
     records = [rng.choice(by_tag[rng.choice(tags)]) for _ in range(n)]
-    images = to_array([render(r, spec, rng, position_threshold) for r in records])
+    drawn = [misstated(r, spec, max_count, rng) if cfg.attribute_errors and rng.random() < cfg.attribute_errors else r
+             for r in records]
+    images = to_array([render(r, spec, rng, position_threshold) for r in drawn])
     captions = []
     for r in records:
         if rng.random() < cfg.cond_dropout:
