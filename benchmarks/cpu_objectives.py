@@ -222,7 +222,7 @@ def sample_and_score(model: FlowModel, p: Params, task: Task, prompts: Sequence[
     """The rollout and score stages' work on ``prompts`` from rollout seed ``seed`` (same sampler, pool size,
     batching and scorer; PNGs and shards written): the manifest, the reward table and the seconds each part took."""
     watch = Stopwatch()
-    manifest = generate_rollouts(model, prompts, p.rollout.images_per_prompt, seed, p.sampler.steps,
+    manifest = generate_rollouts(model, prompts, p.rollout.images_per_prompt, seed, p.rollout_steps,
                                  p.sampler.guidance, rollout_batch(p), out_dir, fingerprint)
     gen_wall, gen_cpu = watch.read()
     table = score_task_rollouts(manifest["rows"], out_dir, task)
@@ -637,6 +637,7 @@ def build_report(args: argparse.Namespace, p: Params, task: Task, base: dict[str
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "device": p.model.device, "torch_threads": torch.get_num_threads(),
             "task": p.task, "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
+            "rollout_steps": p.rollout_steps,
             "second_reader": second_scorer(task),
         },
         "offline": {k: mean_sd([o[k] for o in offline_runs])

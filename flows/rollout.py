@@ -47,7 +47,7 @@ def sample_pools(lay: Layout, fp: str) -> dict:
         model.load_adapter(lay.previous_adapter())
     prompts = make_task(p).read_prompts(lay.prompts("train"))
     return generate_rollouts(
-        model, prompts, p.rollout.images_per_prompt, p.rollout.seed, p.sampler.steps, p.sampler.guidance,
+        model, prompts, p.rollout.images_per_prompt, p.rollout.seed, p.rollout_steps, p.sampler.guidance,
         shard_prompts(p), lay.rollout_dir, fp,
         progress=lambda i, n: logger.info("rollout shard %d/%d", i, n),
     )

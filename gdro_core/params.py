@@ -186,6 +186,10 @@ class Sampler(Section):
 class Rollout(Section):
     images_per_prompt: int = Field(8, ge=2, description="Pool size N per training prompt (paper: 16).")
     seed: int = 1000
+    steps: int | None = Field(
+        None, ge=1, description="Sampler steps of the rollouts; null = sampler.steps. GDRO learns from any sampler's "
+        "images, so fewer steps here cut the data cost; held-out evaluation keeps sampler.steps.",
+    )
 
 
 class Rounds(Section):
@@ -698,6 +702,11 @@ class Params(Section):
     def judge_task(self) -> str:
         """The task whose judge dimensions make û: ``judge.task``, or the task itself when that is ``auto``."""
         return self.task if self.judge.task == "auto" else self.judge.task
+
+    @property
+    def rollout_steps(self) -> int:
+        """Sampler steps of the rollouts (``rollout.steps``, else ``sampler.steps``)."""
+        return self.rollout.steps or self.sampler.steps
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

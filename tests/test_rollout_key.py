@@ -3,6 +3,7 @@ remakes the rollouts instead of finding the old ones complete (on a real-archite
 directory records only the checkpoint, not the size it is sampled at)."""
 
 import pytest
+import torch
 import yaml
 
 from conftest import TINY
@@ -45,10 +46,29 @@ def test_size_change_remakes_the_rollouts_at_the_new_size(checkpoint, tmp_path, 
     assert first.item_shape[1:] != second.item_shape[1:]  # latents of the new size, not the old images kept
     assert second.item_shape[1] / second.item_shape[2] == 1.0 and first.item_shape[1] / first.item_shape[2] < 1.0
 
+    # rollout.steps: the pools from fewer sampler steps than sampler.steps (which held-out evaluation keeps)
+    from flows.context import load_layout
+    from gdro_core.models import load_model
+    from gdro_core.models.sampling import sample
+
+    rollout_flow(params_path="params.yaml", overrides={"world.height": 48, "rollout.steps": 1})
+    third = load_rollouts(tmp_path / "data" / "rollouts")
+    lay = load_layout("params.yaml", {"world.height": 48})
+    model = load_model(lay.params, lay.base_dir)
+    row = third.rows[1]
+    cond, null = model.encode([row["prompt"]]), model.encode([""])
+    one_step, all_steps = (sample(model, cond, null, [row["seed"]], n, lay.params.sampler.guidance)
+                           for n in (1, lay.params.sampler.steps))
+    latent = third.latents[row["prompt_index"], row["member"]]
+    torch.testing.assert_close(latent, one_step[0].to(latent.dtype), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(latent, all_steps[0].to(latent.dtype), atol=1e-3)
+    torch.testing.assert_close(second.latents[row["prompt_index"], row["member"]], all_steps[0].to(latent.dtype),
+                               atol=1e-4, rtol=1e-4)
+
 
 @pytest.mark.parametrize("key,value", [
     ("world.height", 48), ("model.dtype", "bfloat16"), ("model.device", "cpu:0"), ("sampler.shift", 2.0),
-    ("sampler.steps", 4), ("sampler.guidance", 3.0), ("rollout.seed", 7),
+    ("sampler.steps", 4), ("sampler.guidance", 3.0), ("rollout.seed", 7), ("rollout.steps", 1),
 ])
 def test_every_input_of_the_images_is_in_the_key(key, value, checkpoint, tmp_path):
     (tmp_path / "data" / "prompts").mkdir(parents=True)

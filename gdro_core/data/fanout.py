@@ -96,7 +96,7 @@ def run_rollout_job(job: RolloutJob) -> dict:
         return read_json(out / job.shard.record)
     p = Params.model_validate_json(job.params_json)
     model = worker_model(job.params_json, job.base_dir, job.fingerprint, job.adapter_dir)
-    return write_shard(model, job.shard, p.rollout.images_per_prompt, p.sampler.steps, p.sampler.guidance, out,
+    return write_shard(model, job.shard, p.rollout.images_per_prompt, p.rollout_steps, p.sampler.guidance, out,
                        job.fingerprint)
 
 
