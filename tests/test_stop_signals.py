@@ -21,7 +21,8 @@ from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
 STOP_WITHIN = 15.0  # seconds from SIGTERM to the stage's process being gone
-PRETRAIN_STEPS = 150  # long enough to be stopped after its first checkpoint (every 5 steps), short to finish on rerun
+PRETRAIN_STEPS = 600  # about 10 s of the tiny model: still running when the stop arrives after its first checkpoint
+PRETRAIN_CHECKPOINT = 25  # (at 150 steps, about 2 s, a slow stop could find pretraining finished); short on rerun
 
 
 def wait_for(ready, what: str, timeout: float = 300.0) -> None:
@@ -65,19 +66,21 @@ def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(reproduced
     project, env = dvc_copy(reproduced, tmp_path / "project")
     (project / "mlflow.db").unlink()  # the first repro's runs and checkpoints: this test counts and finds its own
     shutil.rmtree(project / "checkpoints")
-    params = parse_params({**TINY, "pretrain": {**TINY["pretrain"], "steps": PRETRAIN_STEPS, "checkpoint_every": 5,
-                                                "log_every": 1}})
+    params = parse_params({**TINY, "pretrain": {**TINY["pretrain"], "steps": PRETRAIN_STEPS,
+                                                "checkpoint_every": PRETRAIN_CHECKPOINT, "log_every": 1}})
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
     env = {**env, "OMP_NUM_THREADS": "1",
            "SHELL": "/bin/sh"}  # DVC runs the stage through $SHELL; a POSIX sh (dash) stays alive between them
-    repro = subprocess.Popen([BIN / "dvc", "repro", "base"], cwd=project, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: any((project / "checkpoints" / "base").glob("*/step-*")), "the first pretraining checkpoint")
-    stage = next(p for p in psutil.Process(repro.pid).children(recursive=True)
-                 if any(Path(arg).name == "gdro" for arg in p.cmdline()[:2]))  # the stage, not the shell around it
-    repro.send_signal(signal.SIGTERM)
-    repro.wait(timeout=60)
-    gone_within(stage, STOP_WITHIN)
+    # the output goes to a file: a pipe nobody reads fills up, and a stage blocked writing its log cannot stop
+    with (tmp_path / "repro.log").open("w") as out:
+        repro = subprocess.Popen([BIN / "dvc", "repro", "base"], cwd=project, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: any((project / "checkpoints" / "base").glob("*/step-*")), "the first pretraining checkpoint")
+        stage = next(p for p in psutil.Process(repro.pid).children(recursive=True)
+                     if any(Path(arg).name == "gdro" for arg in p.cmdline()[:2]))  # the stage, not the shell around it
+        repro.send_signal(signal.SIGTERM)
+        repro.wait(timeout=60)
+        gone_within(stage, STOP_WITHIN)
     assert runs(project, "base") == ["KILLED"]
     kept = sorted((project / "checkpoints" / "base").glob("*/step-*"))
     assert kept, "the last checkpoint was not kept"
