@@ -41,18 +41,19 @@ def prompt_bootstrap(
         strata[t] = prompts[tags == t]
     keys = [k for k, v in summarise(base).items() if isinstance(v, (int, float)) and k not in NOT_MEANS]
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[list[float]]] = {name: [] for name in ("base", "trained", "delta")}
+    figures: dict[str, list[list[float]]] = {"base": [], "trained": []}
     for _ in range(samples):
         chosen = np.concatenate([rng.choice(members, size=len(members)) for members in strata.values()])
         rows = np.concatenate([rows_of[p] for p in chosen])
-        b, t = summarise(base.iloc[rows]), summarise(trained.iloc[rows])
-        draws["base"].append([b.get(k, np.nan) for k in keys])
-        draws["trained"].append([t.get(k, np.nan) for k in keys])
-        draws["delta"].append([t.get(k, np.nan) - b.get(k, np.nan) for k in keys])
+        for name, table in (("base", base), ("trained", trained)):
+            summary = summarise(table.iloc[rows])
+            figures[name].append([summary.get(k, np.nan) for k in keys])
+    draws = {name: np.array(values, dtype=float) for name, values in figures.items()}
+    draws["delta"] = draws["trained"] - draws["base"]
     tail = (1 - level) / 2 * 100
     out: dict = {"level": level, "samples": samples,
                  "prompts": {str(t) if "tag" in base else "all": len(m) for t, m in strata.items()}}
     for name, values in draws.items():
-        low, high = np.nanpercentile(np.array(values, dtype=float), [tail, 100 - tail], axis=0)
+        low, high = np.nanpercentile(values, [tail, 100 - tail], axis=0)
         out[name] = {k: [float(lo), float(hi)] for k, lo, hi in zip(keys, low, high)}
     return out

@@ -20,8 +20,8 @@ def format_report(metrics: dict[str, dict[str, float]]) -> str:
     """One row per tag and summary metric; columns base, trained, ceiling, delta and, where metrics.json has
     intervals (``ci``), the delta's interval over resampled held-out prompts."""
     cols = [c for c in ("base", "trained", "ceiling") if c in metrics]
-    ci = metrics.get("ci", {}).get("delta", {})
-    level = metrics.get("ci", {}).get("level")
+    intervals = metrics.get("ci", {})
+    ci, level = intervals.get("delta", {}), intervals.get("level")
     ci_head = f"{round(100 * level)} % interval" if level else "interval"
     lines = [f"{'':<20}" + "".join(f"{c:>10}" for c in cols) + f"{'delta':>10}" + (f"  {ci_head}" if ci else "")]
     for row in ROWS:
@@ -31,7 +31,7 @@ def format_report(metrics: dict[str, dict[str, float]]) -> str:
         delta = metrics["trained"].get(row, float("nan")) - metrics["base"].get(row, float("nan"))
         interval = f"  [{ci[row][0]:+.3f}, {ci[row][1]:+.3f}]" if row in ci else ""
         lines.append(f"{row.removeprefix('tag.'):<20}{cells}{delta:>+10.3f}{interval}")
-    held = metrics.get("ci", {}).get("prompts", {})
+    held = intervals.get("prompts", {})
     if held:
         lines.append("held-out prompts per tag: " + ", ".join(f"{t} {n}" for t, n in held.items()))
     if "base_train" in metrics:  # evaluate.train_prompts: the models on their own training prompts, fresh seeds
