@@ -127,22 +127,42 @@ TEMP_SERVER_MARK = "prefect.server.api.server:create_app"
 
 
 def mark_owner(environ: dict | None = None) -> None:
-    """Children (such as Prefect's temporary server) inherit this process's pid, so an orphan can be found later."""
-    (os.environ if environ is None else environ)[OWNER_ENV] = str(os.getpid())
+    """Children (such as Prefect's temporary server) inherit this process's pid and start time, so an orphan can be
+    found later, even once the pid has been reused by an unrelated process."""
+    import psutil
+
+    me = psutil.Process()
+    (os.environ if environ is None else environ)[OWNER_ENV] = f"{me.pid}:{me.create_time():.3f}"
 
 
-def reap_orphaned_temporary_servers() -> list[int]:
-    """Stop Prefect temporary servers left running by a `gdro` command that was killed (kill -9 skips their
-    shutdown); a server whose owner is alive, or one not started by gdro, is left alone."""
+def owner_alive(record: str) -> bool:
+    """True when the process an ``OWNER_ENV`` record names still runs: same pid and the same start time."""
+    import psutil
+
+    pid, _, started = record.partition(":")
+    try:
+        proc = psutil.Process(int(pid))
+        if started and abs(proc.create_time() - float(started)) > 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, ValueError):
+        return True  # unreadable: leave its children alone
+
+
+def reap_orphaned_temporary_servers(mark: str = TEMP_SERVER_MARK) -> list[int]:
+    """Stop Prefect temporary servers (command lines holding ``mark``) left running by a `gdro` command that was
+    killed (kill -9 skips their shutdown); a server whose owner is alive, or one not started by gdro, is left alone."""
     import psutil
 
     reaped = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if TEMP_SERVER_MARK not in " ".join(proc.info["cmdline"] or []):
+            if mark not in " ".join(proc.info["cmdline"] or []):
                 continue
             owner = proc.environ().get(OWNER_ENV)
-            if owner is None or psutil.pid_exists(int(owner)):
+            if owner is None or owner_alive(owner):
                 continue
             proc.terminate()
             try:

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -160,20 +161,31 @@ def test_kill_9_during_train_leaves_nothing_running_and_the_rerun_ends_with_the_
 
 
 def test_a_temporary_server_orphaned_by_a_killed_command_is_stopped_and_others_are_left_alone():
-    from gdro_core.servers import OWNER_ENV, TEMP_SERVER_MARK, reap_orphaned_temporary_servers
+    import psutil
 
+    from gdro_core.servers import OWNER_ENV, mark_owner, reap_orphaned_temporary_servers
+
+    # A mark of this test's own: every gdro command reaps orphans of the real mark, and tests run side by side.
+    mark = f"gdro-test-temporary-server-{uuid.uuid4().hex}"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    sleeper = [sys.executable, "-c", "import time; time.sleep(120)", TEMP_SERVER_MARK]
-    orphan = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: str(dead.pid)})
-    owned = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: str(os.getpid())})
+    me = {}
+    mark_owner(me)
+    pid, started = me[OWNER_ENV].split(":")
+    assert int(pid) == os.getpid() and abs(float(started) - psutil.Process().create_time()) < 1e-2
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)", mark]
+    orphan = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: f"{dead.pid}:1.0"})
+    # A live pid with another start time: the owner died and its pid went to an unrelated process.
+    reused = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: f"{os.getpid()}:1.0"})
+    owned = subprocess.Popen(sleeper, env={**os.environ, **me})
+    legacy = subprocess.Popen(sleeper, env={**os.environ, OWNER_ENV: str(os.getpid())})  # pid only: still read
     try:
         time.sleep(0.5)
-        assert orphan.pid in reap_orphaned_temporary_servers()
-        assert orphan.wait(timeout=10) is not None
-        assert owned.poll() is None  # its owner (this test) is alive
+        assert sorted(reap_orphaned_temporary_servers(mark)) == sorted([orphan.pid, reused.pid])
+        assert orphan.wait(timeout=10) is not None and reused.wait(timeout=10) is not None
+        assert owned.poll() is None and legacy.poll() is None  # their owner (this test) is alive
     finally:
-        for p in (orphan, owned):
+        for p in (orphan, reused, owned, legacy):
             p.kill()
             p.wait()
 
