@@ -80,3 +80,20 @@ def test_the_cpu_benchmark_races_gdro_and_the_online_methods_on_the_geneval_worl
     assert offline["scoring_cpu_s"] > 0 and offline["total_prompts"] == GENEVAL_TINY["prompts"]["n_train"]
     assert (project / "reports" / "benchmark" / "cpu_objectives.json").is_file()
     assert "time to Flow-GRPO's final reward" in out and "(none)" in out
+
+
+def test_pretrain_probe_reads_every_tag_and_the_pooled_contrast_at_each_reading(tmp_path, capsys):
+    probe = load_benchmark("geneval_pretrain_probe")
+    params = {**GENEVAL_TINY, "pretrain": {**GENEVAL_TINY.get("pretrain", TINY["pretrain"]), "steps": 4,
+                                           "log_every": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    readings = probe.main(["--params", str(tmp_path / "params.yaml"), "--every", "2", "--per-tag", "2",
+                           "--images-per-prompt", "1", "--set", "pretrain.logit_mean=2.0"])
+    assert [r["step"] for r in readings] == [2, 4]  # it trained on after the first reading
+    for r in readings:
+        assert {"colors", "counting", "position", "color_attr", "two_object"} <= set(r)
+        assert all(0.0 <= r[t] <= 1.0 for t in probe.TAGS) and -1.0 <= r["pooled_cos"] <= 1.0
+    assert readings[0]["loss"] != readings[1]["loss"]
+    assert [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()] == [2, 4]
+    with pytest.raises(SystemExit, match="multiple of pretrain.log_every"):
+        probe.main(["--params", str(tmp_path / "params.yaml"), "--every", "3"])
