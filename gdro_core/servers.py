@@ -136,19 +136,13 @@ def mark_owner(environ: dict | None = None) -> None:
 
 
 def owner_alive(record: str) -> bool:
-    """True when the process an ``OWNER_ENV`` record names still runs: same pid and the same start time."""
-    import psutil
-
+    """True when the process an ``OWNER_ENV`` record (``pid:start time``, or a bare pid) names still runs; an
+    unreadable record leaves its children alone."""
     pid, _, started = record.partition(":")
     try:
-        proc = psutil.Process(int(pid))
-        if started and abs(proc.create_time() - float(started)) > 1.0:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except (psutil.Error, ValueError):
-        return True  # unreadable: leave its children alone
+        return serve_alive({"pid": int(pid), "create_time": float(started) if started else None})
+    except ValueError:
+        return True
 
 
 def reap_orphaned_temporary_servers(mark: str = TEMP_SERVER_MARK) -> list[int]:
@@ -202,7 +196,8 @@ def child_record(pid: int) -> dict:
 
 
 def serve_alive(state: dict) -> bool:
-    """True when the `gdro serve` that wrote ``state`` still runs (not a later process that reuses its pid)."""
+    """True when the process ``state`` names (``pid``, optional ``create_time``) still runs, not a later process
+    that reuses its pid: the `gdro serve` that wrote serve.json, or a command that owns a temporary server."""
     import psutil
 
     try:
