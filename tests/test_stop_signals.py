@@ -32,19 +32,22 @@ def wait_for(ready, what: str, timeout: float = 300.0) -> None:
         time.sleep(0.1)
 
 
-def gone_within(proc: psutil.Process, seconds: float) -> float:
-    start = time.monotonic()
-    try:
-        proc.wait(timeout=seconds)
-    except psutil.TimeoutExpired:
+def gone_within(proc: psutil.Process, seconds: float) -> None:
+    """Wait until ``proc`` has exited; a zombie has (reaping it is its parent's job, DVC's). Kill it and fail when it
+    still runs after ``seconds``."""
+    def exited() -> bool:
         try:
-            if proc.status() == psutil.STATUS_ZOMBIE:  # it has exited; reaping it is its parent's (DVC's) job
-                return time.monotonic() - start
+            return proc.status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
-            return time.monotonic() - start
-        proc.kill()
-        raise AssertionError(f"{' '.join(proc.cmdline())} still ran {seconds:.0f} s after SIGTERM") from None
-    return time.monotonic() - start
+            return True
+
+    deadline = time.monotonic() + seconds
+    while not exited():
+        if time.monotonic() >= deadline:
+            command = " ".join(proc.cmdline())
+            proc.kill()
+            raise AssertionError(f"{command} still ran {seconds:.0f} s after SIGTERM")
+        time.sleep(0.1)
 
 
 def stage_runs(root: Path, stage: str):
