@@ -55,10 +55,12 @@ class UnifiedRewardJudge:
                 f"judge.model_path {path!r} is not a local directory: download a UnifiedReward checkpoint "
                 "(e.g. UnifiedReward-qwen-7b) and point judge.model_path at it, or use judge.kind: pixel"
             )
+        from gdro_core.build_lock import building
         from gdro_core.models.base import pick_device
 
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").to(pick_device(device)).eval()
-        return cls(model, AutoProcessor.from_pretrained(path), max_new_tokens)
+        with building():
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").to(pick_device(device)).eval()
+            return cls(model, AutoProcessor.from_pretrained(path), max_new_tokens)
 
     def answer(self, image: Image.Image, prompt: str) -> str:
         messages = [{"role": "user", "content": [

@@ -36,6 +36,7 @@ def _load_family_model(
     """
     import torch
 
+    from gdro_core.build_lock import building
     from gdro_core.models.base import pick_device
     from gdro_core.models.builtin import BuiltinModelAdapter, TextRenderPipeline
     from gdro_core.models.checkpoint_files import check_size, read_model_index
@@ -48,8 +49,9 @@ def _load_family_model(
         base_dir = Path(base_dir)
         if not (base_dir / "model_index.json").is_file():
             raise ModelError(f"no built-in base model at {base_dir}: run `gdro base` (or `dvc repro base`) first")
-        pipe = TextRenderPipeline.from_pretrained(base_dir, dtype=torch_dtype).to(dev)
-        return BuiltinModelAdapter(pipe, (height, width), base_dir, shift, guidance)
+        with building():
+            pipe = TextRenderPipeline.from_pretrained(base_dir, dtype=torch_dtype).to(dev)
+            return BuiltinModelAdapter(pipe, (height, width), base_dir, shift, guidance)
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise ModelError(f"{source} is not a diffusers checkpoint directory (no model_index.json)")
     index = read_model_index(source)
@@ -58,11 +60,12 @@ def _load_family_model(
                          "or a hub id already in the local cache")
     family = family_for_class(index.get("_class_name", ""))
     check_size(source, height, width)
-    try:
-        pipe = family.pipeline_class.from_pretrained(source, dtype=torch_dtype)
-    except OSError as err:
-        raise ModelError(
-            f"cannot load checkpoint {source!r}: {err}. Give model.source as a local diffusers directory, "
-            "or a hub id already in the local cache"
-        ) from None
-    return family(pipe.to(dev), height, width, source, shift=shift, guidance=guidance)
+    with building():
+        try:
+            pipe = family.pipeline_class.from_pretrained(source, dtype=torch_dtype)
+        except OSError as err:
+            raise ModelError(
+                f"cannot load checkpoint {source!r}: {err}. Give model.source as a local diffusers directory, "
+                "or a hub id already in the local cache"
+            ) from None
+        return family(pipe.to(dev), height, width, source, shift=shift, guidance=guidance)

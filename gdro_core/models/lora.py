@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from gdro_core.build_lock import building
 from gdro_core.data.store import canonical_safetensors
 
 ADAPTER = "gdro"
@@ -31,11 +32,12 @@ def attach_lora(transformer: torch.nn.Module, cfg, targets: list[str]) -> list[t
     if missing:
         raise ValueError(f"train.lora.target_modules {missing} match no module of the transformer")
     transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                   init_lora_weights=True),
-        adapter_name=ADAPTER,
-    )
+    with building():
+        transformer.add_adapter(
+            LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                       init_lora_weights=True),
+            adapter_name=ADAPTER,
+        )
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -97,9 +99,10 @@ def load_lora(transformer: torch.nn.Module, path: Path) -> None:
     if not has_metadata:
         raise ValueError(f"{weights} has no LoRA adapter metadata (rank, alpha, targets): it was saved by an older "
                          "version; retrain it (`gdro train`) so that it loads as it was trained")
-    if ADAPTER in getattr(transformer, "peft_config", {}):
-        transformer.delete_adapters(ADAPTER)
-    transformer.load_lora_adapter(str(path), prefix=PREFIX, weight_name=WEIGHTS, adapter_name=ADAPTER)
+    with building():
+        if ADAPTER in getattr(transformer, "peft_config", {}):
+            transformer.delete_adapters(ADAPTER)
+        transformer.load_lora_adapter(str(path), prefix=PREFIX, weight_name=WEIGHTS, adapter_name=ADAPTER)
     if ADAPTER not in getattr(transformer, "peft_config", {}):
         raise ValueError(f"{weights} holds no LoRA weights for this transformer")
     loaded = set(lora_state(transformer))

@@ -64,11 +64,13 @@ def load_clip(reward: str, model_dir: str, device: str) -> torch.nn.Module:
     import torch
     from transformers import CLIPModel
 
+    from gdro_core.build_lock import building
     from gdro_core.models.base import pick_device
 
-    model = load(reward, f"the CLIP model in {model_dir}", lambda: CLIPModel.from_pretrained(
-        model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32))
-    return model.to(pick_device(device)).eval()
+    with building():
+        model = load(reward, f"the CLIP model in {model_dir}", lambda: CLIPModel.from_pretrained(
+            model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32))
+        return model.to(pick_device(device)).eval()
 
 
 def load_image_processor(reward: str, processor_dir: str):

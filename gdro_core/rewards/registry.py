@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from gdro_core.build_lock import building
 from gdro_core.rewards.base import Reward, RewardError
 
 if TYPE_CHECKING:
@@ -129,7 +130,8 @@ def make_reward(name: str, params: Params, root: Path = Path(".")) -> Reward:
     cls = reward_class(name, root)
     options = reward_options(name, cls, params.rewards.options.get(name, {}))
     try:
-        reward = cls.from_params(params, options) if hasattr(cls, "from_params") else cls(**options)
+        with building():  # a reward that loads a model in its constructor builds it alone (see build_lock)
+            reward = cls.from_params(params, options) if hasattr(cls, "from_params") else cls(**options)
     except RewardError:
         raise
     except TypeError as err:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from gdro_core.build_lock import building
 from gdro_core.data.pool import RolloutPool
 from gdro_core.data.rollout import Rollouts
 from gdro_core.models.base import FlowModel
@@ -62,7 +63,7 @@ def seed_lora_init(transformer: torch.nn.Module, seed: int) -> None:
     so the policy still starts equal to the reference. Drawn on the CPU: the same init on every device.
     """
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with building(), torch.no_grad():  # a model another thread loads meanwhile would make torch.nn.init a no-op
         for name, p in transformer.named_parameters():
             if "lora_A" in name:
                 w = torch.empty(p.shape, dtype=torch.float32)

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from gdro_core.build_lock import building
+
 from gdro_core.tasks.geneval.rules import Detection
 from gdro_core.tasks.geneval.shapes import BACKGROUND, PALETTE, shape_mask
 
@@ -132,11 +134,13 @@ class Mask2FormerClipDetector:
                     "facebook/mask2former-swin-small-coco-instance; CLIP ViT-L/14, openai/clip-vit-large-patch14), "
                     "copy them here and set that path, or use geneval.detector.kind: exact in the built-in world"
                 )
-        return cls(
-            Mask2FormerForUniversalSegmentation.from_pretrained(mask2former_path),
-            AutoImageProcessor.from_pretrained(mask2former_path),
-            CLIPModel.from_pretrained(clip_path), CLIPProcessor.from_pretrained(clip_path), colors, batch_size, device,
-        )
+        with building():
+            return cls(
+                Mask2FormerForUniversalSegmentation.from_pretrained(mask2former_path),
+                AutoImageProcessor.from_pretrained(mask2former_path),
+                CLIPModel.from_pretrained(clip_path), CLIPProcessor.from_pretrained(clip_path), colors, batch_size,
+                device,
+            )
 
     @torch.no_grad()
     def _color_texts(self, cls_name: str) -> torch.Tensor:

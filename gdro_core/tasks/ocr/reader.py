@@ -106,9 +106,13 @@ def _easyocr_reader(gpu: bool):
     import easyocr
     import easyocr_en_models
 
-    return easyocr.Reader(
-        ["en"], gpu=gpu, download_enabled=False, model_storage_directory=easyocr_en_models.model_dir(), verbose=False
-    )
+    from gdro_core.build_lock import building
+
+    with building():
+        return easyocr.Reader(
+            ["en"], gpu=gpu, download_enabled=False, model_storage_directory=easyocr_en_models.model_dir(),
+            verbose=False,
+        )
 
 
 class RapidOcrReader:
