@@ -837,7 +837,12 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path} (run from the project root or pass --params)")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ParamsError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}): save the file as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -65,6 +65,15 @@ def test_a_tab_in_params_yaml_names_the_file_the_line_and_the_fix(tmp_path):
         load_params(bad)
 
 
+def test_params_saved_with_a_byte_order_mark_load_and_another_encoding_is_named(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_bytes("\ufefftrain:\n  beta: 7.0\n".encode("utf-8"))
+    assert load_params(f).train.beta == 7.0
+    f.write_bytes("train:\n  beta: 7.0\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ParamsError, match=r"params.yaml:3: not UTF-8 text \(byte 0xe9\): save the file as UTF-8"):
+        load_params(f)
+
+
 def test_an_override_below_a_value_names_the_key_instead_of_crashing(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("train:\n  beta: 3.0\n")

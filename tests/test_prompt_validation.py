@@ -72,3 +72,42 @@ def test_flow_grpo_prompt_files_load_and_malformed_lines_are_located(tmp_path):
     (src / "test.txt").write_text('fine "ok"\nno quotes on this line\n')
     with pytest.raises(PromptError, match=r"test.txt:2: no target text between double quotes"):
         read_prompt_file(src / "test.txt")
+
+
+def test_prompt_files_saved_with_a_byte_order_mark_read_as_written_and_other_encodings_are_named(tmp_path):
+    """Editors on Windows save UTF-8 with a byte-order mark: it must not become part of the first prompt."""
+    from gdro_core.data.manifest import ManifestError, read_manifest
+    from gdro_core.tasks.general.prompts import load_prompt_source as general_source
+    from gdro_core.tasks.geneval.prompts import GenEvalPromptError, read_metadata
+
+    ocr, general = tmp_path / "ocr", tmp_path / "general"
+    for d in (ocr, general):
+        d.mkdir()
+    bom = "\ufeff"
+    (ocr / "train.txt").write_text(f'{bom}A sign that reads "CAF\u00c9"\r\nA card that says "TEA"\r\n', encoding="utf-8")
+    (ocr / "test.txt").write_text(f'{bom}A mug that says "MILK"\n', encoding="utf-8")
+    got = load_prompt_source(ocr, n_val=0)
+    assert [(p.prompt, p.target) for p in got["train"]] == [('A sign that reads "CAF\u00c9"', "CAF\u00c9"),
+                                                           ('A card that says "TEA"', "TEA")]
+    (general / "train.txt").write_text(f"{bom}a photo of a caf\u00e9\nan owl\n", encoding="utf-8")
+    (general / "test.txt").write_text(f"{bom}a cat\n", encoding="utf-8")
+    assert [p.prompt for p in general_source(general, n_val=0)["train"]] == ["a photo of a caf\u00e9", "an owl"]
+    metadata = tmp_path / "test_metadata.jsonl"
+    metadata.write_text(bom + json.dumps({"tag": "single_object", "include": [{"class": "cat", "count": 1}],
+                                           "prompt": "a photo of a cat"}) + "\n", encoding="utf-8")
+    assert [p.prompt for p in read_metadata(metadata)] == ["a photo of a cat"]
+
+    (ocr / "test.txt").write_bytes('A mug that says "OK"\nA sign that reads "CAF\u00c9"\n'.encode("latin-1"))
+    with pytest.raises(PromptError, match=r"test.txt:2: not UTF-8 text \(byte 0xc9\): save the file as UTF-8"):
+        load_prompt_source(ocr, n_val=0)
+    (general / "test.txt").write_bytes("a caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(PromptError, match=r"test.txt:1: not UTF-8 text"):
+        general_source(general, n_val=0)
+    metadata.write_bytes(json.dumps({"prompt": "caf\u00e9"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(GenEvalPromptError, match=r"test_metadata.jsonl:1: not UTF-8 text"):
+        read_metadata(metadata)
+    manifest = tmp_path / "images.jsonl"
+    manifest.write_bytes(json.dumps({"prompt": "caf\u00e9", "image": "a.png", "reward": 1.0},
+                                    ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"images.jsonl:1: not UTF-8 text"):
+        read_manifest(manifest, {})

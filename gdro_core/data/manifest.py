@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 
 from gdro_core.data.rollout import MANIFEST, RECORDS, Shard, write_manifest
 from gdro_core.data.scoring import ORDER, read_table, write_table
-from gdro_core.data.store import TMP_SUFFIX, atomic_write, read_json, sha256_file, write_json
+from gdro_core.data.store import TMP_SUFFIX, atomic_write, read_json, sha256_file, text_lines, write_json
 
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 LATENTS_FILE = "latents.safetensors"
@@ -122,7 +122,7 @@ def _lines(path: Path) -> list[tuple[str, dict]]:
         raise ManifestError(f"no manifest at {path}: set data.manifest or pass --manifest (docs/import-export.md)")
     if fmt == "jsonl":
         out = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(text_lines(path, ManifestError), 1):
             if line.strip():
                 try:
                     record = json.loads(line)

@@ -86,6 +86,17 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def text_lines(path: Path, error: type[Exception]) -> list[str]:
+    """The lines of a UTF-8 text file a user wrote. A byte-order mark (Windows editors write one) is dropped, not
+    read as part of the first prompt; a file in another encoding raises ``error`` naming the line and the fix."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}): save the file as UTF-8") from None
+
+
 def jsonl_records(path: Path, error: type[Exception], missing: str) -> list[tuple[str, Any]]:
     """The JSON value of every non-blank line of ``path``, each with its ``path:line`` for error messages.
 
@@ -95,7 +106,7 @@ def jsonl_records(path: Path, error: type[Exception], missing: str) -> list[tupl
     if not path.is_file():
         raise error(missing)
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text_lines(path, error), 1):
         if line.strip():
             try:
                 out.append((f"{path}:{n}", json.loads(line)))

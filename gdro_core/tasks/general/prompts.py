@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdro_core.data.prompt_checks import PromptError, check_unique, hold_out_val
-from gdro_core.data.store import atomic_write, jsonl_records
+from gdro_core.data.store import atomic_write, jsonl_records, text_lines
 
 HELD_OUT = ("test", "val")
 
@@ -34,7 +34,7 @@ def read_prompt_file(path: Path) -> list[GeneralPrompt]:
                                   "'prompt' string")
             out.append(GeneralPrompt(row["prompt"].strip()))
     else:
-        out = [GeneralPrompt(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out = [GeneralPrompt(line.strip()) for line in text_lines(path, PromptError) if line.strip()]
     if not out:
         raise PromptError(f"prompt file {path} holds no prompts")
     return out

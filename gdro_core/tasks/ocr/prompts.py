@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique, hold_out_val
-from gdro_core.data.store import atomic_write, jsonl_records
+from gdro_core.data.store import atomic_write, jsonl_records, text_lines
 from gdro_core.tasks.base import words_of
 
 _QUOTED = re.compile(r'"([^"]+)"')
@@ -107,7 +107,7 @@ def read_prompt_file(path: Path) -> list[OcrPrompt]:
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path} (prompts.source names a directory with train.txt and test.txt)")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text_lines(path, PromptError), 1):
         if not line.strip():
             continue
         match = _QUOTED.search(line)
