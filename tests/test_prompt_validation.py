@@ -111,3 +111,21 @@ def test_prompt_files_saved_with_a_byte_order_mark_read_as_written_and_other_enc
                                     ensure_ascii=False).encode("latin-1"))
     with pytest.raises(ManifestError, match=r"images.jsonl:1: not UTF-8 text"):
         read_manifest(manifest, {})
+
+
+def test_a_line_repeated_in_a_prompt_file_is_one_prompt_with_a_note(tmp_path, caplog):
+    """As with GenEval's metadata files: a peer's file that lists a prompt twice is read, the repeat folded."""
+    from gdro_core.tasks.general.prompts import load_prompt_source as general_source
+
+    ocr, general = tmp_path / "ocr", tmp_path / "general"
+    for d in (ocr, general):
+        d.mkdir()
+    (ocr / "train.txt").write_text('A sign that reads "OPEN"\nA card that says "TEA"\nA sign that reads "OPEN"\n')
+    (ocr / "test.txt").write_text('A mug that says "MILK"\n')
+    (general / "train.txt").write_text("a cat\nan owl\na cat\na cat\n")
+    (general / "test.txt").write_text("a dog\n")
+    with caplog.at_level("WARNING", logger="gdro"):
+        assert [p.target for p in load_prompt_source(ocr, n_val=0)["train"]] == ["OPEN", "TEA"]
+        assert [p.prompt for p in general_source(general, n_val=0)["train"]] == ["a cat", "an owl"]
+    assert "1 repeated lines folded into 2 prompts" in caplog.text
+    assert "2 repeated lines folded into 2 prompts" in caplog.text

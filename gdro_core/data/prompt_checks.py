@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
 class PromptError(ValueError):
     """A prompt or prompt set the task cannot use."""
+
+
+def fold_repeats(records: Sequence, where: str | Path, error: type[Exception] = PromptError) -> list:
+    """One record per prompt, in first-seen order. Peers' prompt files repeat lines (Flow-GRPO's GenEval
+    test_metadata.jsonl lists each prompt four times, one line per image); here images per prompt are
+    ``rollout.images_per_prompt`` and ``evaluate.images_per_prompt``, so a repeat folds into one, with a note.
+    The same prompt with other metadata (``record.metadata``) raises ``error``."""
+    first: dict[str, object] = {}
+    for r in records:
+        seen = first.setdefault(r.prompt, r)
+        if seen != r:
+            raise error(f"{where}: prompt {r.prompt!r} occurs with different metadata "
+                        f"({getattr(seen, 'metadata', seen)} and {getattr(r, 'metadata', r)}): keep one")
+    if len(first) < len(records):
+        logging.getLogger("gdro").warning(
+            "%s: %d repeated lines folded into %d prompts (images per prompt come from evaluate.images_per_prompt "
+            "and rollout.images_per_prompt)", where, len(records) - len(first), len(first))
+    return list(first.values())
 
 
 def check_unique(prompts: Sequence, where: str) -> None:

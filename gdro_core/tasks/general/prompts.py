@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.prompt_checks import PromptError, check_unique, hold_out_val
+from gdro_core.data.prompt_checks import PromptError, check_unique, fold_repeats, hold_out_val
 from gdro_core.data.store import atomic_write, jsonl_records, text_lines
 
 HELD_OUT = ("test", "val")
@@ -37,7 +37,7 @@ def read_prompt_file(path: Path) -> list[GeneralPrompt]:
         out = [GeneralPrompt(line.strip()) for line in text_lines(path, PromptError) if line.strip()]
     if not out:
         raise PromptError(f"prompt file {path} holds no prompts")
-    return out
+    return fold_repeats(out, path)
 
 
 def load_prompt_source(source: Path, n_val: int) -> dict[str, list[GeneralPrompt]]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique
+from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique, fold_repeats
 from gdro_core.data.store import atomic_write, jsonl_records
 from gdro_core.tasks.base import words_of
 
@@ -112,29 +111,11 @@ def metadata_sets(metadata_dir: Path, n_val: int) -> dict[str, list[GenEvalPromp
     test_file = d / "test_metadata.jsonl"
     if not test_file.is_file():
         test_file = d / "evaluation_metadata.jsonl"
-    train = fold_repeats(read_metadata(d / "train_metadata.jsonl"), d / "train_metadata.jsonl")
+    train = fold_repeats(read_metadata(d / "train_metadata.jsonl"), d / "train_metadata.jsonl", GenEvalPromptError)
     if len(train) <= n_val:
         raise GenEvalPromptError(f"{d / 'train_metadata.jsonl'} has {len(train)} prompts, not more than prompts.n_val={n_val}")
-    return {"train": train[: len(train) - n_val], "test": fold_repeats(read_metadata(test_file), test_file),
-            "val": train[len(train) - n_val :]}
-
-
-def fold_repeats(records: Sequence[GenEvalPrompt], where: Path) -> list[GenEvalPrompt]:
-    """One record per prompt. Flow-GRPO's test_metadata.jsonl lists each of GenEval's 553 prompts four times (its
-    four images per prompt); here images per prompt are ``evaluate.images_per_prompt`` and
-    ``rollout.images_per_prompt``, so the repeats fold into one, with a note. The same prompt with other metadata
-    is an error."""
-    first: dict[str, GenEvalPrompt] = {}
-    for r in records:
-        seen = first.setdefault(r.prompt, r)
-        if seen != r:
-            raise GenEvalPromptError(f"{where}: prompt {r.prompt!r} occurs with different metadata ({seen.metadata} "
-                                     f"and {r.metadata}): keep one")
-    if len(first) < len(records):
-        logging.getLogger("gdro").warning(
-            "%s: %d repeated lines folded into %d prompts (images per prompt come from evaluate.images_per_prompt "
-            "and rollout.images_per_prompt)", where, len(records) - len(first), len(first))
-    return list(first.values())
+    test = fold_repeats(read_metadata(test_file), test_file, GenEvalPromptError)
+    return {"train": train[: len(train) - n_val], "test": test, "val": train[len(train) - n_val :]}
 
 
 def check_world_can_draw(sets: Mapping[str, Sequence[GenEvalPrompt]], classes: Sequence[str],

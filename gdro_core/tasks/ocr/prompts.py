@@ -8,7 +8,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique, hold_out_val
+from gdro_core.data.prompt_checks import (
+    PromptError, check_builtin_encodable, check_unique, fold_repeats, hold_out_val,
+)
 from gdro_core.data.store import atomic_write, jsonl_records, text_lines
 from gdro_core.tasks.base import words_of
 
@@ -117,7 +119,7 @@ def read_prompt_file(path: Path) -> list[OcrPrompt]:
         out.append(OcrPrompt(line.strip(), match.group(1)))
     if not out:
         raise PromptError(f"prompt file {path} holds no prompts")
-    return out
+    return fold_repeats(out, path)
 
 
 def load_prompt_source(source: Path, n_val: int) -> dict[str, list[OcrPrompt]]:
