@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors import safe_open
 
 from gdro_core.models import check_image_size, load_model
@@ -304,3 +305,14 @@ def test_base_fingerprint_follows_the_checkpoint_content_not_its_path(checkpoint
     assert base_fingerprint(str(copy)) != base_fingerprint(str(source))
     with pytest.raises(ModelError, match="not in the local cache|neither a local directory"):
         base_fingerprint("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("variant", ["sd35", "flux-dev"])
+def test_images_in_any_mode_encode_as_their_rgb(checkpoints, variant):
+    """The VAE reads three channels: a grayscale, palette, alpha or CMYK image is encoded as its RGB conversion."""
+    model = load(checkpoints[variant])
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (WORLD.height, WORLD.width, 3), dtype=np.uint8))
+    with torch.no_grad():
+        for mode in ("L", "P", "RGBA", "CMYK"):
+            im = rgb.convert(mode)
+            assert torch.equal(model.encode_images([im]), model.encode_images([im.convert("RGB")])), mode

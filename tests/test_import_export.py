@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -185,6 +186,42 @@ def test_resize_policies_fit_other_sizes(project, own, tmp_path):
         do_import(p, model, base, write_rows(folder, rows2), tmp_path / policy)
         stored = read_json(tmp_path / policy / "rollouts" / MANIFEST)["rows"][0]["image"]
         assert Image.open(tmp_path / policy / "rollouts" / stored).size == (48, 24)
+
+
+def test_images_in_any_mode_or_orientation_import_as_the_task_sees_them(project, own, tmp_path):
+    """Users' images come with alpha, palettes, 16-bit levels or a camera's EXIF rotation: each is stored and
+    encoded upright in the task's mode (this world: grayscale), equal to the plain image where no level is lost."""
+    _, p, _, model, base = project
+    folder, rows = own
+    plain = Image.open(folder / rows[0]["image"]).convert("L")
+    variants = {
+        "rgba": plain.convert("RGBA"),
+        "sixteen": Image.fromarray(np.asarray(plain).astype(np.uint16) * 257),
+        "rotated": plain.transpose(Image.Transpose.ROTATE_90),  # stored as the sensor saw it; EXIF: turn it 90° clockwise
+        "palette": plain.convert("RGB").quantize(256),
+        "cmyk": plain.convert("CMYK"),
+        "clear": Image.new("RGBA", plain.size, (0, 0, 0, 0)),  # fully transparent: white, as a viewer shows it
+    }
+    for name, im in variants.items():
+        extra = {}
+        if name == "rotated":
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            extra["exif"] = exif
+        im.save(folder / f"images/{name}.{'jpg' if name == 'cmyk' else 'png'}", **extra)
+    names = list(variants)
+    group = [{**rows[0], "image": f"images/{n}.{'jpg' if n == 'cmyk' else 'png'}", "reward": float(i), "seed": i}
+             for i, n in enumerate(names)]
+    do_import(p, model, base, write_rows(folder, group), tmp_path / "out")
+    stored = load_rollouts(tmp_path / "out" / "rollouts")
+    images = {n: Image.open(tmp_path / "out" / "rollouts" / r["image"]) for n, r in zip(names, stored.rows)}
+    assert all(im.mode == "L" and im.size == plain.size for im in images.values())
+    for n in ("rgba", "sixteen", "rotated"):
+        assert np.array_equal(np.asarray(images[n]), np.asarray(plain)), n
+    assert np.abs(np.asarray(images["palette"], dtype=int) - np.asarray(plain, dtype=int)).max() <= 8
+    assert np.asarray(images["clear"]).min() == 255
+    latents = stored.latents.reshape(-1, *stored.latents.shape[2:])
+    assert torch.equal(latents[0], model.encode_images([plain])[0])
 
 
 def test_named_rewards_are_summed_with_their_weights(tmp_path):

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from gdro_core.data.rollout import MANIFEST, RECORDS, Shard, write_manifest
 from gdro_core.data.scoring import ORDER, read_table, write_table
@@ -264,6 +265,23 @@ def open_image(base: Path, row: Row) -> Image.Image:
     raise ManifestError(f"{row.where}: image {path} {problem}")
 
 
+def as_task_image(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` as the task's images are: upright (its EXIF orientation applied, as viewers show a photo), in
+    ``mode`` (``RGB``, or ``L`` for a grayscale world), transparency composited on white, 16-bit levels scaled to
+    8-bit. Returns ``im`` itself when nothing changes, so an image already in that form is stored as it is."""
+    out = ImageOps.exif_transpose(im) if im.getexif().get(ExifTags.Base.Orientation, 1) != 1 else im
+    if out.mode in ("I", "F") or out.mode.startswith("I;16"):
+        levels = np.asarray(out, dtype=np.float64)
+        scale = 257.0 if levels.max(initial=0) > 255 else 1.0  # 16-bit PNGs open as I / I;16
+        out = Image.fromarray(np.clip(np.round(levels / scale), 0, 255).astype(np.uint8), "L")
+    if out.mode == "P" and "transparency" in out.info:
+        out = out.convert("RGBA")
+    if out.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = out.convert("RGBA")
+        out = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return out if out.mode == mode else out.convert(mode)
+
+
 def fit_size(im: Image.Image, size: tuple[int, int], policy: str, where: str) -> Image.Image:
     """``im`` at ``size`` (width, height) under ``data.resize``; refuse names the row and the sizes."""
     if im.size == size:
@@ -377,7 +395,8 @@ def import_manifest(
         raise ManifestError(f"{bad.where}: no seed: train.noise prior regenerates each image's sampler noise from its "
                             "seed; give a seed column or use train.noise fresh")
 
-    height, width, _ = params.image_shape
+    height, width, channels = params.image_shape
+    mode = "L" if channels == 1 else "RGB"
     known, latents_path = stored_latents(folder, base_fingerprint)
     n = groups.per_group
     per_shard = max(1, params.sampler.batch_size // n)
@@ -387,7 +406,7 @@ def import_manifest(
         for m, r in enumerate(members):
             src = folder / r.image
             im = open_image(folder, r)
-            fitted = fit_size(im, (width, height), params.data.resize, r.where)
+            fitted = fit_size(as_task_image(im, mode), (width, height), params.data.resize, r.where)
             image_hashes[r.image] = sha256_file(src)
             row = {"prompt_index": i, "member": m, "prompt": r.prompt, "target": r.target, "seed": r.seed,
                    "image": f"images/{i:05d}_{m:03d}.png"}

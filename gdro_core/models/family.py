@@ -124,7 +124,8 @@ class DiffusersFlowModel:
     def encode_images(self, images: list[Image.Image]) -> Tensor:
         """Images to latents (the posterior mean), with the VAE's shift and scaling applied."""
         vae = self.component("vae")
-        x = self.pipe.image_processor.preprocess(images).to(next(vae.parameters()).device, vae.dtype)
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]  # the VAE reads three channels
+        x = self.pipe.image_processor.preprocess(rgb).to(next(vae.parameters()).device, vae.dtype)
         z = vae.encode(x).latent_dist.mode()
         return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
