@@ -112,6 +112,35 @@ def test_a_reward_that_returns_the_wrong_rows_is_named():
         WeightedReward([("short", 1.0, Short())]).score([grey(0), grey(0)], [None, None])
 
 
+def test_a_reward_may_return_its_rewards_as_a_sequence_and_a_failing_one_is_named():
+    import torch
+
+    class Plain:
+        name, needs_world = "plain", False
+
+        def __init__(self, out):
+            self.out = out
+
+        def score(self, images, records, progress=None):
+            return self.out
+
+    images, records = [grey(0), grey(0)], [None, None]
+    for out in ([0.25, 0.5], np.array([0.25, 0.5]), torch.tensor([0.25, 0.5]), {"reward": [0.25, 0.5], "x": [1, 2]}):
+        table = WeightedReward([("plain", 2.0, Plain(out))]).score(images, records)
+        assert list(table["reward"]) == [0.5, 1.0] and list(table["error"]) == ["", ""], type(out)
+    with pytest.raises(RewardError, match="'plain' returned ndarray: it must return a pandas DataFrame"):
+        WeightedReward([("plain", 1.0, Plain(np.zeros((2, 2))))]).score(images, records)
+
+    class Broken:
+        name, needs_world = "broken", False
+
+        def score(self, images, records, progress=None):
+            raise KeyError("no such layer")
+
+    with pytest.raises(RewardError, match=r"'broken' failed on a batch of 2 images \(KeyError: 'no such layer'\)"):
+        WeightedReward([("broken", 1.0, Broken())]).score(images, records)
+
+
 def test_unknown_and_broken_rewards_say_what_to_do(user_rewards):
     with pytest.raises(RewardError, match=r"unknown reward 'pickscor'.*'ocr'.*module:Class"):
         resolve("pickscor")

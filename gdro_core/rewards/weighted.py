@@ -33,7 +33,13 @@ class WeightedReward:
         errors = [[] for _ in images]
         for i, (name, weight, reward) in enumerate(self.parts):
             step = (lambda done, n, i=i: progress(i * n + done, len(self.parts) * n)) if progress else None
-            table = reward.score(images, records, step).reset_index(drop=True)
+            try:
+                table = as_table(reward.score(images, records, step), name)
+            except RewardError:
+                raise
+            except Exception as err:
+                raise RewardError(f"reward {name!r} failed on a batch of {len(images)} images ({type(err).__name__}: "
+                                  f"{err}); a failure of one image belongs in its 'error' column") from err
             if "reward" not in table or len(table) != len(images):
                 raise RewardError(f"reward {name!r} returned {len(table)} rows without a 'reward' column for "
                                   f"{len(images)} images: it must return one row per image with 'reward'")
@@ -55,6 +61,19 @@ class WeightedReward:
         out = pd.DataFrame({"reward": total, **columns})
         out["error"] = ["; ".join(e) for e in errors]
         return out
+
+
+def as_table(out: object, name: str) -> pd.DataFrame:
+    """A reward's output as a table: a DataFrame, a mapping of columns, or the rewards alone as one sequence."""
+    if isinstance(out, pd.DataFrame):
+        return out.reset_index(drop=True)
+    if isinstance(out, dict):
+        return pd.DataFrame(out)
+    values = np.asarray(out.detach().cpu() if hasattr(out, "detach") else out, dtype=object)
+    if values.ndim == 1:
+        return pd.DataFrame({"reward": values})
+    raise RewardError(f"reward {name!r} returned {type(out).__name__}: it must return a pandas DataFrame with one row "
+                      "per image and a 'reward' column (or the rewards as one sequence)")
 
 
 def part_means(scores: pd.DataFrame, names: Sequence[str]) -> dict[str, float]:
