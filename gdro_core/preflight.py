@@ -74,7 +74,10 @@ def model_source(params: Params, root: Path) -> list[str]:
                     problems.append(f"model.source: {sub} is incomplete: no {' or '.join(group)}")
         return problems
     if path.exists():
-        return [f"model.source: {path} is a file, not a diffusers checkpoint directory"]
+        hint = (": a single-file checkpoint needs its diffusers folder; on a machine with its configs, "
+                "`StableDiffusion3Pipeline.from_single_file(file).save_pretrained(dir)` (FluxPipeline for FLUX.1) "
+                "writes one" if path.suffix in (".safetensors", ".ckpt", ".sft") else "")
+        return [f"model.source: {path} is a file, not a diffusers checkpoint directory{hint}"]
     from gdro_core.models.checkpoint_files import read_model_index
 
     looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))

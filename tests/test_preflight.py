@@ -42,6 +42,13 @@ def test_an_empty_directory_says_no_model_index(tmp_path):
     assert len(out) == 1 and "no model_index.json" in out[0]
 
 
+def test_a_single_file_checkpoint_says_how_to_make_its_diffusers_folder(tmp_path):
+    (tmp_path / "sd3.5_medium.safetensors").write_bytes(b"")
+    out = preflight.problems(params(model={"source": str(tmp_path / "sd3.5_medium.safetensors")}), tmp_path)
+    assert len(out) == 1 and "is a file, not a diffusers checkpoint directory" in out[0]
+    assert "from_single_file(file).save_pretrained(dir)" in out[0]
+
+
 def test_a_missing_component_or_weights_file_is_named(sd35, tmp_path):
     broken = shutil.copytree(sd35, tmp_path / "broken")
     for f in (broken / "transformer").glob("*.safetensors"):
