@@ -15,10 +15,12 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.context import load_layout
 from gdro_core.evaluation.base_vs_trained import evaluate_models, flat_metrics
+from gdro_core.evaluation.image_folders import write_prompt_folders
 from gdro_core.evaluation.judge import corrected_score_judge, make_task_judge
 from gdro_core.models import load_model
 from gdro_core.layout import Layout
 from gdro_core.params import check_train_eval_seeds
+from gdro_core.stages import HELDOUT_IMAGES
 from gdro_core.tasks.registry import make_task
 from gdro_core.tracking.compare import set_champion
 from gdro_core.tracking.data_version import data_version
@@ -57,6 +59,11 @@ def evaluate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
         write_json(lay.metrics, metrics)
         atomic_write(lay.reports_dir / "samples.png", lambda f: out["grid"].save(f, format="PNG"))
         atomic_write(lay.reports_dir / "eval_scores.csv", lambda f: out["scores"].to_csv(f, index=False))
+        if p.evaluate.save_images:
+            prompts = make_task(p).read_prompts(lay.prompts("test"))
+            for name, images in out["images"].items():
+                write_prompt_folders(lay.reports_dir / HELDOUT_IMAGES / name, images, prompts,
+                                     p.evaluate.images_per_prompt)
         with tracking_optional("log the metrics and register the adapter"):  # metrics.json is written already
             mlflow.log_metrics(flat_metrics(metrics))
             mlflow.set_tags(judge)

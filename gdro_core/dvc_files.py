@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gdro_core.layout import Layout
 from gdro_core.params import PROMPT_FILES, Params
-from gdro_core.stages import CHECK_FILE, CODE_DIR, Out, Stage, code_stages, pipeline_stages
+from gdro_core.stages import CHECK_FILE, CODE_DIR, Out, Stage, code_stages, param_values, pipeline_stages
 
 DVC_FILE, ROUNDS_FILE = Path("dvc.yaml"), Path("rounds/dvc.yaml")
 CODE_PACKAGES = ("gdro_core", "flows")
@@ -78,7 +78,7 @@ def _stage_lines(s: Stage, lay: Layout) -> list[str]:
     lines += [f"  - {d}" for d in deps]
     lines += ["params:"] + [f"  - {p}" for p in params]
     for kind in ("outs", "metrics", "plots"):
-        outs = [o for o in s.writes if o.kind == kind]
+        outs = [o for o in s.writes if o.kind == kind and (not o.when or param_values(lay.params, (o.when,))[o.when])]
         if outs:
             lines.append(f"{kind}:")
             lines += ["  " + line for o in outs for line in _entry(resolve(o.path, lay), o)]

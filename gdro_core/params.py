@@ -459,6 +459,11 @@ class Evaluate(Section):
         "second_reward, second_exact), so a gain that fits the training reader's quirks shows; auto = the backend "
         "reward.backend is not, when installed.",
     )
+    save_images: bool = Field(
+        False, description="Also write every held-out image, base and trained, one folder per prompt as GenEval's "
+        "generator lays them out (reports/heldout_images/<base|trained>/<prompt index>/samples/<n>.png beside the "
+        "prompt's metadata.jsonl), for GenEval's own evaluation script or any other tool to score.",
+    )
 
 
 class JudgeParams(Section):

@@ -24,11 +24,17 @@ STAGE_ENTRY = ("flows.cli", "flows.context", "gdro_core.servers")
 """What every `gdro <stage>` command loads before the stage's own code (only cli's module-level imports count)."""
 
 
+HELDOUT_IMAGES = "heldout_images"
+"""Under the reports directory, with ``evaluate.save_images``: the held-out images in GenEval's folder layout."""
+
+
 @dataclass(frozen=True)
 class Out:
     path: str
     kind: str = "outs"  # outs, metrics or plots (dvc.yaml's sections)
     cache: bool = True
+    when: str = ""
+    """A boolean param (dotted key) the stage writes this only under; empty: always."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,8 @@ EVALUATE = Stage(
     code=("flows.evaluate", "gdro_core.tracking.pyfunc_model"), task_parts=("prompts", "reward", "judge", "world"),
     reads=("base_dir", "adapter_dir", "prompts:test", "prompts:train"),
     writes=(Out("reports:samples.png"), Out("reports:eval_scores.csv"),
-            Out("reports:metrics.json", "metrics", cache=False)),
+            Out("reports:metrics.json", "metrics", cache=False),
+            Out(f"reports:{HELDOUT_IMAGES}", when="evaluate.save_images")),
     in_rounds=True,
 )
 

@@ -14,7 +14,7 @@ GENEVAL_TINY = {
     "prompts": {"n_train": 6, "n_test": 6, "n_val": 6},
     "model": {**TINY["model"], "builtin": {**TINY["model"]["builtin"], "max_tokens": 64}},
     "judge": {**TINY["judge"], "task": "geneval"},
-    "evaluate": {**TINY["evaluate"], "train_prompts": 4},
+    "evaluate": {**TINY["evaluate"], "train_prompts": 4, "save_images": True},
 }
 
 
@@ -60,6 +60,34 @@ def test_geneval_pipeline_reports_the_per_tag_table_and_its_ceiling(piped):
     assert (rewards["reward"] <= 1).all() and (rewards["reward"] == rewards["score"]).all()
     first = json.loads((project / "data" / "prompts" / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"tag", "include", "exclude", "prompt"}  # Flow-GRPO's metadata format
+
+
+def test_held_out_images_are_written_as_geneval_lays_them_out_and_are_the_images_scored(piped):
+    """One folder per prompt, metadata.jsonl and samples/<n>.png, as GenEval's generator writes them for its
+    evaluate_images.py; scored again by the task reward they give the evaluate stage's per-image rewards."""
+    from PIL import Image
+
+    from gdro_core.params import parse_params
+    from gdro_core.tasks.registry import make_task
+
+    project, _ = piped
+    task = make_task(parse_params(GENEVAL_TINY))
+    prompts = task.read_prompts(project / "data" / "prompts" / "test.jsonl")
+    per_prompt = parse_params(GENEVAL_TINY).evaluate.images_per_prompt
+    scores = pd.read_csv(project / "reports" / "eval_scores.csv")
+    for name in ("base", "trained"):
+        root = project / "reports" / "heldout_images" / name
+        assert sorted(p.name for p in root.iterdir()) == [f"{i:05d}" for i in range(len(prompts))]
+        images, records = [], []
+        for i, q in enumerate(prompts):
+            meta = json.loads((root / f"{i:05d}" / "metadata.jsonl").read_text())
+            assert meta == {**q.metadata, "prompt": q.prompt} and set(meta) == {"tag", "include", "exclude", "prompt"}
+            files = sorted((root / f"{i:05d}" / "samples").iterdir())
+            assert [f.name for f in files] == [f"{n:05d}.png" for n in range(per_prompt)]
+            images += [Image.open(f) for f in files]
+            records += [q] * per_prompt
+        rescored = task.reward(images, records)
+        assert list(rescored["reward"]) == pytest.approx(list(scores.loc[scores["model"] == name, "reward"]))
 
 
 def test_the_cpu_benchmark_races_gdro_and_the_online_methods_on_the_geneval_world(piped, one_thread, capsys):

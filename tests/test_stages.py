@@ -22,6 +22,16 @@ def test_committed_dvc_files_are_the_generated_ones():
         assert (ROOT / rel).read_text() == text, f"{rel} differs from gdro_core/stages.py: run `gdro stages --write`"
 
 
+def test_the_held_out_image_folders_are_an_output_of_evaluate_only_when_written():
+    def outs(params, name="evaluate"):
+        return [next(iter(o)) if isinstance(o, dict) else o for o in yaml.safe_load(render_dvc_yaml(params))["stages"][name]["outs"]]
+
+    assert "reports/heldout_images" not in outs(OCR)
+    assert outs(parse_params({"evaluate": {"save_images": True}}))[-1] == "reports/heldout_images"
+    rounds = yaml.safe_load(render_rounds_yaml(parse_params({"evaluate": {"save_images": True}})))["stages"]
+    assert "reports/rounds/${key}/heldout_images" in rounds["evaluate"]["do"]["outs"]
+
+
 def test_dvc_files_are_short_and_every_stage_has_one_code_dep():
     dvc, rounds = (yaml.safe_load(render_dvc_yaml())["stages"],
                    yaml.safe_load(render_rounds_yaml())["stages"])

@@ -32,7 +32,7 @@ def evaluate_models(
 ) -> dict:
     """``metrics`` (base, trained, delta; ``*_train`` on training prompts; ``ceiling`` where there is a world;
     ``ci``: their intervals from ``bootstrap_samples`` resamples of the held-out prompts, none for 0), the sample
-    ``grid`` and every image's ``scores``."""
+    ``grid``, every image's ``scores`` and the held-out ``images`` of each model (prompt order, seed order)."""
     records = [q for q in prompts for _ in range(per_prompt)]
 
     def sample_on(chosen: Sequence[PromptRecord], first_seed: int) -> list[Image.Image]:
@@ -64,7 +64,7 @@ def evaluate_models(
     n = min(grid_prompts, len(prompts))
     grid = sample_grid({k: v[::per_prompt][:n] for k, v in images.items()},
                        [getattr(q, "caption", q.target) for q in prompts[:n]])
-    return {"metrics": metrics, "grid": grid, "scores": pd.concat(tables, ignore_index=True)}
+    return {"metrics": metrics, "grid": grid, "scores": pd.concat(tables, ignore_index=True), "images": images}
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
