@@ -57,6 +57,12 @@ class Stage:
     notes: dict[str, str] = field(default_factory=dict)
 
 
+MONITOR_PARAMS = ("evaluate.seed", "evaluate.checkpoint_every", "evaluate.checkpoint_prompts",
+                  "evaluate.checkpoint_images_per_prompt", "evaluate.keep", "evaluate.tie_se", "evaluate.hacking_window")
+"""The evaluate settings train reads (its checkpoint evaluations and the adapter it keeps); the others (held-out
+images, intervals, the second reader, saved images) change only evaluate's bytes, so they never retrain."""
+
+
 PROMPTS = Stage(
     "prompts", "write the task's train, test and validation prompt sets",
     params=("task", "world", "prompts", "geneval", "model.source", "model.builtin.tokenizer",
@@ -87,7 +93,7 @@ SCORE = Stage(
 )
 TRAIN = Stage(
     "train", "train the LoRA with the objective on the cached groups; keep the best checkpoint",
-    params=("task", "world", "geneval", "model", "sampler", "reward", "rewards", "train", "evaluate", "judge"),
+    params=("task", "world", "geneval", "model", "sampler", "reward", "rewards", "train", *MONITOR_PARAMS, "judge"),
     round_params=("rounds.steps",),
     code=("flows.train", "gdro_core.training.launch"), task_parts=("prompts", "reward", "judge"),
     reads=("base_dir", "rollout_dir", "rewards", "prompts:val", "prompts:train"),

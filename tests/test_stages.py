@@ -70,6 +70,21 @@ def test_the_model_params_rerun_every_stage_that_runs_the_model():
         assert "model" in stage_params(name), name
 
 
+def test_what_only_evaluate_reads_never_retrains_and_what_train_keeps_by_does():
+    """train's key follows the checkpoint evaluations that pick its adapter; the held-out evaluation's own settings
+    change evaluate's bytes alone (a new interval or saved images must not cost a training run)."""
+    def changes(section: dict) -> set[str]:
+        other = parse_params({"evaluate": section})
+        return {n for n in STAGE_NAMES if param_values(other, stage_params(n)) != param_values(OCR, stage_params(n))}
+
+    for only_evaluate in ({"save_images": True}, {"bootstrap_samples": 10}, {"ci_level": 0.9}, {"grid_prompts": 4},
+                          {"images_per_prompt": 3}, {"train_prompts": 8}, {"second_reader": "none"}):
+        assert changes(only_evaluate) == {"evaluate"}, only_evaluate
+    for picks_the_adapter in ({"checkpoint_every": 7}, {"checkpoint_prompts": 8}, {"keep": "last"}, {"tie_se": 0.0},
+                              {"checkpoint_images_per_prompt": 2}, {"seed": 1}, {"hacking_window": 5}):
+        assert changes(picks_the_adapter) == {"train", "evaluate"}, picks_the_adapter
+
+
 def rel(files) -> set[str]:
     return {str(f.relative_to(ROOT)) for f in files}
 
