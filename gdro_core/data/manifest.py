@@ -272,8 +272,10 @@ def as_task_image(im: Image.Image, mode: str) -> Image.Image:
     out = ImageOps.exif_transpose(im) if im.getexif().get(ExifTags.Base.Orientation, 1) != 1 else im
     if out.mode in ("I", "F") or out.mode.startswith("I;16"):
         levels = np.asarray(out, dtype=np.float64)
-        scale = 257.0 if levels.max(initial=0) > 255 else 1.0  # 16-bit PNGs open as I / I;16
-        out = Image.fromarray(np.clip(np.round(levels / scale), 0, 255).astype(np.uint8), "L")
+        top = levels.max(initial=0)
+        # 16-bit PNGs open as I / I;16 (0..65535); float images hold 0..1
+        scale = 1 / 257 if top > 255 else 255.0 if out.mode == "F" and top <= 1 else 1.0
+        out = Image.fromarray(np.clip(np.round(levels * scale), 0, 255).astype(np.uint8), "L")
     if out.mode == "P" and "transparency" in out.info:
         out = out.convert("RGBA")
     if out.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

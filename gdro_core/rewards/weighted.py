@@ -69,7 +69,7 @@ def as_table(out: object, name: str) -> pd.DataFrame:
         return out.reset_index(drop=True)
     if isinstance(out, dict):
         return pd.DataFrame(out)
-    values = np.asarray(out.detach().cpu() if hasattr(out, "detach") else out, dtype=object)
+    values = out.detach().float().cpu().numpy() if hasattr(out, "detach") else np.asarray(out, dtype=object)
     if values.ndim == 1:
         return pd.DataFrame({"reward": values})
     raise RewardError(f"reward {name!r} returned {type(out).__name__}: it must return a pandas DataFrame with one row "
