@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from gdro_core.params import parse_params
 from gdro_core.tasks.ocr.prompts import (
     OcrPrompt, PromptError, load_prompt_source, read_prompt_file, read_prompts, validate_prompt_sets, write_prompts,
 )
@@ -129,3 +130,26 @@ def test_a_line_repeated_in_a_prompt_file_is_one_prompt_with_a_note(tmp_path, ca
         assert [p.prompt for p in general_source(general, n_val=0)["train"]] == ["a cat", "an owl"]
     assert "1 repeated lines folded into 2 prompts" in caplog.text
     assert "2 repeated lines folded into 2 prompts" in caplog.text
+
+
+def test_published_splits_that_overlap_keep_their_held_out_prompts_and_train_without_them(tmp_path, caplog):
+    """Flow-GRPO's PickScore train.txt holds 3 of its test prompts; its files are read as published: the held-out
+    sets stay whole and the overlapping prompts are left out of train, with a note (OCR: by target text)."""
+    from gdro_core.tasks.general.prompts import load_prompt_source as general_source
+
+    ocr, general = tmp_path / "ocr", tmp_path / "general"
+    for d in (ocr, general):
+        d.mkdir()
+    (ocr / "train.txt").write_text('A sign that reads "OPEN"\nA card that says "TEA"\nA mug with "Milk" on it\n')
+    (ocr / "test.txt").write_text('A door with "open" painted on it\n')
+    (general / "train.txt").write_text("Full body photo of a cat\nan owl\na dog\n")
+    (general / "test.txt").write_text("full body photo of a cat\n")
+    with caplog.at_level("WARNING", logger="gdro"):
+        got = load_prompt_source(ocr, n_val=1)
+        assert [p.target for p in got["train"]] == ["TEA"] and [p.target for p in got["val"]] == ["Milk"]
+        assert [p.target for p in got["test"]] == ["open"]
+        validate_prompt_sets(got, parse_params({"reward": {"restrict_to_alphabet": False}}), "ocr")
+        sets = general_source(general, n_val=1)
+        assert [p.prompt for p in sets["train"]] == ["an owl"] and [p.prompt for p in sets["test"]] == [
+            "full body photo of a cat"]
+    assert caplog.text.count("1 training prompt(s) also held out") == 2

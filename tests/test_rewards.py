@@ -256,9 +256,8 @@ def test_the_general_task_reads_plain_prompt_files_and_needs_no_world(user_rewar
     assert task.read_prompts(user_rewards / "train.jsonl") == sets["train"]
     table = task.reward([grey(1), grey(2)], sets["train"])
     assert table["reward"].tolist() == [14.0, 12.0]
-    (src / "test.txt").write_text("a cat on a mat\n")
-    with pytest.raises(ValueError, match="test prompt.* also occur in train"):
-        task.make_prompt_sets(user_rewards)
+    (src / "test.txt").write_text("A cat on a mat\n")  # held out as published; never trained on
+    assert [r.prompt for r in task.make_prompt_sets(user_rewards)["train"]] == ["a dog in fog"]
     with pytest.raises(ValueError, match="no built-in world"):
         task.pretrain_batch(1, None, None)
     assert np.isfinite(task.summarise(table)["reward"])

@@ -29,6 +29,20 @@ def fold_repeats(records: Sequence, where: str | Path, error: type[Exception] = 
     return list(first.values())
 
 
+def drop_held_out_from_train(sets: dict[str, list], key: Callable[[object], str], where: str | Path) -> dict[str, list]:
+    """``sets`` with every training prompt whose ``key`` (the task's notion of "the same prompt") a held-out split
+    holds left out of train, with a note. Peers' published splits overlap (Flow-GRPO's PickScore train.txt holds 3 of
+    its test prompts): the held-out sets stay as published, and no held-out prompt is ever trained on."""
+    held = {key(p) for split in ("test", "val") for p in sets.get(split, [])}
+    leaked = [p for p in sets.get("train", []) if key(p) in held]
+    if not leaked:
+        return sets
+    logging.getLogger("gdro").warning(
+        "%s: %d training prompt(s) also held out, e.g. %r: left out of train (held-out prompts are never trained on)",
+        where, len(leaked), leaked[0].prompt)
+    return {**sets, "train": [p for p in sets["train"] if key(p) not in held]}
+
+
 def check_unique(prompts: Sequence, where: str) -> None:
     seen: set[str] = set()
     dup = sorted({p.prompt for p in prompts if p.prompt in seen or seen.add(p.prompt)})

@@ -7,7 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.prompt_checks import PromptError, check_unique, fold_repeats, hold_out_val
+from gdro_core.data.prompt_checks import (
+    PromptError, check_unique, drop_held_out_from_train, fold_repeats, hold_out_val,
+)
 from gdro_core.data.store import atomic_write, jsonl_records, text_lines
 
 HELD_OUT = ("test", "val")
@@ -51,7 +53,7 @@ def load_prompt_source(source: Path, n_val: int) -> dict[str, list[GeneralPrompt
     sets = {split: read_prompt_file(find(split)) for split in ("train", "test")}
     if find("val").is_file():
         sets["val"] = read_prompt_file(find("val"))
-    return hold_out_val(sets, n_val, source)
+    return drop_held_out_from_train(hold_out_val(sets, n_val, source), lambda p: p.prompt.lower(), source)
 
 
 def validate_prompt_sets(sets: dict[str, list[GeneralPrompt]], where: str) -> None:

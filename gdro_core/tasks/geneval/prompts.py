@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdro_core.data.prompt_checks import PromptError, check_builtin_encodable, check_unique, fold_repeats
+from gdro_core.data.prompt_checks import (
+    PromptError, check_builtin_encodable, check_unique, drop_held_out_from_train, fold_repeats,
+)
 from gdro_core.data.store import atomic_write, jsonl_records
 from gdro_core.tasks.base import words_of
 
@@ -115,7 +117,8 @@ def metadata_sets(metadata_dir: Path, n_val: int) -> dict[str, list[GenEvalPromp
     if len(train) <= n_val:
         raise GenEvalPromptError(f"{d / 'train_metadata.jsonl'} has {len(train)} prompts, not more than prompts.n_val={n_val}")
     test = fold_repeats(read_metadata(test_file), test_file, GenEvalPromptError)
-    return {"train": train[: len(train) - n_val], "test": test, "val": train[len(train) - n_val :]}
+    sets = {"train": train[: len(train) - n_val], "test": test, "val": train[len(train) - n_val :]}
+    return drop_held_out_from_train(sets, lambda r: r.prompt, d)
 
 
 def check_world_can_draw(sets: Mapping[str, Sequence[GenEvalPrompt]], classes: Sequence[str],

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdro_core.data.prompt_checks import (
-    PromptError, check_builtin_encodable, check_unique, fold_repeats, hold_out_val,
+    PromptError, check_builtin_encodable, check_unique, drop_held_out_from_train, fold_repeats, hold_out_val,
 )
 from gdro_core.data.store import atomic_write, jsonl_records, text_lines
 from gdro_core.tasks.base import words_of
@@ -127,14 +127,19 @@ def load_prompt_source(source: Path, n_val: int) -> dict[str, list[OcrPrompt]]:
     sets = {split: read_prompt_file(Path(source) / f"{split}.txt") for split in ("train", "test")}
     if (Path(source) / "val.txt").is_file():
         sets["val"] = read_prompt_file(Path(source) / "val.txt")
-    return hold_out_val(sets, n_val, source)
+    return drop_held_out_from_train(hold_out_val(sets, n_val, source), target_key, source)
+
+
+def target_key(p: OcrPrompt) -> str:
+    """A target as the reward reads it: lower case, no spaces."""
+    return "".join(p.target.lower().split())
 
 
 def check_disjoint(sets: dict[str, list[OcrPrompt]], where: str) -> None:
     """No held-out target (normalised as the reward reads it) may occur among the training prompts."""
-    train = {"".join(p.target.lower().split()) for p in sets.get("train", [])}
+    train = {target_key(p) for p in sets.get("train", [])}
     for split in HELD_OUT:
-        leaked = sorted({p.target for p in sets.get(split, []) if "".join(p.target.lower().split()) in train})
+        leaked = sorted({p.target for p in sets.get(split, []) if target_key(p) in train})
         if leaked:
             raise PromptError(
                 f"{where}: {len(leaked)} {split} target(s) also occur in train, e.g. {leaked[0]!r}: held-out "
