@@ -98,6 +98,8 @@ def test_prompt_files_saved_with_a_byte_order_mark_read_as_written_and_other_enc
                                            "prompt": "a photo of a cat"}) + "\n", encoding="utf-8")
     assert [p.prompt for p in read_metadata(metadata)] == ["a photo of a cat"]
 
+    (ocr / "test.txt").write_text('A mug that says "MILK"\r\n', encoding="utf-16")  # PowerShell's `>`: UTF-16, BOM
+    assert [p.target for p in load_prompt_source(ocr, n_val=0)["test"]] == ["MILK"]
     (ocr / "test.txt").write_bytes('A mug that says "OK"\nA sign that reads "CAF\u00c9"\n'.encode("latin-1"))
     with pytest.raises(PromptError, match=r"test.txt:2: not UTF-8 text \(byte 0xc9\): save the file as UTF-8"):
         load_prompt_source(ocr, n_val=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import hashlib
 import json
@@ -88,9 +89,12 @@ def read_json(path: Path) -> Any:
 
 def text_lines(path: Path, error: type[Exception]) -> list[str]:
     """The lines of a UTF-8 text file a user wrote. A byte-order mark (Windows editors write one) is dropped, not
-    read as part of the first prompt; a file in another encoding raises ``error`` naming the line and the fix."""
+    read as part of the first prompt, and one of UTF-16 (what Windows PowerShell's ``>`` writes) is read as such; a
+    file in another encoding raises ``error`` naming the line and the fix."""
     data = Path(path).read_bytes()
     try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16").splitlines()
         return data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
