@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from gdro_core.build_lock import building
 from gdro_core.models.base import Condition, ModelError
 from gdro_core.models.builtin_tokenizer import BOS, EOS, build_tokenizer
 from gdro_core.models.family import DiffusersFlowModel
@@ -61,42 +62,44 @@ def build_builtin_pipeline(
     patch_size, text_dim, text_layers, max_tokens); ``words`` are read whole by the tokenizer (see
     :func:`gdro_core.tasks.registry.caption_words`; none: character-level)."""
     height, width, channels = image_shape
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(words)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer.get_vocab()),
-        hidden_size=cfg.text_dim,
-        intermediate_size=cfg.text_dim * 4,
-        projection_dim=cfg.text_dim,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=max(1, cfg.text_dim // 32),
-        max_position_embeddings=cfg.max_tokens,
-        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
-        pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
-    )
-    side = max(height, width)
-    if height % cfg.patch_size or width % cfg.patch_size:
-        raise ModelError(f"world size {height}x{width} is not divisible by model.builtin.patch_size={cfg.patch_size}")
-    transformer = SD3Transformer2DModel(
-        sample_size=side,
-        patch_size=cfg.patch_size,
-        in_channels=channels,
-        out_channels=channels,
-        num_layers=cfg.layers,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.heads,
-        joint_attention_dim=cfg.text_dim,
-        caption_projection_dim=cfg.heads * cfg.head_dim,
-        pooled_projection_dim=cfg.text_dim,
-        pos_embed_max_size=side // cfg.patch_size,
-    )
-    return TextRenderPipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0 if shift is None else shift),
-        text_encoder=CLIPTextModelWithProjection(text_config),
-        tokenizer=tokenizer,
-    )
+    with building():  # the global RNG and torch's init functions are the process's: one build at a time
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer(words)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=cfg.text_dim,
+            intermediate_size=cfg.text_dim * 4,
+            projection_dim=cfg.text_dim,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=max(1, cfg.text_dim // 32),
+            max_position_embeddings=cfg.max_tokens,
+            bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+            eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+            pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        )
+        side = max(height, width)
+        if height % cfg.patch_size or width % cfg.patch_size:
+            raise ModelError(f"world size {height}x{width} is not divisible by model.builtin.patch_size="
+                             f"{cfg.patch_size}")
+        transformer = SD3Transformer2DModel(
+            sample_size=side,
+            patch_size=cfg.patch_size,
+            in_channels=channels,
+            out_channels=channels,
+            num_layers=cfg.layers,
+            attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.heads,
+            joint_attention_dim=cfg.text_dim,
+            caption_projection_dim=cfg.heads * cfg.head_dim,
+            pooled_projection_dim=cfg.text_dim,
+            pos_embed_max_size=side // cfg.patch_size,
+        )
+        return TextRenderPipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0 if shift is None else shift),
+            text_encoder=CLIPTextModelWithProjection(text_config),
+            tokenizer=tokenizer,
+        )
 
 
 class BuiltinModelAdapter(DiffusersFlowModel):
