@@ -148,6 +148,17 @@ def test_bad_rows_are_refused_by_file_and_line_and_nothing_is_written(project, o
     assert_refused(project, folder, small, rf"{m}:1: group '0' has 2 images, fewer than train.group_size 3",
                    out, small_groups="refuse")
     assert_refused(project, folder, [{**rows[0], "image": "../x.png"}], rf"{m}:1: image '../x.png' must be", out)
+    assert_refused(project, folder, [{**rows[0], "image": "C:\\data\\x.png"}], rf"{m}:1: image 'C:.*' must be", out)
+
+
+def test_a_manifest_written_on_windows_names_its_images_with_backslashes(project, own, tmp_path):
+    _, p, _, model, base = project
+    folder, rows = own
+    windows = [{**r, "image": r["image"].replace("/", "\\")} for r in rows]
+    result = do_import(p, model, base, write_rows(folder, windows), tmp_path)
+    assert result.rows == len(rows)
+    pd.testing.assert_frame_equal(read_table(project[2].rewards, "native")[COLUMNS],
+                                  read_table(tmp_path / "rewards.parquet", "imported")[COLUMNS])
 
 
 def test_a_failed_import_keeps_the_previous_outputs(project, own, tmp_path):

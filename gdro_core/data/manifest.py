@@ -18,7 +18,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -184,10 +184,11 @@ def read_manifest(path: Path, weights: dict[str, float]) -> list[Row]:
             reward = total
         else:
             reward = _number(rec["reward"], where, "reward")
-        image = _text(rec, "image")
+        written = _text(rec, "image")
+        image = written.replace("\\", "/")  # a manifest written on Windows separates with backslashes
         pure = PurePosixPath(image)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in image:
-            raise ManifestError(f"{where}: image {image!r} must be a path relative to the manifest, inside its folder "
+        if pure.is_absolute() or ".." in pure.parts or PureWindowsPath(written).drive:
+            raise ManifestError(f"{where}: image {written!r} must be a path relative to the manifest, inside its folder "
                                 "(the import stage depends on that folder)")
         prompt = _text(rec, "prompt")
         if (prompt, image) in seen:
