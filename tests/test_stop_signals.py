@@ -20,7 +20,9 @@ from flows.train import train_flow
 from gdro_core.params import parse_params
 
 BIN = Path(sys.executable).parent
-STOP_WITHIN = 15.0  # seconds from SIGTERM to the stage's process being gone
+STOP_WITHIN = 30.0  # seconds from SIGTERM to the stage's process being gone: the grace a scheduler gives before its
+# SIGKILL (Kubernetes' terminationGracePeriodSeconds and Slurm's KillWait both default to 30 s). On a loaded two-core
+# machine, reporting the crash to the temporary Prefect server and stopping it once took longer than 15 s.
 PRETRAIN_STEPS = 600  # about 10 s of the tiny model: still running when the stop arrives after its first checkpoint
 PRETRAIN_CHECKPOINT = 25  # (at 150 steps, about 2 s, a slow stop could find pretraining finished); short on rerun
 
