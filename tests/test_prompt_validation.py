@@ -75,15 +75,21 @@ def test_flow_grpo_prompt_files_load_and_malformed_lines_are_located(tmp_path):
         read_prompt_file(src / "test.txt")
 
 
+def source_dirs(tmp_path):
+    """Empty prompt-source directories for the OCR and the general task."""
+    ocr, general = tmp_path / "ocr", tmp_path / "general"
+    ocr.mkdir()
+    general.mkdir()
+    return ocr, general
+
+
 def test_prompt_files_saved_with_a_byte_order_mark_read_as_written_and_other_encodings_are_named(tmp_path):
     """Editors on Windows save UTF-8 with a byte-order mark: it must not become part of the first prompt."""
     from gdro_core.data.manifest import ManifestError, read_manifest
     from gdro_core.tasks.general.prompts import load_prompt_source as general_source
     from gdro_core.tasks.geneval.prompts import GenEvalPromptError, read_metadata
 
-    ocr, general = tmp_path / "ocr", tmp_path / "general"
-    for d in (ocr, general):
-        d.mkdir()
+    ocr, general = source_dirs(tmp_path)
     bom = "\ufeff"
     (ocr / "train.txt").write_text(f'{bom}A sign that reads "CAF\u00c9"\r\nA card that says "TEA"\r\n', encoding="utf-8")
     (ocr / "test.txt").write_text(f'{bom}A mug that says "MILK"\n', encoding="utf-8")
@@ -120,9 +126,7 @@ def test_a_line_repeated_in_a_prompt_file_is_one_prompt_with_a_note(tmp_path, ca
     """As with GenEval's metadata files: a peer's file that lists a prompt twice is read, the repeat folded."""
     from gdro_core.tasks.general.prompts import load_prompt_source as general_source
 
-    ocr, general = tmp_path / "ocr", tmp_path / "general"
-    for d in (ocr, general):
-        d.mkdir()
+    ocr, general = source_dirs(tmp_path)
     (ocr / "train.txt").write_text('A sign that reads "OPEN"\nA card that says "TEA"\nA sign that reads "OPEN"\n')
     (ocr / "test.txt").write_text('A mug that says "MILK"\n')
     (general / "train.txt").write_text("a cat\nan owl\na cat\na cat\n")
@@ -139,9 +143,7 @@ def test_published_splits_that_overlap_keep_their_held_out_prompts_and_train_wit
     sets stay whole and the overlapping prompts are left out of train, with a note (OCR: by target text)."""
     from gdro_core.tasks.general.prompts import load_prompt_source as general_source
 
-    ocr, general = tmp_path / "ocr", tmp_path / "general"
-    for d in (ocr, general):
-        d.mkdir()
+    ocr, general = source_dirs(tmp_path)
     (ocr / "train.txt").write_text('A sign that reads "OPEN"\nA card that says "TEA"\nA mug with "Milk" on it\n')
     (ocr / "test.txt").write_text('A door with "open" painted on it\n')
     (general / "train.txt").write_text("Full body photo of a cat\nan owl\na dog\n")
