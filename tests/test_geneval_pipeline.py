@@ -125,3 +125,27 @@ def test_pretrain_probe_reads_every_tag_and_the_pooled_contrast_at_each_reading(
     assert [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()] == [2, 4]
     with pytest.raises(SystemExit, match="multiple of pretrain.log_every"):
         probe.main(["--params", str(tmp_path / "params.yaml"), "--every", "3"])
+
+
+def test_oracle_probe_starts_at_the_base_and_trains_only_what_it_names(piped, one_thread, capsys, tmp_path):
+    """Step 0 of the ceiling probe is the evaluate stage's base reading (a fresh LoRA is the base); then each
+    adapter trains on the world's correct scenes: the LoRA alone, or every transformer weight."""
+    project, metrics = piped
+    probe = load_benchmark("geneval_oracle_ceiling")
+    from gdro_core.params import parse_params
+
+    per_prompt = str(parse_params(GENEVAL_TINY).evaluate.images_per_prompt)
+    common = ["--root", str(project), "--params", "params.yaml", "--steps", "2", "--every", "1", "--batch", "4",
+              "--images-per-prompt", per_prompt]
+    lora = probe.main([*common, "--adapter", "lora"])
+    full = probe.main([*common, "--adapter", "full", "--prompts", "all"])
+    for readings in (lora, full):
+        assert [r["step"] for r in readings] == [0, 1, 2]
+        assert readings[0]["geneval"] == pytest.approx(metrics["base"]["geneval"], abs=5e-4)  # rounded
+        assert readings[0]["compositional"] == pytest.approx(metrics["base"]["compositional"], abs=5e-4)
+        assert {"train_geneval", "train_compositional", "tag.position"} <= set(readings[0])
+    assert 0 < lora[0]["trainable"] < full[0]["trainable"]
+    assert [json.loads(line)["adapter"] for line in capsys.readouterr().out.splitlines()] == ["lora"] * 3 + ["full"] * 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(GENEVAL_TINY))  # a project before `gdro base`
+    with pytest.raises(SystemExit, match="run `gdro prompts`"):
+        probe.main(["--root", str(tmp_path), "--params", "params.yaml"])
