@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "and adaptive norms; full: every transformer weight")
     ap.add_argument("--prompts", choices=("train", "all"), default="train",
                     help="whose correct scenes are trained on: the training prompts, or training and held-out")
+    ap.add_argument("--renders-per-prompt", type=int, default=0,
+                    help="0: a fresh correct scene every draw; K: a fixed pool of K scenes per prompt, drawn once "
+                         "(K 1 is what best-of-N filtering trains on: one right image per prompt)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32, help="scenes per step")
     ap.add_argument("--lr", type=float, default=None, help="default: train.lr (full: a tenth of it)")
@@ -65,8 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for item in args.overrides:
         if "=" not in item:
             ap.error(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.001")
-    if min(args.steps, args.batch, args.every, args.images_per_prompt) <= 0:
-        ap.error("--steps, --batch, --every and --images-per-prompt must be positive")
+    if min(args.steps, args.batch, args.every, args.images_per_prompt) <= 0 or args.renders_per_prompt < 0:
+        ap.error("--steps, --batch, --every and --images-per-prompt must be positive, --renders-per-prompt >= 0")
     return args
 
 
@@ -99,12 +102,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lr = args.lr if args.lr is not None else p.train.lr / (10 if args.adapter == "full" else 1)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen, rng = torch.Generator().manual_seed(args.seed), random.Random(args.seed)
+    fixed = {r.prompt: [task.render(r, rng) for _ in range(args.renders_per_prompt)] for r in pool}
+
+    def scene(record):
+        return rng.choice(fixed[record.prompt]) if args.renders_per_prompt else task.render(record, rng)
+
     readings: list[dict] = []
     start = time.process_time()
 
     def read(step: int) -> None:
         model.transformer.eval()
-        row: dict = {"adapter": args.adapter, "prompts": args.prompts, "lr": lr, "step": step,
+        row: dict = {"adapter": args.adapter, "prompts": args.prompts, "renders": args.renders_per_prompt,
+                     "lr": lr, "step": step,
                      "trainable": sum(x.numel() for x in params), "cpu_s": round(time.process_time() - start, 1)}
         with torch.no_grad():
             for split, records in splits.items():
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model.transformer.train()
     for step in range(1, args.steps + 1):
         records = [rng.choice(pool) for _ in range(args.batch)]
-        x0 = torch.from_numpy(to_array([task.render(r, rng) for r in records]))
+        x0 = torch.from_numpy(to_array([scene(r) for r in records]))
         noise = torch.randn(x0.shape, generator=gen)
         t = sample_timesteps(len(records), p.train.timestep_sampling, p.train.logit_mean, p.train.logit_std, gen)
         x_t, v = interpolate(x0, noise, t)

@@ -137,7 +137,7 @@ def test_oracle_probe_starts_at_the_base_and_trains_only_what_it_names(piped, on
     per_prompt = str(parse_params(GENEVAL_TINY).evaluate.images_per_prompt)
     common = ["--root", str(project), "--params", "params.yaml", "--steps", "2", "--every", "1", "--batch", "4",
               "--images-per-prompt", per_prompt]
-    lora = probe.main([*common, "--adapter", "lora"])
+    lora = probe.main([*common, "--adapter", "lora", "--renders-per-prompt", "1"])
     full = probe.main([*common, "--adapter", "full", "--prompts", "all"])
     for readings in (lora, full):
         assert [r["step"] for r in readings] == [0, 1, 2]
@@ -145,6 +145,7 @@ def test_oracle_probe_starts_at_the_base_and_trains_only_what_it_names(piped, on
         assert readings[0]["compositional"] == pytest.approx(metrics["base"]["compositional"], abs=5e-4)
         assert {"train_geneval", "train_compositional", "tag.position"} <= set(readings[0])
     assert 0 < lora[0]["trainable"] < full[0]["trainable"]
+    assert lora[0]["renders"] == 1 and full[0]["renders"] == 0  # one fixed scene per prompt, or a fresh one each draw
     assert [json.loads(line)["adapter"] for line in capsys.readouterr().out.splitlines()] == ["lora"] * 3 + ["full"] * 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(GENEVAL_TINY))  # a project before `gdro base`
     with pytest.raises(SystemExit, match="run `gdro prompts`"):
