@@ -21,10 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 
+from gdro_core.data.pool import open_rollouts
+from gdro_core.data.scoring import read_table, reward_matrix
 from gdro_core.evaluation.heldout import generate
 from gdro_core.layout import Layout
 from gdro_core.models import load_model
@@ -58,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--renders-per-prompt", type=int, default=0,
                     help="0: a fresh correct scene every draw; K: a fixed pool of K scenes per prompt, drawn once "
                          "(K 1 is what best-of-N filtering trains on: one right image per prompt)")
+    ap.add_argument("--scenes", choices=("world", "rollouts"), default="world",
+                    help="world: the world's correct scenes; rollouts: each training prompt's best stored rollout "
+                         "(by the reward table), what best-of-N filtering trains on (needs --renders-per-prompt 1)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32, help="scenes per step")
     ap.add_argument("--lr", type=float, default=None, help="default: train.lr (full: a tenth of it)")
@@ -70,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.001")
     if min(args.steps, args.batch, args.every, args.images_per_prompt) <= 0 or args.renders_per_prompt < 0:
         ap.error("--steps, --batch, --every and --images-per-prompt must be positive, --renders-per-prompt >= 0")
+    if args.scenes == "rollouts" and (args.renders_per_prompt != 1 or args.prompts != "train"):
+        ap.error("--scenes rollouts trains on one stored image per training prompt: use --renders-per-prompt 1 "
+                 "and --prompts train")
     return args
 
 
@@ -81,6 +90,16 @@ def trainable(model, adapter: str, lora_cfg) -> list[torch.nn.Parameter]:
     if adapter == "wide":
         return attach_lora(model.transformer, lora_cfg, list(WIDE_TARGETS))
     return attach_lora(model.transformer, lora_cfg, list(lora_cfg.target_modules) or list(SD3_TARGETS))
+
+
+def best_rollouts(layout: Layout) -> dict[str, list[np.ndarray]]:
+    """Each stored prompt's best rollout by the reward table (first of ties), as a one-image pool."""
+    data = open_rollouts(layout.rollout_dir)
+    rewards = reward_matrix(read_table(layout.rewards, data.fingerprint), *data.shape)
+    best = rewards.argmax(dim=1)
+    x0, _ = data.take(torch.arange(data.shape[0]), best[:, None])
+    prompts = {row["prompt_index"]: row["prompt"] for row in data.rows}
+    return {prompts[i]: [x0[i, 0].float().numpy()] for i in range(data.shape[0])}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -102,17 +121,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lr = args.lr if args.lr is not None else p.train.lr / (10 if args.adapter == "full" else 1)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen, rng = torch.Generator().manual_seed(args.seed), random.Random(args.seed)
-    fixed = {r.prompt: [task.render(r, rng) for _ in range(args.renders_per_prompt)] for r in pool}
+    if args.scenes == "rollouts":
+        fixed = best_rollouts(layout)
+        pool = [r for r in pool if r.prompt in fixed]
+    else:
+        fixed = {r.prompt: [to_array([task.render(r, rng)])[0] for _ in range(args.renders_per_prompt)]
+                 for r in pool}
 
-    def scene(record):
-        return rng.choice(fixed[record.prompt]) if args.renders_per_prompt else task.render(record, rng)
+    def scene(record) -> np.ndarray:
+        if args.renders_per_prompt:
+            return rng.choice(fixed[record.prompt])
+        return to_array([task.render(record, rng)])[0]
 
     readings: list[dict] = []
     start = time.process_time()
 
     def read(step: int) -> None:
         model.transformer.eval()
-        row: dict = {"adapter": args.adapter, "prompts": args.prompts, "renders": args.renders_per_prompt,
+        row: dict = {"adapter": args.adapter, "prompts": args.prompts, "scenes": args.scenes,
+                     "renders": args.renders_per_prompt,
                      "lr": lr, "step": step,
                      "trainable": sum(x.numel() for x in params), "cpu_s": round(time.process_time() - start, 1)}
         with torch.no_grad():
@@ -132,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model.transformer.train()
     for step in range(1, args.steps + 1):
         records = [rng.choice(pool) for _ in range(args.batch)]
-        x0 = torch.from_numpy(to_array([scene(r) for r in records]))
+        x0 = torch.from_numpy(np.stack([scene(r) for r in records]))
         noise = torch.randn(x0.shape, generator=gen)
         t = sample_timesteps(len(records), p.train.timestep_sampling, p.train.logit_mean, p.train.logit_std, gen)
         x_t, v = interpolate(x0, noise, t)

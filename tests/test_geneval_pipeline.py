@@ -132,6 +132,10 @@ def test_oracle_probe_starts_at_the_base_and_trains_only_what_it_names(piped, on
     adapter trains on the world's correct scenes: the LoRA alone, or every transformer weight."""
     project, metrics = piped
     probe = load_benchmark("geneval_oracle_ceiling")
+    import numpy as np
+    from PIL import Image
+
+    from gdro_core.layout import Layout
     from gdro_core.params import parse_params
 
     per_prompt = str(parse_params(GENEVAL_TINY).evaluate.images_per_prompt)
@@ -139,14 +143,26 @@ def test_oracle_probe_starts_at_the_base_and_trains_only_what_it_names(piped, on
               "--images-per-prompt", per_prompt]
     lora = probe.main([*common, "--adapter", "lora", "--renders-per-prompt", "1"])
     full = probe.main([*common, "--adapter", "full", "--prompts", "all"])
-    for readings in (lora, full):
+    stored = probe.main([*common, "--scenes", "rollouts", "--renders-per-prompt", "1"])  # each prompt's best rollout
+    for readings in (lora, full, stored):
         assert [r["step"] for r in readings] == [0, 1, 2]
         assert readings[0]["geneval"] == pytest.approx(metrics["base"]["geneval"], abs=5e-4)  # rounded
         assert readings[0]["compositional"] == pytest.approx(metrics["base"]["compositional"], abs=5e-4)
         assert {"train_geneval", "train_compositional", "tag.position"} <= set(readings[0])
     assert 0 < lora[0]["trainable"] < full[0]["trainable"]
     assert lora[0]["renders"] == 1 and full[0]["renders"] == 0  # one fixed scene per prompt, or a fresh one each draw
-    assert [json.loads(line)["adapter"] for line in capsys.readouterr().out.splitlines()] == ["lora"] * 3 + ["full"] * 3
+    assert [json.loads(line)["scenes"] for line in capsys.readouterr().out.splitlines()] == ["world"] * 6 + ["rollouts"] * 3
+    best = probe.best_rollouts(Layout(project, parse_params(GENEVAL_TINY)))
+    rewards = pd.read_parquet(project / "data" / "rewards.parquet")
+    assert set(best) == set(rewards["prompt"])
+    for prompt, group in rewards.sort_values(["prompt_index", "member"]).groupby("prompt", sort=False):
+        top = group.loc[group["reward"].idxmax()]  # the first of tied best members, as argmax picks
+        png = np.asarray(Image.open(project / "data" / "rollouts" / top["image"]).convert("RGB"), dtype=np.float32)
+        (image,) = best[prompt]
+        # the stored latent, as filtering trains on it; its PNG is the clamped 8-bit decoding
+        assert np.abs(np.clip(image, -1, 1).transpose(1, 2, 0) - (png / 127.5 - 1)).max() <= 0.5 / 127.5 + 1e-6
+    with pytest.raises(SystemExit):  # one stored image per prompt only
+        probe.main([*common, "--scenes", "rollouts"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(GENEVAL_TINY))  # a project before `gdro base`
     with pytest.raises(SystemExit, match="run `gdro prompts`"):
         probe.main(["--root", str(tmp_path), "--params", "params.yaml"])
