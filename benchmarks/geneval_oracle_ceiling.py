@@ -32,6 +32,7 @@ from gdro_core.evaluation.heldout import generate
 from gdro_core.layout import Layout
 from gdro_core.models import load_model
 from gdro_core.models.base import velocity
+from gdro_core.models.families import add_lora
 from gdro_core.models.lora import attach_lora
 from gdro_core.models.sd3 import SD3_TARGETS
 from gdro_core.objectives.implicit_reward import interpolate
@@ -89,7 +90,7 @@ def trainable(model, adapter: str, lora_cfg) -> list[torch.nn.Parameter]:
         return list(model.transformer.parameters())
     if adapter == "wide":
         return attach_lora(model.transformer, lora_cfg, list(WIDE_TARGETS))
-    return attach_lora(model.transformer, lora_cfg, list(lora_cfg.target_modules) or list(SD3_TARGETS))
+    return add_lora(model.transformer, lora_cfg)  # train.lora's targets, or the family's default
 
 
 def best_rollouts(layout: Layout) -> dict[str, list[np.ndarray]]:
