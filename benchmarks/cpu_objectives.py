@@ -48,6 +48,15 @@ gain that only fits the training reader's quirks shows there.
 **Tasks.** The task is the params file's (``--params``): the OCR world by default, the GenEval shapes world with
 ``--params params-geneval.yaml`` (after ``make demo-geneval``); rewards are scored as the ``score`` stage scores them.
 
+**Data made another way.** ``--data-set KEY=VALUE`` overrides the params of the offline data only: the stored
+rollouts and reward table the offline methods train on, the cost they are charged for it (re-measured with those
+settings), and ``gdro_rounds``' re-samples. Evaluation, the online methods' rewards and the judge keep ``--params``
+and ``--set``. So groups sampled in fewer steps and ranked by a cheaper reader are raced on the held-out reward
+everyone else is read by, e.g. after ``gdro rollout`` and ``gdro score`` with the same overrides::
+
+    python benchmarks/cpu_objectives.py --methods gdro flow_grpo --data-set paths.data_dir=data-cheap \
+        --data-set rollout.steps=10 --data-set reward.reader_mode=recognizer
+
 Writes ``reports/benchmark/cpu_objectives.json`` and ``cpu_objectives.png`` (reward and corrected score against
 CPU and wall seconds, one colour per method, one line per seed) and prints the table. Run after ``dvc repro score``::
 
@@ -152,6 +161,8 @@ class Shared:
     judge: Judge
     reward_fn: RewardFn
     base: dict[str, float | None]
+    data_lay: Layout  # the offline data's params (``--data-set``): its sampler, pool and scorer
+    data_task: Task
 
     @property
     def params(self) -> Params:
@@ -335,7 +346,7 @@ def train_rounds(shared: Shared, cfg: Train, args: argparse.Namespace, run_dir: 
     (:meth:`Tracker.charge`); reloading the base and the new shards is not, as the first load is not.
     Each round's cost, seeds and how far its data moved are appended to ``rounds``.
     """
-    p = shared.params
+    p = shared.data_lay.params  # re-sampled and re-scored as the offline data was made
     data, rewards = shared.data, shared.rewards
     prompts = shared.train_prompts[: data.shape[0]]  # the prompts the offline data was sampled for
     check_round_seeds(p, len(prompts))
@@ -347,7 +358,7 @@ def train_rounds(shared: Shared, cfg: Train, args: argparse.Namespace, run_dir: 
         live_policy(policy, ckpt)
         seed = round_params(p, r + 1).rollout.seed
         out_dir = run_dir / f"round{r + 1}"
-        manifest, table, cost = sample_and_score(policy, p, shared.task, prompts, seed, out_dir,
+        manifest, table, cost = sample_and_score(policy, p, shared.data_task, prompts, seed, out_dir,
                                                  f"benchmark-round{r + 1}")
         tracker.charge(cost)
         new_data = load_rollouts(out_dir)
@@ -588,6 +599,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file, relative to --root")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="params override, e.g. --set reward.reader_mode=recognizer (repeatable)")
+    ap.add_argument("--data-set", dest="data_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="params override of the offline data only (its directory, sampler steps, reader), e.g. "
+                         "--data-set paths.data_dir=data-cheap --data-set reward.reader_mode=recognizer; evaluation "
+                         "and the online methods keep --params and --set (repeatable)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run of every method per seed")
     ap.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="the clock budgets and evaluations follow")
@@ -617,13 +632,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "--round-steps training steps")
     if min(args.target_deltas) <= 0:
         ap.error("--target-deltas must be positive: a target at or below the base is met before any training")
-    for item in args.overrides:
-        if "=" not in item:
-            ap.error(f"--set {item!r}: expected KEY=VALUE, e.g. reward.reader_mode=recognizer")
+    for flag, items in (("--set", args.overrides), ("--data-set", args.data_overrides)):
+        for item in items:
+            if "=" not in item:
+                ap.error(f"{flag} {item!r}: expected KEY=VALUE, e.g. reward.reader_mode=recognizer")
     return args
 
 
-def build_report(args: argparse.Namespace, p: Params, task: Task, base: dict[str, float | None],
+def build_report(args: argparse.Namespace, p: Params, data_p: Params, task: Task, base: dict[str, float | None],
                  offline_runs: list[dict], per_seed: dict[int, dict[str, dict]], deltas: list[float], total: Stopwatch,
                  complete: bool) -> dict:
     """The report over the seeds (and, for a partial report, the methods) run so far."""
@@ -637,7 +653,8 @@ def build_report(args: argparse.Namespace, p: Params, task: Task, base: dict[str
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "device": p.model.device, "torch_threads": torch.get_num_threads(),
             "task": p.task, "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
-            "rollout_steps": p.rollout_steps,
+            "rollout_steps": data_p.rollout_steps, "data_reader_mode": data_p.reward.reader_mode,
+            "data_dir": data_p.paths.data_dir,
             "second_reader": second_scorer(task),
         },
         "offline": {k: mean_sd([o[k] for o in offline_runs])
@@ -657,7 +674,7 @@ def second_scorer(task: Task) -> str:
 
 
 MERGE_SAME = ("clock", "train_budget", "online_budget", "budget_steps", "eval_every", "eval_prompts",
-              "rollout_prompts", "target_deltas", "round_steps", "overrides", "params", "reader_mode",
+              "rollout_prompts", "target_deltas", "round_steps", "overrides", "data_overrides", "params", "reader_mode",
               "sampler_steps", "second_reader")
 """Settings every merged report must share: otherwise their seeds did not run the same benchmark. The methods may
 differ: reports of the same seed with other methods (e.g. the offline variants run later) join that seed's runs."""
@@ -721,20 +738,28 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     root = args.root.resolve()
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
-    params = load_params(args.params if args.params.is_absolute() else root / args.params, overrides)
+    data_overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.data_overrides)}
+    params_file = args.params if args.params.is_absolute() else root / args.params
+    params = load_params(params_file, overrides)
     lay = Layout(root=root, params=params)
-    missing = missing_outputs(lay)
+    data_lay = Layout(root=root, params=load_params(params_file, {**overrides, **data_overrides})) if data_overrides else lay
+    missing = sorted(set(missing_outputs(lay) + missing_outputs(data_lay)))
+    if not missing and data_lay is not lay and data_lay.prompts("train").read_bytes() != lay.prompts("train").read_bytes():
+        raise SystemExit(f"--data-set: {data_lay.prompts('train')} is not {lay.prompts('train')}: the offline data "
+                         "was made for other training prompts; roll out the same prompt set into that directory")
     if missing:
         raise SystemExit(
             "the benchmark needs the pipeline's outputs (base model, rollouts, reward table); missing: "
             + ", ".join(str(m) for m in missing) + ". Run `make demo` (or `dvc repro score`) first."
         )
-    p = params
+    p, data_p = params, data_lay.params
     out_dir = args.out_dir or lay.reports_dir / "benchmark"
-    data = load_rollouts(lay.rollout_dir)
-    scored = read_table(lay.rewards, read_json(lay.rollout_dir / MANIFEST)["fingerprint"])  # refused as train refuses it
+    data = load_rollouts(data_lay.rollout_dir)
+    scored = read_table(data_lay.rewards, read_json(data_lay.rollout_dir / MANIFEST)["fingerprint"])  # as train refuses it
     rewards = reward_matrix(scored, *data.latents.shape[:2])
-    task = make_task(p)  # as the score stage scores: one task, so one reader, for every part
+    task = make_task(p)  # as the score stage scores: one task, so one reader, for evaluation and the online methods
+    data_task = make_task(data_p) if data_overrides else task  # and the one that ranked the offline data
+    offline_methods = [m for m in args.methods if m not in ONLINE]
     train_prompts = task.read_prompts(lay.prompts("train"))
     eval_prompts = task.read_prompts(lay.prompts("test"))[: args.eval_prompts]
     deltas = sorted(args.target_deltas)
@@ -743,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         base_model = load_model(lay)
         shared = Shared(lay, data, rewards, train_prompts, eval_prompts, task, make_task_judge(task, p.judge),
-                        task_reward(task, train_prompts), {})
+                        task_reward(task, train_prompts), {}, data_lay, data_task)
         base_monitor = make_monitor(base_model, shared, workdir / "base")
         # also warms up the sampler and the reader before anything is timed
         second = read_twice(base_monitor, base_monitor.evaluate_base)
@@ -753,13 +778,15 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed: dict[int, dict[str, dict]] = {}
         offline_runs = []
         for seed in args.seeds:
-            offline = measure_offline(base_model, lay, task, train_prompts, args.rollout_prompts,
-                                      data.latents.shape[0])
-            offline_runs.append(offline)
-            print(f"seed {seed}: offline rollout + score ({offline['total_prompts']} prompts x "
-                  f"{offline['images_per_prompt']} images, measured on {offline['measured_prompts']}): "
-                  f"{offline['generation_s']:.1f} + {offline['scoring_s']:.1f} s wall, "
-                  f"{offline['generation_cpu_s']:.1f} + {offline['scoring_cpu_s']:.1f} s CPU", flush=True)
+            offline = {}  # only offline methods pay for data: an online-only run does not measure it
+            if offline_methods:
+                offline = measure_offline(base_model, data_lay, data_task, train_prompts, args.rollout_prompts,
+                                          data.latents.shape[0])
+                offline_runs.append(offline)
+                print(f"seed {seed}: offline rollout + score ({offline['total_prompts']} prompts x "
+                      f"{offline['images_per_prompt']} images, measured on {offline['measured_prompts']}): "
+                      f"{offline['generation_s']:.1f} + {offline['scoring_s']:.1f} s wall, "
+                      f"{offline['generation_cpu_s']:.1f} + {offline['scoring_cpu_s']:.1f} s CPU", flush=True)
             per_seed[seed] = {}
             for name in args.methods:
                 r = run_method(name, shared, args, workdir, seed, offline)
@@ -771,10 +798,10 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{r['final']['corrected']:.3f}, {r['time']['total_s']:.1f} s wall, "
                       f"{r['time']['total_cpu_s']:.1f} s CPU{resampled}", flush=True)
                 # after every method, so an interrupted run keeps what it measured
-                partial = build_report(args, p, task, shared.base, offline_runs, per_seed, deltas, total, complete=False)
+                partial = build_report(args, p, data_p, task, shared.base, offline_runs, per_seed, deltas, total, complete=False)
                 write_json(out_dir / f"{OUT_NAME}.partial.json", partial)
         del base_model
-    report = build_report(args, p, task, shared.base, offline_runs, per_seed, deltas, total, complete=True)
+    report = build_report(args, p, data_p, task, shared.base, offline_runs, per_seed, deltas, total, complete=True)
     write_json(out_dir / f"{OUT_NAME}.json", report)
     (out_dir / f"{OUT_NAME}.partial.json").unlink(missing_ok=True)
     plot(report, out_dir / f"{OUT_NAME}.png")

@@ -255,7 +255,7 @@ def test_vs_online_gives_each_pair_mean_and_sd_over_seeds_and_prints_a_line_for_
     p = parse_params(PARAMS)  # evaluate.second_reader: none
     args = bench.parse_args(["--seeds", "0", "1", "--budget-steps", "2", "--target-deltas", *map(str, deltas)])
     offline = {k: 1.0 for k in ("generation_s", "scoring_s", "generation_cpu_s", "scoring_cpu_s")}
-    report = bench.build_report(args, p, OcrTask(p), {"reward": base, "corrected": 0.0, "second_reward": None},
+    report = bench.build_report(args, p, p, OcrTask(p), {"reward": base, "corrected": 0.0, "second_reward": None},
                                 [offline], runs, deltas, bench.Stopwatch(), complete=True)
     assert report["aggregate"]["vs_online"] == vs and report["settings"]["second_reader"] == "none"
     assert report["settings"]["task"] == "ocr"
@@ -334,3 +334,39 @@ def test_checkpoint_choice_scores_every_checkpoint_and_each_rule_keeps_one(tmp_p
         if r["rule"] == "last":
             assert r["step"] == 4
     assert "kept step and its held-out gain" in out
+
+
+def test_offline_data_made_another_way_is_raced_on_the_same_evaluation(bench, tmp_path, capsys):
+    """--data-set: the offline methods train on (and pay for) data of other settings, everyone is read as before."""
+    lay = make_project(tmp_path)
+    p = parse_params(PARAMS)
+    cheap = Layout(root=tmp_path, params=parse_params({**PARAMS, "paths": {"data_dir": "data-cheap"}}))
+    for split in ("train", "test", "val"):
+        write_prompts(cheap.prompts(split), read_prompts(lay.prompts(split)))
+    manifest = generate_rollouts(load_model(p, lay.base_dir, device="cpu"), read_prompts(cheap.prompts("train")), 3,
+                                 p.rollout.seed, 2, p.sampler.guidance, 2, cheap.rollout_dir, "cheap")
+    table = pd.DataFrame([{**row, "reward": float(i % 3) / 2} for i, row in enumerate(manifest["rows"])])
+    write_table(table, cheap.rewards, manifest["fingerprint"])
+    argv = ["--root", str(tmp_path), "--seeds", "0", "--train-budget", "0", "--budget-steps", "1", "--eval-every", "0",
+            "--eval-prompts", "2", "--rollout-prompts", "2", "--data-set", "paths.data_dir=data-cheap",
+            "--data-set", "rollout.images_per_prompt=3", "--data-set", "rollout.steps=2",
+            "--data-set", "reward.reader_mode=recognizer"]
+    report = bench.main([*argv, "--methods", "gdro", "flow_grpo"])
+    settings = report["settings"]
+    assert (settings["data_dir"], settings["rollout_steps"], settings["data_reader_mode"]) == ("data-cheap", 2, "recognizer")
+    assert settings["reader_mode"] == p.reward.reader_mode and settings["sampler_steps"] == p.sampler.steps
+    [offline] = report["offline_runs"]  # the cheap data's cost: its pool of 3, not the default data's 4
+    assert offline["images_per_prompt"] == 3 and offline["total_prompts"] == PARAMS["prompts"]["n_train"]
+    runs = report["per_seed"]["0"]
+    assert runs["gdro"]["curve"][0]["cpu_seconds"] == pytest.approx(offline["generation_cpu_s"] + offline["scoring_cpu_s"])
+    assert runs["flow_grpo"]["curve"][0]["reward"] == runs["gdro"]["curve"][0]["reward"] == report["base"]["reward"]
+
+    # online methods alone pay for no data, so none is measured
+    capsys.readouterr()
+    online = bench.main([*argv, "--methods", "flow_grpo", "--out-dir", str(tmp_path / "online")])
+    assert online["offline_runs"] == [] and "offline rollout + score" not in capsys.readouterr().out
+
+    # data rolled out for other prompts is refused before anything runs
+    write_prompts(cheap.prompts("train"), read_prompts(lay.prompts("train"))[:-1])
+    with pytest.raises(SystemExit, match="made for other training prompts"):
+        bench.main([*argv, "--methods", "gdro"])
