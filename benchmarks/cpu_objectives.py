@@ -48,11 +48,12 @@ gain that only fits the training reader's quirks shows there.
 **Tasks.** The task is the params file's (``--params``): the OCR world by default, the GenEval shapes world with
 ``--params params-geneval.yaml`` (after ``make demo-geneval``); rewards are scored as the ``score`` stage scores them.
 
-**Data made another way.** ``--data-set KEY=VALUE`` overrides the params of the offline data only: the stored
-rollouts and reward table the offline methods train on, the cost they are charged for it (re-measured with those
-settings), and ``gdro_rounds``' re-samples. Evaluation, the online methods' rewards and the judge keep ``--params``
-and ``--set``. So groups sampled in fewer steps and ranked by a cheaper reader are raced on the held-out reward
-everyone else is read by, e.g. after ``gdro rollout`` and ``gdro score`` with the same overrides::
+**Training data made another way.** ``--data-set KEY=VALUE`` overrides the params of what the methods train on,
+not of what they are read by: the stored rollouts and reward table the offline methods train on, the cost they
+are charged for it (re-measured with those settings), ``gdro_rounds``' re-samples, and the reward the online
+methods score their own samples with. Evaluation and the judge keep ``--params`` and ``--set``. So groups sampled
+in fewer steps and ranked by a cheaper reader, or an online method trained on that reader, are raced on the
+held-out reward everyone is read by, e.g. after ``gdro rollout`` and ``gdro score`` with the same overrides::
 
     python benchmarks/cpu_objectives.py --methods gdro flow_grpo --data-set paths.data_dir=data-cheap \
         --data-set rollout.steps=10 --data-set reward.reader_mode=recognizer
@@ -161,8 +162,8 @@ class Shared:
     judge: Judge
     reward_fn: RewardFn
     base: dict[str, float | None]
-    data_lay: Layout  # the offline data's params (``--data-set``): its sampler, pool and scorer
-    data_task: Task
+    data_lay: Layout  # the training data's params (``--data-set``): its sampler, pool and scorer
+    data_task: Task  # what scores the training data: the offline data's reader and the online methods' reward
 
     @property
     def params(self) -> Params:
@@ -600,9 +601,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="params override, e.g. --set reward.reader_mode=recognizer (repeatable)")
     ap.add_argument("--data-set", dest="data_overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="params override of the offline data only (its directory, sampler steps, reader), e.g. "
-                         "--data-set paths.data_dir=data-cheap --data-set reward.reader_mode=recognizer; evaluation "
-                         "and the online methods keep --params and --set (repeatable)")
+                    help="params override of what the methods train on only (the offline data's directory, sampler "
+                         "steps and reader; the online methods' reward), e.g. --data-set paths.data_dir=data-cheap "
+                         "--data-set reward.reader_mode=recognizer; evaluation keeps --params and --set (repeatable)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run of every method per seed")
     ap.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="the clock budgets and evaluations follow")
@@ -757,8 +758,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_rollouts(data_lay.rollout_dir)
     scored = read_table(data_lay.rewards, read_json(data_lay.rollout_dir / MANIFEST)["fingerprint"])  # as train refuses it
     rewards = reward_matrix(scored, *data.latents.shape[:2])
-    task = make_task(p)  # as the score stage scores: one task, so one reader, for evaluation and the online methods
-    data_task = make_task(data_p) if data_overrides else task  # and the one that ranked the offline data
+    task = make_task(p)  # as the score stage scores: the held-out evaluation's reader
+    data_task = make_task(data_p) if data_overrides else task  # and the training data's (the same by default)
     offline_methods = [m for m in args.methods if m not in ONLINE]
     train_prompts = task.read_prompts(lay.prompts("train"))
     eval_prompts = task.read_prompts(lay.prompts("test"))[: args.eval_prompts]
@@ -768,7 +769,7 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         base_model = load_model(lay)
         shared = Shared(lay, data, rewards, train_prompts, eval_prompts, task, make_task_judge(task, p.judge),
-                        task_reward(task, train_prompts), {}, data_lay, data_task)
+                        task_reward(data_task, train_prompts), {}, data_lay, data_task)
         base_monitor = make_monitor(base_model, shared, workdir / "base")
         # also warms up the sampler and the reader before anything is timed
         second = read_twice(base_monitor, base_monitor.evaluate_base)

@@ -336,8 +336,9 @@ def test_checkpoint_choice_scores_every_checkpoint_and_each_rule_keeps_one(tmp_p
     assert "kept step and its held-out gain" in out
 
 
-def test_offline_data_made_another_way_is_raced_on_the_same_evaluation(bench, tmp_path, capsys):
-    """--data-set: the offline methods train on (and pay for) data of other settings, everyone is read as before."""
+def test_training_data_made_another_way_is_raced_on_the_same_evaluation(bench, tmp_path, capsys, monkeypatch):
+    """--data-set: the offline methods train on (and pay for) data of other settings and the online methods on its
+    reader; everyone is read by the held-out reader as before."""
     lay = make_project(tmp_path)
     p = parse_params(PARAMS)
     cheap = Layout(root=tmp_path, params=parse_params({**PARAMS, "paths": {"data_dir": "data-cheap"}}))
@@ -351,7 +352,11 @@ def test_offline_data_made_another_way_is_raced_on_the_same_evaluation(bench, tm
             "--eval-prompts", "2", "--rollout-prompts", "2", "--data-set", "paths.data_dir=data-cheap",
             "--data-set", "rollout.images_per_prompt=3", "--data-set", "rollout.steps=2",
             "--data-set", "reward.reader_mode=recognizer"]
+    task_reward, online_readers = bench.task_reward, []
+    monkeypatch.setattr(bench, "task_reward", lambda task, prompts: online_readers.append(task.params.reward.reader_mode)
+                        or task_reward(task, prompts))
     report = bench.main([*argv, "--methods", "gdro", "flow_grpo"])
+    assert online_readers == ["recognizer"]  # Flow-GRPO scored its own samples with the training data's reader
     settings = report["settings"]
     assert (settings["data_dir"], settings["rollout_steps"], settings["data_reader_mode"]) == ("data-cheap", 2, "recognizer")
     assert settings["reader_mode"] == p.reward.reader_mode and settings["sampler_steps"] == p.sampler.steps
