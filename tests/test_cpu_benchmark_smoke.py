@@ -375,3 +375,41 @@ def test_training_data_made_another_way_is_raced_on_the_same_evaluation(bench, t
     write_prompts(cheap.prompts("train"), read_prompts(lay.prompts("train"))[:-1])
     with pytest.raises(SystemExit, match="made for other training prompts"):
         bench.main([*argv, "--methods", "gdro"])
+
+
+def test_race_overlay_puts_runs_of_other_settings_side_by_side(tmp_path, capsys):
+    """benchmarks/race_overlay.py: runs from reports --merge would refuse, each ratio by hand, another base refused."""
+    overlay = load_benchmark("race_overlay")
+    base = {"reward": 0.375, "corrected": 0.7, "second_reward": None}
+
+    def write(name, method, seed, points, budget):
+        run = _run(points)
+        run["final"] |= {"corrected": 0.9, "second_reward": 0.4}
+        for point in run["curve"]:
+            point["corrected"] = 2 * point["reward"]
+        report = {"base": base, "settings": {"clock": "cpu", "train_budget": budget}, "per_seed": {str(seed): {method: run}}}
+        (tmp_path / f"{name}-s{seed}.json").write_text(json.dumps(report))
+
+    for seed, late in ((0, 120), (1, 200)):
+        write("cheap", "gdro", seed, [(40, 0.375), (100, 0.50), (160, 0.60)], 300)
+        write("online", "flow_grpo", seed, [(0, 0.375), (60, 0.45), (late, 0.50)], 720)
+    lines = overlay.main(["--seeds", "0", "1", "--target-deltas", "0.05", "0.2", "--out", str(tmp_path / "o.png"),
+                          "--run", f"GDRO cheap={tmp_path}/cheap-s{{seed}}.json:gdro",
+                          "--run", f"Flow-GRPO={tmp_path}/online-s{{seed}}.json:flow_grpo"])
+    assert (tmp_path / "o.png").stat().st_size > 0
+    rows = {line.split()[0]: line for line in lines}
+    assert "0.600±0.000" in rows["GDRO"] and "100±0" in rows["GDRO"] and "160±0" in rows["GDRO"]
+    assert "60±0" in rows["Flow-GRPO"] and "n/a (0/2)" in rows["Flow-GRPO"]  # never reached base + 0.2
+    # Flow-GRPO reaches its final 0.50 at 120 and 200 s, GDRO at 100 s: 1.2 and 2.0
+    assert f"to Flow-GRPO's final reward, Flow-GRPO / GDRO cheap: {1.6:.2f}±{statistics.stdev([1.2, 2.0]):.2f} " \
+           "(seeds: 1.20, 2.00)" in lines
+    assert "to GDRO cheap's final reward, GDRO cheap / Flow-GRPO: n/a (0/2) (seeds: never, never)" in lines
+
+    base["reward"] = 0.4
+    write("other", "flow_grpo", 0, [(0, 0.4), (60, 0.45)], 720)
+    with pytest.raises(SystemExit, match="evaluated another base"):
+        overlay.main(["--seeds", "0", "--run", f"a={tmp_path}/cheap-s{{seed}}.json:gdro",
+                      "--run", f"b={tmp_path}/other-s{{seed}}.json:flow_grpo"])
+    with pytest.raises(SystemExit, match="holds no awm run of seed 0"):
+        overlay.main(["--seeds", "0", "--run", f"a={tmp_path}/cheap-s{{seed}}.json:gdro",
+                      "--run", f"b={tmp_path}/cheap-s{{seed}}.json:awm"])
