@@ -773,6 +773,9 @@ def main(argv: list[str] | None = None) -> dict:
         base_monitor = make_monitor(base_model, shared, workdir / "base")
         # also warms up the sampler and the reader before anything is timed
         second = read_twice(base_monitor, base_monitor.evaluate_base)
+        if data_task is not task:  # and the training data's reader, whose loading no method should pay for
+            height, width, channels = data_p.image_shape
+            data_task.reward([Image.new("RGB" if channels == 3 else "L", (width, height), "white")], train_prompts[:1])
         shared.base = {**{k: float(base_monitor.curve[k].iloc[0]) for k in SCORES}, "second_reward": second}
         print(f"base: reward {shared.base['reward']:.3f}, corrected {shared.base['corrected']:.3f}, second reader "
               + ("n/a" if second is None else f"{second:.3f}"), flush=True)
