@@ -48,6 +48,12 @@ gain that only fits the training reader's quirks shows there.
 **Tasks.** The task is the params file's (``--params``): the OCR world by default, the GenEval shapes world with
 ``--params params-geneval.yaml`` (after ``make demo-geneval``); rewards are scored as the ``score`` stage scores them.
 
+**The kept checkpoint.** A run's last evaluation is not what ``gdro train`` hands a user: it keeps the checkpoint
+with the best corrected score on the validation prompts (``evaluate.keep``, ``evaluate.tie_se``). With ``--kept``
+every evaluation also reads the validation prompts as ``gdro train``'s monitor does (``evaluate.checkpoint_prompts``
+× ``checkpoint_images_per_prompt``, off every clock), and each run reports the held-out reading of the step that rule
+keeps (``kept``), so a method whose reward drifts late is judged on what it would ship too.
+
 **Training data made another way.** ``--data-set KEY=VALUE`` overrides the params of what the methods train on,
 not of what they are read by: the stored rollouts and reward table the offline methods train on, the cost they
 are charged for it (re-measured with those settings), ``gdro_rounds``' re-samples, and the reward the online
@@ -164,6 +170,7 @@ class Shared:
     base: dict[str, float | None]
     data_lay: Layout  # the training data's params (``--data-set``): its sampler, pool and scorer
     data_task: Task  # what scores the training data: the offline data's reader and the online methods' reward
+    val_prompts: list[PromptRecord] | None = None  # --kept: the validation prompts gdro train keeps a checkpoint by
 
     @property
     def params(self) -> Params:
@@ -224,6 +231,19 @@ def make_monitor(model: FlowModel, shared: Shared, workdir: Path) -> CheckpointM
     )
 
 
+def make_val_monitor(model: FlowModel, shared: Shared, workdir: Path) -> CheckpointMonitor | None:
+    """``gdro train``'s checkpoint monitor (validation prompts, its keeping rule), where ``--kept`` asks for it."""
+    if shared.val_prompts is None:
+        return None
+    p = shared.params
+    return CheckpointMonitor(
+        model, shared.val_prompts, shared.task, shared.judge, judge_task=p.judge_task, seed=p.evaluate.seed,
+        steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, keep=p.evaluate.keep,
+        workdir=workdir, log=lambda step, metrics: None, per_prompt=p.evaluate.checkpoint_images_per_prompt,
+        tie_se=p.evaluate.tie_se,
+    )
+
+
 def rollout_batch(p: Params) -> int:
     """Prompts per sampler batch, as the rollout stage batches them."""
     return max(1, p.sampler.batch_size // p.rollout.images_per_prompt)
@@ -260,8 +280,12 @@ class Tracker:
     """The training loop's logger: keeps the method's two clocks, its EMA and its curve; stops it at the budget."""
 
     def __init__(self, model: FlowModel, monitor: CheckpointMonitor, cfg: Train, base: dict[str, float],
-                 offset: dict[str, float], args: argparse.Namespace, online: bool = False):
+                 offset: dict[str, float], args: argparse.Namespace, online: bool = False,
+                 val_monitor: CheckpointMonitor | None = None):
         self.model, self.monitor, self.cfg = model, monitor, cfg
+        self.val_monitor = val_monitor  # --kept: reads the validation prompts at every evaluation too
+        if val_monitor is not None:
+            val_monitor.evaluate_base()  # as gdro train does: the base can be kept
         self.offset = offset  # {"seconds": wall, "cpu_seconds": cpu} spent before training starts
         self.key = CLOCKS[args.clock]
         budget = args.online_budget if online and args.online_budget > 0 else args.train_budget
@@ -314,6 +338,8 @@ class Tracker:
                 self.second_reward = read_twice(self.monitor, lambda: self.monitor(step, self.ema.shadow))
             else:
                 self.monitor(step, self.ema.shadow)
+            if self.val_monitor is not None:
+                self.val_monitor(step, self.ema.shadow)
             row = self.monitor.curve[self.monitor.curve["step"] == step].iloc[-1]
             self.curve.append({"seconds": self.clock("seconds"), "cpu_seconds": self.clock("cpu_seconds"),
                                "step": step, **{k: float(row[k]) for k in SCORES}})
@@ -368,9 +394,10 @@ def train_rounds(shared: Shared, cfg: Train, args: argparse.Namespace, run_dir: 
                        **cost, "mean_reward": float(new_rewards.mean()),
                        "latent_change": float((new_data.latents - data.latents).abs().mean())})
         data, rewards = new_data, new_rewards
-        tracker.model = tracker.monitor = policy = None  # one model in memory at a time
+        tracker.model = tracker.monitor = tracker.val_monitor = policy = None  # one model in memory at a time
         tracker.model = load_model(shared.lay)
         tracker.monitor = make_monitor(tracker.model, shared, run_dir / "monitor")  # the same curve, read back
+        tracker.val_monitor = make_val_monitor(tracker.model, shared, run_dir / "val-monitor")
         tracker.start()
 
 
@@ -387,7 +414,8 @@ def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Pat
               {"seconds": offline["generation_s"] + offline["scoring_s"],
                "cpu_seconds": offline["generation_cpu_s"] + offline["scoring_cpu_s"]})
     run_dir = workdir / f"seed{seed}" / name
-    tracker = Tracker(model, make_monitor(model, shared, run_dir / "monitor"), cfg, shared.base, offset, args, online)
+    tracker = Tracker(model, make_monitor(model, shared, run_dir / "monitor"), cfg, shared.base, offset, args, online,
+                      make_val_monitor(model, shared, run_dir / "val-monitor"))
     rounds: list[dict] = []
     del model  # the tracker holds it (and a round replaces it)
     tracker.start()
@@ -414,6 +442,12 @@ def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Pat
     time_split["total_cpu_s"] = tracker.clock("cpu_seconds")
     time_split["training_cpu_s"] = tracker.elapsed["cpu_seconds"]
     final = tracker.curve[-1]
+    kept, val_curve = None, None
+    if tracker.val_monitor is not None:  # the held-out reading of the step gdro train would keep
+        step = int(tracker.val_monitor.kept_step())
+        kept = next(q for q in tracker.curve if q["step"] == step)
+        val_curve = [{"step": int(q["step"]), **{k: float(q[k]) for k in SCORES}}
+                     for q in tracker.val_monitor.curve.to_dict("records")]
     return {
         "seed": seed,
         "train": {k: v for k, v in cfg.model_dump().items() if k in METHODS[name] or k == "objective"},
@@ -423,6 +457,8 @@ def run_method(name: str, shared: Shared, args: argparse.Namespace, workdir: Pat
         "clock_offset": tracker.offset,  # data cost charged to its clocks: offline, plus every round's re-sample
         "rounds": rounds,
         "final": {**{k: final[k] for k in SCORES}, "second_reward": tracker.second_reward},
+        "kept": kept,
+        "val_curve": val_curve,  # --kept: the validation readings the kept step was chosen by
         "last_parts": {k: v for k, v in tracker.last_parts.items() if k.startswith("train/")},
         "curve": tracker.curve,
     }
@@ -495,6 +531,8 @@ def aggregate(per_seed: dict[int, dict[str, dict]], base: float, deltas: list[fl
         runs = [per_seed[s][name] for s in per_seed]
         entry = {k: mean_sd([r["final"].get(k) for r in runs]) for k in FINAL_SCORES}
         entry["steps"] = mean_sd([float(r["steps"]) for r in runs])
+        kept = [r.get("kept") for r in runs]
+        entry["kept"] = {k: mean_sd([q[k] if q else None for q in kept]) for k in ("step", *SCORES)}
         entry["total_cpu_s"] = mean_sd([r["time"]["total_cpu_s"] for r in runs])
         entry["total_s"] = mean_sd([r["time"]["total_s"] for r in runs])
         reached = [targets_reached(r, base, deltas) for r in runs]
@@ -541,6 +579,11 @@ def summary_lines(report: dict) -> list[str]:
                      + " ".join(f"{fmt(e['time_to_target'][t][clock], 0):>18}" for t in targets))
     lines.append(f"{'base':<13} {'0':>11} {report['base']['reward']:>13.3f} "
                  f"{'n/a' if base_second is None else f'{base_second:.3f}':>13} {report['base']['corrected']:>13.3f}")
+    for name, e in agg["methods"].items():
+        kept = e.get("kept")
+        if kept and kept["reward"]["n"]:
+            lines.append(f"{name}: kept by validation corrected score (as gdro train keeps): step {fmt(kept['step'], 0)}, "
+                         f"reward {fmt(kept['reward'])}, corrected {fmt(kept['corrected'])}")
     off = report["offline"]
     lines.append("offline data cost per seed: generation " + fmt(off["generation_s"], 1) + " s wall, "
                  + fmt(off["generation_cpu_s"], 1) + " s CPU; scoring " + fmt(off["scoring_s"], 1) + " s wall, "
@@ -600,6 +643,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file, relative to --root")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="params override, e.g. --set reward.reader_mode=recognizer (repeatable)")
+    ap.add_argument("--kept", action="store_true",
+                    help="also read the validation prompts at every evaluation and report the held-out reading of the "
+                         "checkpoint gdro train would keep (evaluate.keep); costs evaluation time, no method's clock")
     ap.add_argument("--data-set", dest="data_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="params override of what the methods train on only (the offline data's directory, sampler "
                          "steps and reader; the online methods' reward), e.g. --data-set paths.data_dir=data-cheap "
@@ -675,8 +721,8 @@ def second_scorer(task: Task) -> str:
 
 
 MERGE_SAME = ("clock", "train_budget", "online_budget", "budget_steps", "eval_every", "eval_prompts",
-              "rollout_prompts", "target_deltas", "round_steps", "overrides", "data_overrides", "params", "reader_mode",
-              "sampler_steps", "second_reader")
+              "rollout_prompts", "target_deltas", "round_steps", "overrides", "data_overrides", "kept", "params",
+              "reader_mode", "sampler_steps", "second_reader")
 """Settings every merged report must share: otherwise their seeds did not run the same benchmark. The methods may
 differ: reports of the same seed with other methods (e.g. the offline variants run later) join that seed's runs."""
 
@@ -748,6 +794,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not missing and data_lay is not lay and data_lay.prompts("train").read_bytes() != lay.prompts("train").read_bytes():
         raise SystemExit(f"--data-set: {data_lay.prompts('train')} is not {lay.prompts('train')}: the offline data "
                          "was made for other training prompts; roll out the same prompt set into that directory")
+    if args.kept and not lay.prompts("val").exists():
+        missing.append(lay.prompts("val"))  # --kept keeps by the validation prompts (prompts.n_val > 0)
     if missing:
         raise SystemExit(
             "the benchmark needs the pipeline's outputs (base model, rollouts, reward table); missing: "
@@ -769,7 +817,8 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         base_model = load_model(lay)
         shared = Shared(lay, data, rewards, train_prompts, eval_prompts, task, make_task_judge(task, p.judge),
-                        task_reward(data_task, train_prompts), {}, data_lay, data_task)
+                        task_reward(data_task, train_prompts), {}, data_lay, data_task,
+                        task.read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts] if args.kept else None)
         base_monitor = make_monitor(base_model, shared, workdir / "base")
         # also warms up the sampler and the reader before anything is timed
         second = read_twice(base_monitor, base_monitor.evaluate_base)

@@ -413,3 +413,40 @@ def test_race_overlay_puts_runs_of_other_settings_side_by_side(tmp_path, capsys)
     with pytest.raises(SystemExit, match="holds no awm run of seed 0"):
         overlay.main(["--seeds", "0", "--run", f"a={tmp_path}/cheap-s{{seed}}.json:gdro",
                       "--run", f"b={tmp_path}/cheap-s{{seed}}.json:awm"])
+
+
+def test_kept_reports_the_held_out_reading_of_the_checkpoint_gdro_train_would_keep(bench, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """--kept: gdro train's monitor reads the validation prompts at every evaluation, and the held-out reading of the
+    step it keeps is reported (a random-weight base scores every step alike, so the spy keeps step 2)."""
+    lay = make_project(tmp_path)
+    monitors, real = [], bench.make_val_monitor
+
+    def spy(model, shared, workdir):
+        monitor = real(model, shared, workdir)
+        monitor.kept_step = lambda: 2
+        monitors.append(monitor)
+        return monitor
+
+    monkeypatch.setattr(bench, "make_val_monitor", spy)
+    report = bench.main(["--root", str(tmp_path), "--seeds", "0", "--methods", "gdro", "gdro_rounds", "flow_grpo",
+                         "--train-budget", "0", "--budget-steps", "3", "--eval-every", "0.001", "--eval-prompts", "2",
+                         "--rollout-prompts", "2", "--round-steps", "2", "--kept", "--set", "evaluate.tie_se=0.5",
+                         "--set", "evaluate.checkpoint_prompts=2", "--set", "evaluate.checkpoint_images_per_prompt=2"])
+    assert "gdro: kept by validation corrected score (as gdro train keeps): step 2±0" in capsys.readouterr().out
+    val = [q.prompt for q in read_prompts(lay.prompts("val"))[:2]]
+    assert len(monitors) == 4  # one per run, and gdro_rounds' again after its re-sample
+    for monitor in monitors:  # gdro train's monitor: the validation prompts, its images per prompt and keeping rule
+        assert [q.prompt for q in monitor.prompts] == val and monitor.kw["per_prompt"] == 2
+        assert (monitor.keep, monitor.tie_se) == ("best_corrected", 0.5)
+    for name, run in report["per_seed"]["0"].items():
+        steps = [q["step"] for q in run["curve"]]
+        assert steps == [0, 1, 2, 3], name  # an evaluation after every step, the base first
+        assert [q["step"] for q in run["val_curve"]] == steps, name  # validation read at each of them too
+        assert run["kept"] == run["curve"][2] != run["curve"][-1], name  # the kept step's held-out reading
+        agg = report["aggregate"]["methods"][name]["kept"]
+        assert agg["step"]["mean"] == 2 and agg["reward"]["mean"] == pytest.approx(run["kept"]["reward"])
+
+    lay.prompts("val").unlink()
+    with pytest.raises(SystemExit, match="val.jsonl"):
+        bench.main(["--root", str(tmp_path), "--seeds", "0", "--methods", "gdro", "--budget-steps", "1", "--kept"])
