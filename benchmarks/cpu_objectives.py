@@ -100,7 +100,7 @@ from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.layout import Layout
 from gdro_core.models.base import FlowModel
 from gdro_core.models.lora import lora_state, set_lora_state
-from gdro_core.params import Params, Train, check_round_seeds, load_params, round_params
+from gdro_core.params import Params, Train, check_round_seeds, load_params, reading_params, round_params
 from gdro_core.tasks.base import Progress, PromptRecord, Task
 from gdro_core.tasks.registry import make_task
 from gdro_core.training.checkpoint import load_latest
@@ -699,7 +699,7 @@ def build_report(args: argparse.Namespace, p: Params, data_p: Params, task: Task
         "settings": {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "device": p.model.device, "torch_threads": torch.get_num_threads(),
-            "task": p.task, "reader_mode": p.reward.reader_mode, "sampler_steps": p.sampler.steps,
+            "task": p.task, "reader_mode": reading_params(p).reward.reader_mode, "sampler_steps": p.sampler.steps,
             "rollout_steps": data_p.rollout_steps, "data_reader_mode": data_p.reward.reader_mode,
             "data_dir": data_p.paths.data_dir,
             "second_reader": second_scorer(task),
@@ -806,8 +806,9 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_rollouts(data_lay.rollout_dir)
     scored = read_table(data_lay.rewards, read_json(data_lay.rollout_dir / MANIFEST)["fingerprint"])  # as train refuses it
     rewards = reward_matrix(scored, *data.latents.shape[:2])
-    task = make_task(p)  # as the score stage scores: the held-out evaluation's reader
-    data_task = make_task(data_p) if data_overrides else task  # and the training data's (the same by default)
+    task = make_task(reading_params(p))  # as the evaluate stage reads held-out images (evaluate.reader_mode)
+    # and as the score stage scores the training data (the same reader by default)
+    data_task = task if reading_params(data_p) is data_p and not data_overrides else make_task(data_p)
     offline_methods = [m for m in args.methods if m not in ONLINE]
     train_prompts = task.read_prompts(lay.prompts("train"))
     eval_prompts = task.read_prompts(lay.prompts("test"))[: args.eval_prompts]

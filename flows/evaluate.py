@@ -19,7 +19,7 @@ from gdro_core.evaluation.image_folders import write_prompt_folders
 from gdro_core.evaluation.judge import corrected_score_judge, make_task_judge
 from gdro_core.models import load_model
 from gdro_core.layout import Layout
-from gdro_core.params import check_train_eval_seeds
+from gdro_core.params import check_train_eval_seeds, reading_params
 from gdro_core.stages import HELDOUT_IMAGES
 from gdro_core.tasks.registry import make_task
 from gdro_core.tracking.compare import set_champion
@@ -32,7 +32,7 @@ from gdro_core.tracking.runs import stage_run, tracking_optional
 @task(cache_policy=NO_CACHE)
 def score_models(lay: Layout) -> dict:
     p = lay.params
-    task = make_task(p)
+    task = make_task(reading_params(p))
     train_prompts = []
     if p.evaluate.train_prompts:
         train_prompts = task.read_prompts(lay.prompts("train"))[: p.evaluate.train_prompts]

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.context import load_layout
 from gdro_core.models import load_model
 from gdro_core.models.family import BASE_FILE
-from gdro_core.params import ONLINE_OBJECTIVES
+from gdro_core.params import ONLINE_OBJECTIVES, reading_params
 from gdro_core.evaluation.judge import make_task_judge
 from gdro_core.layout import Layout
 from gdro_core.tasks.registry import make_task
@@ -63,12 +63,13 @@ def fit_adapter(lay: Layout) -> dict:
     log = metric_logger(logger.info, p.tracking.metric_pause)
     data, rewards, model = _offline_inputs(lay)
     ckpt = lay.checkpoints("train", train_fingerprint(lay))
-    task = make_task(p)
+    task = make_task(p)  # scores the online methods' own samples, as the score stage scores the stored groups
+    reading = make_task(reading_params(p))  # reads the validation images, as evaluate reads the held-out ones
     val = task.read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts]
     # offline: the monitor's prompts are encoded now, so the encoders and VAE can leave the device
     monitored = model if online else PreEncoded(model, [q.prompt for q in val], p.sampler.batch_size)
     monitor = CheckpointMonitor(
-        monitored, val, task, make_task_judge(task, p.judge), judge_task=p.judge_task, seed=p.evaluate.seed,
+        monitored, val, reading, make_task_judge(reading, p.judge), judge_task=p.judge_task, seed=p.evaluate.seed,
         steps=p.sampler.steps, guidance=p.sampler.guidance, batch_size=p.sampler.batch_size, keep=p.evaluate.keep,
         workdir=ckpt / "monitor", log=log, per_prompt=p.evaluate.checkpoint_images_per_prompt,
         tie_se=p.evaluate.tie_se,

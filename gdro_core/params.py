@@ -459,6 +459,11 @@ class Evaluate(Section):
         "second_reward, second_exact), so a gain that fits the training reader's quirks shows; auto = the backend "
         "reward.backend is not, when installed.",
     )
+    reader_mode: Literal["full", "recognizer"] | None = Field(
+        None, description="OCR: the easyocr reader mode that reads held-out, validation and ceiling images; null = "
+        "reward.reader_mode. Set 'full' to score the stored groups cheaply (reward.reader_mode: recognizer) and "
+        "still read every reported number with the full reader.",
+    )
     save_images: bool = Field(
         False, description="Also write every held-out image, base and trained, one folder per prompt as GenEval's "
         "generator lays them out (reports/heldout_images/<base|trained>/<prompt index>/samples/<n>.png beside the "
@@ -766,6 +771,15 @@ class Params(Section):
                 f"({self.rounds.images_per_prompt}); lower the first or raise the second"
             )
         return self
+
+
+def reading_params(params: Params) -> Params:
+    """The params that read held-out and validation images: ``reward`` with ``evaluate.reader_mode`` when set.
+    The stored groups and the online methods' own samples are scored with ``reward`` as it is."""
+    mode = params.evaluate.reader_mode
+    if mode is None or mode == params.reward.reader_mode:
+        return params
+    return params.model_copy(update={"reward": params.reward.model_copy(update={"reader_mode": mode})})
 
 
 def round_params(params: Params, round: int) -> Params:

@@ -58,7 +58,8 @@ class Stage:
 
 
 MONITOR_PARAMS = ("evaluate.seed", "evaluate.checkpoint_every", "evaluate.checkpoint_prompts",
-                  "evaluate.checkpoint_images_per_prompt", "evaluate.keep", "evaluate.tie_se", "evaluate.hacking_window")
+                  "evaluate.checkpoint_images_per_prompt", "evaluate.keep", "evaluate.tie_se", "evaluate.hacking_window",
+                  "evaluate.reader_mode")
 """The evaluate settings train reads (its checkpoint evaluations and the adapter it keeps); the others (held-out
 images, intervals, the second reader, saved images) change only evaluate's bytes, so they never retrain."""
 

@@ -81,7 +81,8 @@ def test_what_only_evaluate_reads_never_retrains_and_what_train_keeps_by_does():
                           {"images_per_prompt": 3}, {"train_prompts": 8}, {"second_reader": "none"}):
         assert changes(only_evaluate) == {"evaluate"}, only_evaluate
     for picks_the_adapter in ({"checkpoint_every": 7}, {"checkpoint_prompts": 8}, {"keep": "last"}, {"tie_se": 0.0},
-                              {"checkpoint_images_per_prompt": 2}, {"seed": 1}, {"hacking_window": 5}):
+                              {"checkpoint_images_per_prompt": 2}, {"seed": 1}, {"hacking_window": 5},
+                              {"reader_mode": "recognizer"}):
         assert changes(picks_the_adapter) == {"train", "evaluate"}, picks_the_adapter
 
 

@@ -18,6 +18,7 @@ from conftest import TINY, dvc_copy, gdro_env, in_project, scored_copy, tiny_pro
 from flows.rollout import rollout_flow
 from flows.train import train_flow
 from gdro_core.params import parse_params
+from gdro_core.tracking.runs import PENDING_DIR
 
 BIN = Path(sys.executable).parent
 STOP_WITHIN = 30.0  # seconds from SIGTERM to the stage's process being gone: the grace a scheduler gives before its
@@ -67,6 +68,12 @@ def run_ids(root: Path, stage: str) -> list[str]:
     return list(stage_runs(root, stage)["run_id"])
 
 
+def why(root: Path, log: Path) -> str:
+    """What a failed status assertion shows: the stage's last output and any run end left for the next stage."""
+    pending = [m.read_text() for m in sorted((root / PENDING_DIR).glob("*.json"))]
+    return f"pending run ends: {pending}\n{log.read_text()[-4000:]}"
+
+
 def logged_steps(log: str) -> list[int]:
     return [int(m) for m in re.findall(r"step (\d+):", log)]
 
@@ -91,7 +98,7 @@ def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(reproduced
         repro.send_signal(signal.SIGTERM)
         repro.wait(timeout=60)
         gone_within(stage, STOP_WITHIN)
-    assert runs(project, "base") == ["KILLED"]
+    assert runs(project, "base") == ["KILLED"], why(project, tmp_path / "repro.log")
     kept = sorted((project / "checkpoints" / "base").glob("*/step-*"))
     assert kept, "the last checkpoint was not kept"
     last = int(kept[-1].name.split("-")[1])
@@ -122,7 +129,7 @@ def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(score
             proc.kill()
             raise AssertionError(f"gdro train still ran {STOP_WITHIN:.0f} s after SIGTERM") from None
     assert code != 0, log.read_text()[-3000:]  # never an exit 0 that DVC or a scheduler would take as done
-    assert runs(tmp_path, "train") == ["KILLED"]
+    assert runs(tmp_path, "train") == ["KILLED"], why(tmp_path, log)
     kept = sorted((tmp_path / "checkpoints" / "train").glob("*/step-*"))
     last = int(kept[-1].name.split("-")[1])
     rerun_ms = time.time() * 1000
@@ -157,7 +164,7 @@ def test_sigterm_stops_rollout_keeps_finished_shards_and_the_rerun_reuses_them(t
             proc.kill()
             raise AssertionError(f"gdro rollout still ran {STOP_WITHIN:.0f} s after SIGTERM") from None
     assert code != 0, log.read_text()[-3000:]
-    assert runs(tmp_path, "rollout") == ["KILLED"], log.read_text()[-3000:]
+    assert runs(tmp_path, "rollout") == ["KILLED"], why(tmp_path, log)
     assert not (tmp_path / "data" / "rollouts" / "manifest.json").exists()
     kept = {p.name: p.stat().st_mtime_ns for p in records.glob("shard-*.json")}
     assert "shard-0000.json" in kept and len(kept) < 16, sorted(kept)
