@@ -480,14 +480,16 @@ def compare(runs: dict[str, dict], base: float, deltas: list[float], key: str, o
             online: str = "flow_grpo") -> dict | None:
     """One seed's offline method ``ours`` against ``online``: the time ``online`` takes to reach its own final
     reward over the time ``ours`` takes to reach it, and the same ratio at every target (None where one never got
-    there). Not counted, with the reason, when that final reward is below base + the smallest delta."""
+    there). Not counted, with the reason, when that final reward is below base + the smallest delta. ``ours`` and
+    ``online`` name methods, or any two runs of ``runs`` (``race_overlay`` labels them)."""
     if ours not in runs or online not in runs:
         return None
+    name = {m: LABELS.get(m, m) for m in (ours, online)}
     mine, theirs = runs[ours], runs[online]
     final = theirs["final"]["reward"]
     out: dict = {"offline": ours, "online": online, "target_reward": final, "clock": key}
     if final < base + min(deltas) - 1e-9:
-        out["reason"] = (f"{LABELS[online]}'s final reward {final:.3f} is below base + {min(deltas):.2f} "
+        out["reason"] = (f"{name[online]}'s final reward {final:.3f} is below base + {min(deltas):.2f} "
                          f"({base + min(deltas):.3f}): no improvement to race to")
         out["ratio"] = None
     else:
@@ -495,7 +497,7 @@ def compare(runs: dict[str, dict], base: float, deltas: list[float], key: str, o
         out[ours], out[online] = t_mine, t_theirs
         out["ratio"] = t_theirs[key] / t_mine[key] if t_mine and t_theirs else None
         if t_mine is None:
-            out["reason"] = f"{LABELS[ours]} did not reach {LABELS[online]}'s final reward within its budget"
+            out["reason"] = f"{name[ours]} did not reach {name[online]}'s final reward within its budget"
     per_target = {}
     for d in deltas:
         a, b = time_to_reach(mine["curve"], base + d), time_to_reach(theirs["curve"], base + d)

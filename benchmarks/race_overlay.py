@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_objectives import CLOCKS, fmt, mean_sd, plot, time_to_reach  # noqa: E402
+from cpu_objectives import CLOCKS, compare, fmt, mean_sd, plot, time_to_reach  # noqa: E402
 
 from gdro_core.data.store import read_json  # noqa: E402
 
@@ -74,15 +74,12 @@ def table(per_seed: dict, base: dict, clock: str, deltas: list[float]) -> list[s
         lines.append(f"{label:<{width}} " + " ".join(f"{fmt(c):>13}" for c in cells) + " "
                      + " ".join(f"{fmt(c, 0):>14}" for c in reach))
     lines.append(f"{'base':<{width}} {base['reward']:>13.3f}")
-    for first, second in itertools.permutations(labels, 2):
-        ratios = []
-        for s in per_seed:
-            target = per_seed[s][first]["final"]["reward"]
-            t_first = time_to_reach(per_seed[s][first]["curve"], target)
-            t_second = time_to_reach(per_seed[s][second]["curve"], target)
-            ratios.append(t_first[key] / t_second[key] if t_first and t_second else None)
+    for first, second in itertools.permutations(labels, 2):  # the benchmark's own race: second runs to first's final
+        comps = [compare(per_seed[s], base["reward"], deltas, key, ours=second, online=first) for s in per_seed]
+        ratios = [c["ratio"] for c in comps]
         shown = ", ".join("never" if r is None else f"{r:.2f}" for r in ratios)
         lines.append(f"to {first}'s final reward, {first} / {second}: {fmt(mean_sd(ratios), 2)} (seeds: {shown})")
+        lines += [f"  {reason}" for reason in sorted({c["reason"] for c in comps if c.get("reason")})]
     return lines
 
 
