@@ -759,6 +759,21 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _recognizer_needs_single_lines(self) -> Params:
+        for key, mode in (("reward.reader_mode", self.reward.reader_mode),
+                          ("evaluate.reader_mode", self.evaluate.reader_mode)):
+            if mode != "recognizer":
+                continue
+            if self.reward.backend != "easyocr":
+                raise ValueError(f"{key}: recognizer is easyocr's mode; reward.backend is {self.reward.backend!r}, "
+                                 "which always detects: set reward.backend: easyocr or the mode to full")
+            if self.model.source != "builtin":
+                raise ValueError(f"{key}: recognizer reads the whole ink box as one line, right only for the built-in "
+                                 "world's single-line images; a real checkpoint's images need the detector: set it "
+                                 "to full")
+        return self
+
+    @model_validator(mode="after")
     def _group_fits_pool(self) -> Params:
         if self.train.group_size > self.rollout.images_per_prompt:
             raise ValueError(

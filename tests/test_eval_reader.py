@@ -6,7 +6,7 @@ from conftest import TINY, in_project, scored_copy
 
 from flows.evaluate import evaluate_flow
 from flows.train import train_flow
-from gdro_core.params import parse_params, reading_params
+from gdro_core.params import ParamsError, parse_params, reading_params
 from gdro_core.tasks.ocr.reader import EasyOcrReader
 
 
@@ -60,3 +60,19 @@ def test_an_online_method_learns_from_the_reward_reader_and_is_read_by_the_evalu
     assert ("full", 2 * 3) in reads, reads  # one iteration's samples: 2 prompts x 3, scored by reward.reader_mode
     assert sum(n for mode, n in reads if mode == "recognizer") >= 2 * n_val, reads  # base and step 1 validation
     assert sum(n for mode, n in reads if mode == "full") == 2 * 3, reads
+
+
+def recognizer_in(section: str, **reward) -> dict:
+    """Params with ``section``'s reader_mode set to recognizer, and ``reward`` settings beside it."""
+    if section == "reward":
+        return {"reward": {**reward, "reader_mode": "recognizer"}}
+    return {"reward": reward, section: {"reader_mode": "recognizer"}}
+
+
+@pytest.mark.parametrize("section", ["reward", "evaluate"])
+def test_the_recognizer_is_refused_where_it_would_misread(section):
+    with pytest.raises(ParamsError, match=rf"{section}.reader_mode: recognizer is easyocr's mode.*reward.backend"):
+        parse_params(recognizer_in(section, backend="rapidocr"))
+    with pytest.raises(ParamsError, match=rf"{section}.reader_mode: recognizer .*real checkpoint.*set it to full"):
+        parse_params({**recognizer_in(section), "model": {"source": "/ckpt/sd35"}})
+    assert parse_params(recognizer_in(section)).model.source == "builtin"
