@@ -190,3 +190,32 @@ def test_a_resumed_training_logs_each_step_once(tmp_path, one_thread):
     steps = {k: [m.step for m in client.get_metric_history(run_id, k)] for k in client.get_run(run_id).data.metrics}
     assert steps["train/loss"] == [1, 2, 3, 4] and steps["checkpoint/corrected"] == [0, 2, 4]
     assert all(len(s) == len(set(s)) for s in steps.values()), steps
+
+
+def test_a_second_stop_signal_while_the_run_ends_waits_until_it_has_ended_killed(tmp_path, monkeypatch):
+    """Stopped twice (Ctrl-C reaches the process group, then `dvc repro`'s watcher sends SIGTERM): the second signal
+    lands while the run is being ended, and still the run ends KILLED before that signal acts."""
+    params = parse_params(TINY)
+    real_end = mlflow.end_run
+    order = []
+
+    def end_run_hit_by_sigterm(status):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once, were it not deferred
+        order.append(f"end {status}")
+        real_end(status)
+
+    def terminated(signum, frame):
+        order.append("SIGTERM acted")
+        raise SystemExit(143)
+
+    monkeypatch.setattr(mlflow, "end_run", end_run_hit_by_sigterm)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(SystemExit):
+            with stage_run(params, tmp_path, "train", ("train",)) as run:
+                raise KeyboardInterrupt  # the first stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert order == ["end KILLED", "SIGTERM acted"]
+    assert mlflow.get_run(run.info.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers it found are back

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import traceback
 import urllib.request
@@ -202,6 +204,32 @@ def _end_run(root: Path, run_id: str, status: str) -> None:
                    {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM that arrives while a run's end is being recorded acts once it is recorded, through the
+    handler it would have met. A stage is often stopped twice (a terminal's Ctrl-C reaches the whole process group,
+    then `dvc repro`'s watcher sends SIGTERM; a scheduler signals every process): the second must not leave the
+    run RUNNING. Python runs signal handlers in the main thread only, so elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # not set from Python
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            os.kill(os.getpid(), caught[0])
+
+
 STOPPED: list[str] = []
 """The stage runs of this process that were stopped from outside (the CLI's exit status reads it)."""
 
@@ -281,7 +309,8 @@ def stage_run(
                 mlflow.log_text(traceback.format_exc(), ERROR_FILE)
             raise
         finally:
-            _end_run(root, run.info.run_id, status)
+            with stop_signals_deferred():
+                _end_run(root, run.info.run_id, status)
 
 
 def metric_logger(echo=None, pause: float = 60.0):
