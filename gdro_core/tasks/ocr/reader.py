@@ -5,6 +5,7 @@ The reward on what they read is :mod:`gdro_core.tasks.ocr.reward`.
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from typing import Protocol
 
@@ -28,6 +29,7 @@ def prepare(image: Image.Image, upscale: int, pad: int) -> np.ndarray:
 
 
 READER_MODES = ("full", "recognizer")
+PIN_MEMORY_WARNING = r".*'pin_memory' argument is set as true but no accelerator"
 
 
 def ink_box(grey: np.ndarray, threshold: float, margin: float) -> list[int]:
@@ -65,6 +67,8 @@ class EasyOcrReader:
         self.ink_threshold, self.margin = ink_threshold, margin
 
     def read(self, images: list[Image.Image]) -> list[str]:
+        if self.reader.device == "cpu":  # easyocr asks its DataLoader for pinned memory, and torch warns on every read
+            warnings.filterwarnings("ignore", message=PIN_MEMORY_WARNING, category=UserWarning)  # idempotent
         arrays = [prepare(im, self.upscale, self.pad) for im in images]
         if self.mode == "recognizer":
             return self._recognize(arrays)
