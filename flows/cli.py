@@ -161,6 +161,7 @@ def check_params(args: argparse.Namespace) -> int:
     from gdro_core import preflight
     from gdro_core.code_closure import code_record
     from gdro_core.dvc_files import dvc_stage_problem
+    from gdro_core.rewards.base import RewardError
     from gdro_core.stages import CODE_DIR, code_stages
 
     root = project_root()
@@ -168,7 +169,7 @@ def check_params(args: argparse.Namespace) -> int:
         params = load_params(root / args.params, parse_overrides(args.overrides))
         check_image_size(params)
         records = {s.name: code_record(s.name, params) for s in code_stages(params)}
-    except (ParamsError, ModelError, KeyError) as err:
+    except (ParamsError, ModelError, RewardError, KeyError) as err:  # a reward name is resolved with the code
         print(f"gdro check: {err}", file=sys.stderr)
         return 2
     problems = (preflight.problems(params, root) + untracked_reward_files(params, root)
@@ -215,22 +216,24 @@ def stages_command(args: argparse.Namespace) -> int:
     from gdro_core.params import ParamsError, load_params
     from gdro_core.code_closure import stage_files
 
+    from gdro_core.rewards.base import RewardError
+
     root = project_root()
     try:
         params = load_params(root / args.params, parse_overrides(args.overrides))
-    except ParamsError as err:
+        if args.write:  # dvc.yaml's data stages follow data.source; its check stage tracks your reward files
+            for path in write_dvc_files(root, params):
+                print(f"wrote {path}")
+            return 0
+        files = {name: stage_files(name, params) for name in [*STAGE_NAMES, IMPORT]}
+    except (ParamsError, RewardError) as err:
         print(f"gdro stages: {err}", file=sys.stderr)
         return 2
-    if args.write:  # dvc.yaml's data stages follow data.source; its check stage tracks your reward files
-        for path in write_dvc_files(root, params):
-            print(f"wrote {path}")
-        return 0
     for name in [*STAGE_NAMES, IMPORT]:
         s = stage(name)
-        files = stage_files(name, params)
         print(f"{name}: {s.help}\n  params: {', '.join(s.params)}"
               + (f"\n  task {params.task}: {', '.join(s.task_parts)}" if s.task_parts else "")
-              + f"\n  code: {len(files)} files")
+              + f"\n  code: {len(files[name])} files")
     return 0
 
 
@@ -314,6 +317,34 @@ def exit_stopped_nonzero() -> None:
             os._exit(STOPPED_EXIT)
 
     atexit.register(check)
+
+
+STOP_GRACE_S = 20.0
+"""How long a stopped stage may spend recording the stop in Prefect and ending its helpers before it exits anyway."""
+STOP_POLL_S = 0.5
+
+
+def exit_soon_after_a_stop() -> None:
+    """A stage stopped from outside exits within :data:`STOP_GRACE_S` of the stop, whatever is left undone. A
+    terminal's Ctrl-C (or a scheduler's SIGTERM to every process) also stops the temporary Prefect server the stage
+    started; Prefect then retries its crash report, and at exit its log and event queues, against the dead server
+    for minutes. By then the MLflow run has ended KILLED and the last checkpoint is on disk; the next `gdro` command
+    marks the flow run Crashed and stops any server left behind."""
+    import threading
+
+    from gdro_core.tracking.runs import STOPPED
+
+    def watch() -> None:
+        while not STOPPED:
+            time.sleep(STOP_POLL_S)
+        time.sleep(STOP_GRACE_S)
+        sys.stderr.write(f"gdro: stopped ({STOPPED[0]}); the last checkpoint is kept and the next run resumes from it. "
+                         f"Exiting without waiting more than {STOP_GRACE_S:.0f} s for Prefect to record the stop (the "
+                         "same signal may have stopped its server); the next gdro command marks the flow run Crashed\n")
+        sys.stderr.flush()
+        os._exit(STOPPED_EXIT)
+
+    threading.Thread(target=watch, name="gdro-exit-after-stop", daemon=True).start()
 
 
 def exit_cleanly_on_sigterm() -> None:
@@ -443,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     flow = pipeline_flow() if args.command == "pipeline" else stage_flow(args.command)
     quiet_expected_errors()
     exit_stopped_nonzero()
+    exit_soon_after_a_stop()
     exit_cleanly_on_sigterm()
     try:
         if args.command == "train":

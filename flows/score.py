@@ -52,7 +52,7 @@ def score_table(lay: Layout):
     table = merge_tables(parts)
     failed = check_errors(table, p.reward.max_error_share)
     if failed:
-        logger.warning("the reader failed on %d of %d images (scored 0; see the error column)", failed, len(table))
+        logger.warning("the reward failed on %d of %d images (scored 0; see the error column)", failed, len(table))
     write_table(table, lay.rewards, read_json(lay.rollout_dir / MANIFEST)["fingerprint"])
     return table
 

@@ -7,6 +7,8 @@ is an error naming the key, never a silent default.
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -18,8 +20,23 @@ class ParamsError(ValueError):
     """A params file that cannot be used; the message names the key and the fix."""
 
 
+def numbers_only(annotation: Any) -> bool:
+    """An int or float field (or an optional one): YAML's ``yes``/``true`` is never one of its values."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = [a for a in (typing.get_args(annotation) if union else (annotation,)) if a is not type(None)]
+    return bool(kinds) and all(k in (int, float) for k in kinds)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_yes_no_for_numbers(cls, value: Any, info) -> Any:
+        """pydantic takes ``true`` as 1 for a number: ``train.steps: yes`` would train one step."""
+        if isinstance(value, bool) and numbers_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a yes/no value is not a number")
+        return value
 
 
 class Paths(Section):

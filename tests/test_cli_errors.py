@@ -64,3 +64,14 @@ def test_a_stage_refuses_bad_params_before_starting_a_prefect_server(tmp_path):
                          timeout=60)
     assert out.returncode == 2 and "'sampler.steps' (given with --set)" in out.stderr
     assert "temporary server" not in out.stdout + out.stderr.lower()
+
+
+def test_an_unknown_reward_name_is_one_line_from_check_and_stages(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "rewards": {"weights": {"ocr": 0.8, "contrast": 0.2}}}))
+    for command in ("check", "stages"):
+        out = subprocess.run([BIN / "gdro", command], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "GDRO_ROOT": str(tmp_path)})
+        assert out.returncode == 2, (command, out.stderr[-2000:])
+        assert f"gdro {command}: unknown reward 'contrast' in rewards.weights" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "reports" / "params_check.json").exists()

@@ -115,3 +115,11 @@ def test_stage_threads_default_to_one_unless_told(monkeypatch):
     assert stage_threads(0) == 3 and stage_threads(2) == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "many")
     assert stage_threads(0) == 1
+
+
+def test_a_yes_no_value_is_not_taken_for_a_number():
+    """pydantic reads ``true`` as 1: ``train.steps: yes`` would have trained one step and ``train.lr: true`` at 1.0."""
+    for section, key in (("train", "steps"), ("train", "lr"), ("evaluate", "bootstrap_samples")):
+        with pytest.raises(ParamsError, match=rf"'{section}\.{key}': a yes/no value is not a number"):
+            parse_params({section: {key: True}})
+    assert parse_params({"train": {"steps": 3}}).train.steps == 3

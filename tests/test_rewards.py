@@ -108,8 +108,40 @@ def test_a_reward_that_returns_the_wrong_rows_is_named():
         def score(self, images, records, progress=None):
             return pd.DataFrame({"reward": [1.0]})
 
-    with pytest.raises(RewardError, match="'short' returned 1 rows .* for 2 images"):
+    with pytest.raises(RewardError, match="'short' returned 1 rows for 2 images: it must return one row per image"):
         WeightedReward([("short", 1.0, Short())]).score([grey(0), grey(0)], [None, None])
+
+    class Unnamed:
+        name, needs_world = "unnamed", False
+
+        def score(self, images, records, progress=None):
+            return pd.DataFrame({"score": [1.0] * len(images)})
+
+    with pytest.raises(RewardError, match=r"'unnamed' returned a table without a 'reward' column \(columns: \['score'\]\)"):
+        WeightedReward([("unnamed", 1.0, Unnamed())]).score([grey(0), grey(0)], [None, None])
+
+
+def test_values_that_are_not_finite_numbers_are_scored_0_and_named_in_full():
+    """A user's reward may return NaN, inf or text: each such image scores 0 and its error says what came back (the
+    error column's text was cut to one character); an error column with None on the good rows flags nothing."""
+    class Odd:
+        name, needs_world = "odd", False
+
+        def __init__(self, table):
+            self.table = table
+
+        def score(self, images, records, progress=None):
+            return self.table
+
+    images, records = [grey(0)] * 4, [None] * 4
+    table = WeightedReward([("odd", 1.0, Odd(pd.DataFrame({"reward": [float("nan"), 0.5, float("inf"), "high"]})))]
+                           ).score(images, records)
+    assert list(table["reward"]) == [0.0, 0.5, 0.0, 0.0]
+    assert list(table["error"]) == ["odd: reward nan is not a finite number", "",
+                                    "odd: reward inf is not a finite number", "odd: reward 'high' is not a finite number"]
+    table = WeightedReward([("odd", 1.0, Odd(pd.DataFrame({"reward": [0.5, float("nan")], "error": [None, "blurred"]})))]
+                           ).score(images[:2], records[:2])
+    assert list(table["error"]) == ["", "odd: blurred"]
 
 
 def test_a_reward_may_return_its_rewards_as_a_sequence_and_a_failing_one_is_named():

@@ -2,6 +2,7 @@
 passing it on): the MLflow run ends KILLED, the last checkpoint (or finished rollout shard) is kept, and the next
 run resumes from it."""
 
+import os
 import re
 import shutil
 import signal
@@ -178,3 +179,41 @@ def test_sigterm_stops_rollout_keeps_finished_shards_and_the_rerun_reuses_them(t
     assert runs(tmp_path, "rollout") == ["KILLED", "FINISHED"]
     assert {n: (records / n).stat().st_mtime_ns for n in kept} == kept  # the kept shards were reused, not redone
     assert len(list(records.glob("shard-*.json"))) == 16
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_a_stage_on_its_own_temporary_server(scored, tmp_path):
+    """A terminal's Ctrl-C reaches the whole foreground process group: the stage and the temporary Prefect server it
+    started. With its server gone, Prefect retried its crash report, then its log and event queues, for minutes at
+    exit. The stage now exits on its own within a bounded time, with the run KILLED and the checkpoint kept."""
+    from flows.cli import STOP_GRACE_S, STOPPED_EXIT
+
+    params = {**TINY, "train": {**TINY["train"], "steps": 400, "checkpoint_every": 5, "log_every": 1},
+              "evaluate": {**TINY["evaluate"], "checkpoint_every": 0}}
+    tmp_path = tmp_path / "project"
+    env = scored_copy(scored, tmp_path, params)
+    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # no server to attach to: the stage starts its own
+    env.update(OMP_NUM_THREADS="1", PREFECT_HOME=str(tmp_path / ".prefect"))
+    log = tmp_path / "train.log"
+
+    def own_group_with_ctrl_c() -> None:  # a terminal's foreground group; pytest-xdist workers ignore SIGINT
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with log.open("w") as out:
+        proc = subprocess.Popen([BIN / "gdro", "train"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=own_group_with_ctrl_c)
+        wait_for(lambda: any((tmp_path / "checkpoints" / "train").glob("*/step-*")), "the first training checkpoint")
+        server = [p for p in psutil.Process(proc.pid).children(recursive=True) if "uvicorn" in p.cmdline()]
+        assert server, "the stage started no temporary Prefect server: " + log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        limit = STOP_GRACE_S + STOP_WITHIN
+        try:
+            code = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"gdro train still ran {limit:.0f} s after Ctrl-C: {log.read_text()[-3000:]}") from None
+    assert code == STOPPED_EXIT, log.read_text()[-3000:]
+    assert "the next run resumes from it" in log.read_text()
+    assert runs(tmp_path, "train") == ["KILLED"], why(tmp_path, log)
+    assert any((tmp_path / "checkpoints" / "train").glob("*/step-*"))
+    gone_within(server[0], STOP_WITHIN)

@@ -70,7 +70,8 @@ def merge_tables(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 
 def check_errors(table: pd.DataFrame, max_share: float) -> int:
-    """The number of images the reader failed on; raise once their share exceeds ``max_share``."""
+    """The number of images the reward failed on (its reader, or a user's reward); raise once their share exceeds
+    ``max_share``."""
     if "error" not in table:  # a task whose reward records no per-image errors
         return 0
     failed = table["error"].astype(bool)
@@ -78,8 +79,8 @@ def check_errors(table: pd.DataFrame, max_share: float) -> int:
     if n and n / len(table) > max_share:
         first = table.loc[failed, "error"].iloc[0]
         raise ScoringError(
-            f"the reader failed on {n} of {len(table)} images ({n / len(table):.1%} > reward.max_error_share "
-            f"{max_share:.1%}); first error: {first}. Fix the reader, or raise reward.max_error_share"
+            f"the reward failed on {n} of {len(table)} images ({n / len(table):.1%} > reward.max_error_share "
+            f"{max_share:.1%}); first error: {first}. Fix the reward (or its reader), or raise reward.max_error_share"
         )
     return n
 

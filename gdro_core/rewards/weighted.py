@@ -40,14 +40,18 @@ class WeightedReward:
             except Exception as err:
                 raise RewardError(f"reward {name!r} failed on a batch of {len(images)} images ({type(err).__name__}: "
                                   f"{err}); a failure of one image belongs in its 'error' column") from err
-            if "reward" not in table or len(table) != len(images):
-                raise RewardError(f"reward {name!r} returned {len(table)} rows without a 'reward' column for "
-                                  f"{len(images)} images: it must return one row per image with 'reward'")
+            if "reward" not in table:
+                raise RewardError(f"reward {name!r} returned a table without a 'reward' column (columns: "
+                                  f"{list(table.columns)}): it must return one row per image with 'reward'")
+            if len(table) != len(images):
+                raise RewardError(f"reward {name!r} returned {len(table)} rows for {len(images)} images: it must "
+                                  "return one row per image, in the order of the images it was given")
             values = pd.to_numeric(table["reward"], errors="coerce").to_numpy(dtype=float)
-            failed = table["error"].astype(str).to_numpy() if "error" in table else np.full(len(images), "")
+            failed = (table["error"].fillna("").astype(str).to_numpy(dtype=object) if "error" in table
+                      else np.full(len(images), "", dtype=object))
             bad = ~np.isfinite(values)
             for j in np.flatnonzero(bad & (failed == "")):
-                failed[j] = f"non-finite reward {values[j]}"
+                failed[j] = f"reward {table['reward'].iloc[j]!r} is not a finite number"
             values = np.where(bad, 0.0, values)
             for j, text in enumerate(failed):
                 if text:
