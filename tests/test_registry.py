@@ -224,3 +224,14 @@ def test_outputs_without_their_tracking_store_are_named_with_how_to_register_aga
     (tmp_path / "reports" / "metrics.json").unlink()  # nothing evaluated yet: the usual advice, exit 0
     assert main(["compare"]) == 0
     assert "registers one per trained adapter" in capsys.readouterr().out
+
+
+def test_the_registered_model_class_gives_mlflow_no_cause_to_warn():
+    """MLflow checks ``predict``'s type hints when the class is defined, and warned in every stage that imports it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-W", "always", "-c", "import gdro_core.tracking.registry"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "type hint" not in out.stderr, out.stderr[-2000:]

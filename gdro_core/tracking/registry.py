@@ -99,7 +99,9 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.model = load_model(self.params, base)
         self.model.load_adapter(adapter)  # refuses a base with another fingerprint
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[np.ndarray]:
+        """``model_input``: the prompts, as the signature's one string column (a plain list works too). The hint is
+        one MLflow infers no schema from: the logged signature is the schema, and MLflow stops asking for hints."""
         from gdro_core.models.sampling import sample
 
         if isinstance(model_input, pd.DataFrame):

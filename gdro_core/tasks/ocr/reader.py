@@ -112,7 +112,9 @@ def _easyocr_reader(gpu: bool):
 
     from gdro_core.build_lock import building
 
-    with building():
+    with building(), warnings.catch_warnings():  # easyocr quantizes its recognizer on a CPU with an API torch deprecates
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         return easyocr.Reader(
             ["en"], gpu=gpu, download_enabled=False, model_storage_directory=easyocr_en_models.model_dir(),
             verbose=False,
