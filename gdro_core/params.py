@@ -284,6 +284,9 @@ class Rewards(Section):
         if unused and self.weights:
             raise ValueError(f"options for {', '.join(map(repr, unused))}, which rewards.weights does not use: "
                              "add it to rewards.weights or remove its options")
+        if unused:  # no weights: the task's own reward alone, which takes its settings from `reward`, not from here
+            raise ValueError(f"options for {', '.join(map(repr, unused))}, but rewards.weights is empty (the task's "
+                             "own reward alone, set under `reward`): name it in rewards.weights or remove its options")
         return self
 
 

@@ -261,6 +261,8 @@ def test_params_refuse_rewards_that_cannot_apply():
         parse_params({"rewards": {"weights": {"ocr": 0}}})
     with pytest.raises(ParamsError, match="options for 'clip_score', which rewards.weights does not use"):
         parse_params({"rewards": {"weights": {"ocr": 1}, "options": {"clip_score": {}}}})
+    with pytest.raises(ParamsError, match="options for 'clip_scor', but rewards.weights is empty"):  # were ignored
+        parse_params({"rewards": {"weights": {}, "options": {"clip_scor": {"model_dir": "models/clip"}}}})
 
 
 GENERAL = {"task": "general", "model": {"source": "models/mine"}, "judge": {"kind": "unified_reward"},
