@@ -151,6 +151,35 @@ def rewards(params: Params, root: Path) -> list[str]:
     return out
 
 
+def world_text_fits(params: Params) -> list[str]:
+    """The built-in OCR world's longest target, drawn in its widest character and moved by the jitter, inside the
+    image: a clipped render scores low however well the model draws it."""
+    if params.task != "ocr" or params.model.source != "builtin":
+        return []
+    from PIL import Image, ImageDraw
+
+    from gdro_core.tasks.ocr.world import font
+
+    w = params.world
+    draw, face = ImageDraw.Draw(Image.new("L", (1, 1))), font(w.font_size)
+    widths = {}
+    for c in w.alphabet:
+        left, top, right, bottom = draw.textbbox((0, 0), c * w.max_len, font=face)
+        widths[c] = (right - left, bottom - top)
+    wide, high = max(x for x, _ in widths.values()), max(y for _, y in widths.values())
+    out = []
+    if wide + 2 * w.jitter > w.width:
+        out.append(f"world.max_len {w.max_len}: a target of {w.max_len} characters is up to {wide} px wide at "
+                   f"world.font_size {w.font_size}, and with world.jitter {w.jitter} needs {wide + 2 * w.jitter} px, "
+                   f"but world.width is {w.width}: its renders are clipped; raise world.width to at least "
+                   f"{wide + 2 * w.jitter}, or lower world.max_len or world.font_size")
+    if high + 2 * w.jitter > w.height:
+        out.append(f"world.font_size {w.font_size}: text is up to {high} px high, and with world.jitter {w.jitter} "
+                   f"needs {high + 2 * w.jitter} px, but world.height is {w.height}: its renders are clipped; raise "
+                   "world.height or lower world.font_size")
+    return out
+
+
 def warnings(params: Params) -> list[str]:
     """What runs but means little: the built-in pixel judge knows only the built-in world's images."""
     if params.model.source != "builtin" and params.judge.kind == "pixel":
@@ -164,4 +193,4 @@ def warnings(params: Params) -> list[str]:
 def problems(params: Params, root: Path) -> list[str]:
     """Every path problem of these params, one line each (empty: all there)."""
     return [*model_source(params, root), *prompt_files(params, root), *judge(params, root), *detector(params, root),
-            *rewards(params, root)]
+            *rewards(params, root), *world_text_fits(params)]

@@ -75,3 +75,13 @@ def test_an_unknown_reward_name_is_one_line_from_check_and_stages(tmp_path):
         assert f"gdro {command}: unknown reward 'contrast' in rewards.weights" in out.stderr, out.stderr[-2000:]
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "reports" / "params_check.json").exists()
+
+
+def test_targets_too_long_for_the_world_image_are_refused_before_anything_runs(tmp_path):
+    """Five digits at the default font are 59 px wide in a 48-px image: every render would be clipped."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "world": {**TINY["world"], "max_len": 5}}))
+    out = check(tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "world.max_len 5: a target of 5 characters is up to 59 px wide" in out.stderr
+    assert "raise world.width to at least 61" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "reports" / "params_check.json").exists()
