@@ -215,7 +215,6 @@ def stages_command(args: argparse.Namespace) -> int:
     from gdro_core.dvc_files import write_dvc_files
     from gdro_core.params import ParamsError, load_params
     from gdro_core.code_closure import stage_files
-
     from gdro_core.rewards.base import RewardError
 
     root = project_root()

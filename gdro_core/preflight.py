@@ -162,11 +162,8 @@ def world_text_fits(params: Params) -> list[str]:
 
     w = params.world
     draw, face = ImageDraw.Draw(Image.new("L", (1, 1))), font(w.font_size)
-    widths = {}
-    for c in w.alphabet:
-        left, top, right, bottom = draw.textbbox((0, 0), c * w.max_len, font=face)
-        widths[c] = (right - left, bottom - top)
-    wide, high = max(x for x, _ in widths.values()), max(y for _, y in widths.values())
+    boxes = [draw.textbbox((0, 0), c * w.max_len, font=face) for c in w.alphabet]
+    wide, high = max(right - left for left, _, right, _ in boxes), max(bottom - top for _, top, _, bottom in boxes)
     out = []
     if wide + 2 * w.jitter > w.width:
         out.append(f"world.max_len {w.max_len}: a target of {w.max_len} characters is up to {wide} px wide at "
