@@ -24,8 +24,9 @@ def test_valid_sets_pass(tiny_params):
 
 def test_long_prompt_is_refused_naming_it(tiny_params):
     long = "a" * 90 + ' "123"'
-    with pytest.raises(PromptError, match="over the text encoder's limit of 32"):
+    with pytest.raises(PromptError, match="over the text encoder's limit of 32") as err:
         validate_prompt_sets({"train": [OcrPrompt(long, "123")], "test": []}, tiny_params, "here")
+    assert f"prompt 1 '{'a' * 80}'... (96 characters) is" in str(err.value)  # its start, not the whole paragraph
 
 
 def test_characters_outside_the_vocabulary_are_named(tiny_params):

@@ -54,15 +54,25 @@ def check_encodable(prompts: Sequence, vocab: set[str], max_tokens: int, count_t
                     where: str) -> None:
     """Every character must be in the tokenizer's vocabulary and every prompt within its length, or the
     target would silently become end-of-text tokens or be cut off."""
-    for p in prompts:
+    for i, p in enumerate(prompts, 1):
         bad = sorted({c for c in p.prompt if not c.isspace() and c.lower() not in vocab})
         if bad:
-            raise PromptError(f"{where}: prompt {p.prompt!r} has characters the text encoder cannot read: "
+            raise PromptError(f"{where}: prompt {i} {shown(p.prompt)} has characters the text encoder cannot read: "
                               f"{''.join(bad)!r}; use only {''.join(sorted(vocab))!r}")
         n = count_tokens(p.prompt)
         if n > max_tokens:
-            raise PromptError(f"{where}: prompt {p.prompt!r} is {n} tokens, over the text encoder's limit of "
+            raise PromptError(f"{where}: prompt {i} {shown(p.prompt)} is {n} tokens, over the text encoder's limit of "
                               f"{max_tokens} (model.builtin.max_tokens): shorten it or raise the limit")
+
+
+SHOWN_CHARS = 80  # of a prompt quoted in an error; a pasted paragraph would bury the message
+
+
+def shown(prompt: str) -> str:
+    """``prompt`` quoted for a message: whole when short, else its start and its length."""
+    if len(prompt) <= SHOWN_CHARS:
+        return repr(prompt)
+    return f"{prompt[:SHOWN_CHARS]!r}... ({len(prompt)} characters)"
 
 
 def check_builtin_encodable(prompts: Sequence, max_tokens: int, words: Sequence[str], where: str) -> None:
