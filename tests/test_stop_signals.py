@@ -112,7 +112,7 @@ def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(reproduced
     assert runs(project, "base") == ["KILLED", "FINISHED"]
 
 
-def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(scored, tmp_path):
+def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(scored, tmp_path, caplog):
     params = {**TINY, "train": {**TINY["train"], "steps": 120, "checkpoint_every": 5, "log_every": 1},
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 0}}
     tmp_path = tmp_path / "project"
@@ -134,7 +134,9 @@ def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(score
     kept = sorted((tmp_path / "checkpoints" / "train").glob("*/step-*"))
     last = int(kept[-1].name.split("-")[1])
     rerun_ms = time.time() * 1000
-    in_project(tmp_path, train_flow)  # the rerun, in this process: it continues the killed run in MLflow
+    with caplog.at_level("INFO"):
+        in_project(tmp_path, train_flow)  # the rerun, in this process: it continues the killed run in MLflow
+    assert f"resuming from {kept[-1].name}" in caplog.text  # the rerun says so before its first step
     assert runs(tmp_path, "train")[-1] == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(run_ids(tmp_path, "train")[-1], "train/loss")
     steps = [m.step for m in sorted(history, key=lambda m: m.timestamp) if m.timestamp >= rerun_ms]
