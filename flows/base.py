@@ -18,6 +18,7 @@ from gdro_core.tasks.registry import caption_words, make_task
 from gdro_core.training.pretrain import pretrain
 from gdro_core.data.store import write_json
 from gdro_core.tracking.runs import metric_logger, stage_run, tracking_optional
+from gdro_core.training.checkpoint import resuming_from
 
 
 @task(cache_policy=NO_CACHE)
@@ -27,8 +28,10 @@ def pretrain_builtin(lay: Layout) -> None:
     pipe = build_builtin_pipeline(p.model.builtin, p.image_shape, p.sampler.shift, p.pretrain.seed,
                                   words=caption_words(p))
     log = metric_logger(logger.info, p.tracking.metric_pause)
-    pretrain(pipe, p.image_shape[:2], make_task(p).pretrain_batch, p.pretrain,
-             lay.checkpoints("base", pretrain_fingerprint(lay)), log)
+    ckpt = lay.checkpoints("base", pretrain_fingerprint(lay))
+    if note := resuming_from(ckpt):
+        logger.info(note)
+    pretrain(pipe, p.image_shape[:2], make_task(p).pretrain_batch, p.pretrain, ckpt, log)
     tmp = lay.base_dir.with_name(".base.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)

@@ -24,7 +24,7 @@ from gdro_core.evaluation.monitor import CheckpointMonitor
 from gdro_core.training.online_grpo import encode_prompts, task_reward, train_online
 from gdro_core.data.pool import open_rollouts
 from gdro_core.models.offload import PreEncoded, offload_unused
-from gdro_core.training.checkpoint import latest_checkpoint
+from gdro_core.training.checkpoint import resuming_from
 from gdro_core.training.launch import launched
 from gdro_core.data.scoring import read_table, reward_matrix
 from gdro_core.data.store import read_json
@@ -64,10 +64,8 @@ def fit_adapter(lay: Layout) -> dict:
     log = metric_logger(logger.info, p.tracking.metric_pause)
     data, rewards, model = _offline_inputs(lay)
     ckpt = lay.checkpoints("train", train_fingerprint(lay))
-    resumed = latest_checkpoint(ckpt)
-    if resumed is not None:
-        logger.info("resuming from %s: an interrupted run with these params, data and code left it in %s", resumed.name,
-                    ckpt)
+    if note := resuming_from(ckpt):
+        logger.info(note)
     task = make_task(p)  # scores the online methods' own samples, as the score stage scores the stored groups
     reading = make_task(reading_params(p))  # reads the validation images, as evaluate reads the held-out ones
     val = task.read_prompts(lay.prompts("val"))[: p.evaluate.checkpoint_prompts]

@@ -2,6 +2,8 @@
 passing it on): the MLflow run ends KILLED, the last checkpoint (or finished rollout shard) is kept, and the next
 run resumes from it."""
 
+import logging
+import logging.handlers
 import os
 import re
 import shutil
@@ -109,10 +111,11 @@ def test_sigterm_to_dvc_repro_stops_pretraining_and_the_rerun_resumes(reproduced
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     steps = logged_steps(again.stdout + again.stderr)
     assert steps and steps[0] > last and steps[-1] == PRETRAIN_STEPS, (last, steps[:3], steps[-1:])  # resumed, not restarted
+    assert f"resuming from {kept[-1].name}" in again.stdout + again.stderr
     assert runs(project, "base") == ["KILLED", "FINISHED"]
 
 
-def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(scored, tmp_path, caplog):
+def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(scored, tmp_path):
     params = {**TINY, "train": {**TINY["train"], "steps": 120, "checkpoint_every": 5, "log_every": 1},
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 0}}
     tmp_path = tmp_path / "project"
@@ -134,9 +137,19 @@ def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(score
     kept = sorted((tmp_path / "checkpoints" / "train").glob("*/step-*"))
     last = int(kept[-1].name.split("-")[1])
     rerun_ms = time.time() * 1000
-    with caplog.at_level("INFO"):
+    heard = logging.handlers.BufferingHandler(10_000)  # the run loggers, whatever Prefect's logging config propagates
+    said = {name: logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")}
+    levels = {name: logger.level for name, logger in said.items()}
+    for logger in said.values():
+        logger.addHandler(heard)
+        logger.setLevel(logging.INFO)
+    try:
         in_project(tmp_path, train_flow)  # the rerun, in this process: it continues the killed run in MLflow
-    assert f"resuming from {kept[-1].name}" in caplog.text  # the rerun says so before its first step
+    finally:
+        for name, logger in said.items():
+            logger.removeHandler(heard)
+            logger.setLevel(levels[name])
+    assert any(f"resuming from {kept[-1].name}" in r.getMessage() for r in heard.buffer)  # said before its first step
     assert runs(tmp_path, "train")[-1] == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(run_ids(tmp_path, "train")[-1], "train/loss")
     steps = [m.step for m in sorted(history, key=lambda m: m.timestamp) if m.timestamp >= rerun_ms]

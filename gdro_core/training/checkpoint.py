@@ -82,6 +82,13 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resuming_from(root: Path) -> str | None:
+    """What a stage says before it continues an interrupted run from ``root`` (None: it starts afresh)."""
+    found = latest_checkpoint(root)
+    return None if found is None else (f"resuming from {found.name}: an interrupted run with these params, data and "
+                                       f"code left it in {root}")
+
+
 def load_checkpoint(path: Path, map_location: DeviceMap = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and state of a checkpoint; ``weights_only`` refuses anything but tensors and primitives.
 
