@@ -101,67 +101,49 @@ def test_no_weights_is_the_task_reward_alone():
     assert list(table.columns) == ["read", "reward", "exact", "similarity", "error"]
 
 
+class Returns:
+    """A reward that returns ``out`` whatever it is given: what a user's reward might return."""
+    needs_world = False
+
+    def __init__(self, name: str, out):
+        self.name, self.out = name, out
+
+    def score(self, images, records, progress=None):
+        return self.out
+
+
 def test_a_reward_that_returns_the_wrong_rows_is_named():
-    class Short:
-        name, needs_world = "short", False
-
-        def score(self, images, records, progress=None):
-            return pd.DataFrame({"reward": [1.0]})
-
     with pytest.raises(RewardError, match="'short' returned 1 rows for 2 images: it must return one row per image"):
-        WeightedReward([("short", 1.0, Short())]).score([grey(0), grey(0)], [None, None])
-
-    class Unnamed:
-        name, needs_world = "unnamed", False
-
-        def score(self, images, records, progress=None):
-            return pd.DataFrame({"score": [1.0] * len(images)})
-
+        WeightedReward([("short", 1.0, Returns("short", pd.DataFrame({"reward": [1.0]})))]).score(
+            [grey(0), grey(0)], [None, None])
     with pytest.raises(RewardError, match=r"'unnamed' returned a table without a 'reward' column \(columns: \['score'\]\)"):
-        WeightedReward([("unnamed", 1.0, Unnamed())]).score([grey(0), grey(0)], [None, None])
+        WeightedReward([("unnamed", 1.0, Returns("unnamed", pd.DataFrame({"score": [1.0, 1.0]})))]).score(
+            [grey(0), grey(0)], [None, None])
 
 
 def test_values_that_are_not_finite_numbers_are_scored_0_and_named_in_full():
     """A user's reward may return NaN, inf or text: each such image scores 0 and its error says what came back (the
     error column's text was cut to one character); an error column with None on the good rows flags nothing."""
-    class Odd:
-        name, needs_world = "odd", False
-
-        def __init__(self, table):
-            self.table = table
-
-        def score(self, images, records, progress=None):
-            return self.table
-
     images, records = [grey(0)] * 4, [None] * 4
-    table = WeightedReward([("odd", 1.0, Odd(pd.DataFrame({"reward": [float("nan"), 0.5, float("inf"), "high"]})))]
-                           ).score(images, records)
+    odd = Returns("odd", pd.DataFrame({"reward": [float("nan"), 0.5, float("inf"), "high"]}))
+    table = WeightedReward([("odd", 1.0, odd)]).score(images, records)
     assert list(table["reward"]) == [0.0, 0.5, 0.0, 0.0]
     assert list(table["error"]) == ["odd: reward nan is not a finite number", "",
                                     "odd: reward inf is not a finite number", "odd: reward 'high' is not a finite number"]
-    table = WeightedReward([("odd", 1.0, Odd(pd.DataFrame({"reward": [0.5, float("nan")], "error": [None, "blurred"]})))]
-                           ).score(images[:2], records[:2])
+    odd = Returns("odd", pd.DataFrame({"reward": [0.5, float("nan")], "error": [None, "blurred"]}))
+    table = WeightedReward([("odd", 1.0, odd)]).score(images[:2], records[:2])
     assert list(table["error"]) == ["", "odd: blurred"]
 
 
 def test_a_reward_may_return_its_rewards_as_a_sequence_and_a_failing_one_is_named():
     import torch
 
-    class Plain:
-        name, needs_world = "plain", False
-
-        def __init__(self, out):
-            self.out = out
-
-        def score(self, images, records, progress=None):
-            return self.out
-
     images, records = [grey(0), grey(0)], [None, None]
     for out in ([0.25, 0.5], np.array([0.25, 0.5]), torch.tensor([0.25, 0.5]), {"reward": [0.25, 0.5], "x": [1, 2]}):
-        table = WeightedReward([("plain", 2.0, Plain(out))]).score(images, records)
+        table = WeightedReward([("plain", 2.0, Returns("plain", out))]).score(images, records)
         assert list(table["reward"]) == [0.5, 1.0] and list(table["error"]) == ["", ""], type(out)
     with pytest.raises(RewardError, match="'plain' returned ndarray: it must return a pandas DataFrame"):
-        WeightedReward([("plain", 1.0, Plain(np.zeros((2, 2))))]).score(images, records)
+        WeightedReward([("plain", 1.0, Returns("plain", np.zeros((2, 2))))]).score(images, records)
 
     class Broken:
         name, needs_world = "broken", False
