@@ -39,7 +39,7 @@ def test_same_seed_same_latents_regardless_of_batching(model):
 def _generate(model, prompts, out, fp="fp-1", calls=None):
     return generate_rollouts(
         model, prompts, per_prompt=4, base_seed=100, steps=2, guidance=2.0, batch_prompts=2, out_dir=out,
-        fingerprint=fp, progress=(lambda i, n: calls.append(i)) if calls is not None else None,
+        fingerprint=fp, progress=(lambda i, n: calls.append((i, n))) if calls is not None else None,
     )
 
 
@@ -80,6 +80,7 @@ def test_corrupt_shard_is_regenerated_not_trusted(model, prompts, tmp_path):
         load_rollouts(out)
     calls = []
     _generate(model, prompts, out, calls=calls)
+    assert calls == [(1, 1)]  # only the corrupt shard is sampled again
     assert torch.equal(load_rollouts(out).latents, before)
 
 
@@ -100,8 +101,10 @@ def test_interrupted_rollout_resumes_from_finished_shards(model, prompts, tmp_pa
         _generate(model, prompts, out)
     assert (out / "shard-0000.safetensors").is_file() and not (out / "manifest.json").exists()
     count["n"] = 10  # later calls succeed; only the missing shard may be sampled
-    _generate(model, prompts, out)
+    calls = []
+    _generate(model, prompts, out, calls=calls)
     assert count["n"] == 11 and is_complete(out, "fp-1")
+    assert calls == [(1, 1)]  # the progress counts the one shard sampled, not the one reused
 
 
 def _count_samples(monkeypatch):

@@ -197,19 +197,21 @@ def generate_rollouts(
     fingerprint: str,
     progress: Progress | None = None,
 ) -> dict:
-    """Sample ``per_prompt`` images for every prompt in this process; reuse valid shards; return the manifest."""
+    """Sample ``per_prompt`` images for every prompt in this process; reuse valid shards; return the manifest.
+
+    ``progress(i, n)`` counts the shards this call samples (``n`` of them), not the ones it finds finished, so a
+    resumed run reports only its own work; ``n`` below the plan's shard count says how many were reused."""
     out_dir = Path(out_dir)
     if is_complete(out_dir, fingerprint):
         return read_json(out_dir / MANIFEST)
     prepare_rollouts(out_dir)
     shards = plan_shards(prompts, per_prompt, base_seed, batch_prompts)
-    todo = {s.index for s in pending_shards(out_dir, shards, fingerprint)}
+    todo = pending_shards(out_dir, shards, fingerprint)
     null = model.encode([""]) if todo else None
-    for s in shards:
-        if s.index in todo:
-            write_shard(model, s, per_prompt, steps, guidance, out_dir, fingerprint, null)
+    for done, s in enumerate(todo, 1):
+        write_shard(model, s, per_prompt, steps, guidance, out_dir, fingerprint, null)
         if progress:
-            progress(s.index + 1, len(shards))
+            progress(done, len(todo))
     return write_manifest(out_dir, shards, per_prompt, fingerprint)
 
 
