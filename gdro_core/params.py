@@ -886,6 +886,27 @@ def parse_params(data: dict[str, Any], source: str = "params", overridden: tuple
         raise ParamsError(_describe(err, source, overridden)) from None
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys, where DVC (ruamel.yaml) refuses the file: a section written twice (a
+    ``train:`` added at the bottom) would silently replace the first one's every setting here."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge key (<<: *anchor) may be overridden by the mapping's own keys
+            key = str(self.construct_object(key_node))
+            if key in seen:
+                raise DuplicateKeyError(None, None, f"'{key}' appears twice, first at line {seen[key]}",
+                                        key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate a params file, with optional dotted-key overrides (``{'train.beta': 6}``)."""
     path = Path(path)
@@ -898,13 +919,18 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         line = raw[: err.start].count(b"\n") + 1
         raise ParamsError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}): save the file as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         lines = text.splitlines()
         tab = mark is not None and mark.line < len(lines) and "\t" in lines[mark.line]
-        hint = "YAML does not allow tabs for indentation: indent with spaces" if tab else "fix the YAML syntax there"
+        if isinstance(err, DuplicateKeyError):
+            hint = "the later one would replace the first: merge them into one"
+        elif tab:
+            hint = "YAML does not allow tabs for indentation: indent with spaces"
+        else:
+            hint = "fix the YAML syntax there"
         raise ParamsError(f"{path}{where} is not valid YAML ({getattr(err, 'problem', err)}): {hint}") from None
     if data is None:
         raise ParamsError(f"{path} is empty: restore it (`git checkout {path.name}`) or write the sections you change "

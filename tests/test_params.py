@@ -65,6 +65,22 @@ def test_a_tab_in_params_yaml_names_the_file_the_line_and_the_fix(tmp_path):
         load_params(bad)
 
 
+def test_a_section_or_key_written_twice_is_refused_with_both_lines_not_silently_replaced(tmp_path):
+    """PyYAML keeps the last of two equal keys (DVC refuses the file): a `train:` added at the bottom would have reset
+    every train setting above it to its default without a word."""
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  beta: 6\n  group_size: 4\nsampler:\n  steps: 10\ntrain:\n  lr: 0.001\n")
+    with pytest.raises(ParamsError, match=r"params.yaml line 6, column 1 .*'train' appears twice, first at line 1\)"
+                                          r": .*merge them into one"):
+        load_params(f)
+    f.write_text("train:\n  beta: 6\n  beta: 7\n")
+    with pytest.raises(ParamsError, match=r"line 3, column 3 .*'beta' appears twice, first at line 2"):
+        load_params(f)
+    f.write_text("x-defaults: &d\n  beta: 6\n  gamma: 0.5\ntrain:\n  <<: *d\n  beta: 7\n")  # a merge key's own
+    with pytest.raises(ParamsError, match="unknown key 'x-defaults'"):  # override is no duplicate: only the anchor's
+        load_params(f)  # section itself is refused, as any unknown key
+
+
 def test_params_saved_with_a_byte_order_mark_load_and_another_encoding_is_named(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_bytes("\ufefftrain:\n  beta: 7.0\n".encode("utf-8"))
