@@ -64,17 +64,10 @@ def _stage(run: dict) -> str:
     return {t["key"]: t["value"] for t in run["data"].get("tags", [])}.get("gdro.stage", "")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """`gdro serve` in a tiny project, as a user starts it; stopped with SIGINT (Ctrl-C) at the end."""
-    root = tmp_path_factory.mktemp("served-project")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    prefect_port, mlflow_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
-    env.update({"GDRO_ROOT": str(root), "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "DVC_NO_ANALYTICS": "1"})
-    proc = subprocess.Popen([BIN / "gdro", "serve", "--prefect-port", str(prefect_port), "--mlflow-port",
-                             str(mlflow_port)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+def start_serve(root: Path, env: dict, ports: tuple[int, int], *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    """`gdro serve` on ``ports`` (Prefect, MLflow), once it says "ready"; its output lines so far and to come."""
+    proc = subprocess.Popen([BIN / "gdro", "serve", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
+                             *extra], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
 
@@ -88,7 +81,21 @@ def served(tmp_path_factory):
     deadline = time.monotonic() + STARTUP_S
     while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
         ready.wait(1.0)
-    assert ready.is_set(), "gdro serve did not get ready:\n" + "".join(lines[-60:])
+    if not ready.is_set():
+        proc.kill()
+        raise AssertionError("gdro serve did not get ready:\n" + "".join(lines[-60:]))
+    return proc, lines
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`gdro serve` in a tiny project, as a user starts it; stopped with SIGINT (Ctrl-C) at the end."""
+    root = tmp_path_factory.mktemp("served-project")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update({"GDRO_ROOT": str(root), "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "DVC_NO_ANALYTICS": "1"})
+    proc, lines = start_serve(root, env, (prefect_port, mlflow_port))
     ns = SimpleNamespace(root=root, proc=proc, lines=lines, env=env,
                          prefect=f"http://127.0.0.1:{prefect_port}", mlflow=f"http://127.0.0.1:{mlflow_port}")
     yield ns

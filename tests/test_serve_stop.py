@@ -8,7 +8,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import psutil
 import yaml
 
 from conftest import TINY
-from test_serve import STARTUP_S, free_port
+from test_serve import free_port, start_serve
 
 BIN = Path(sys.executable).parent
 
@@ -29,29 +28,6 @@ def _project(root: Path, params: dict) -> dict[str, str]:
     env.update({"GDRO_ROOT": str(root), "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "DVC_NO_ANALYTICS": "1",
                 "OMP_NUM_THREADS": "1"})
     return env
-
-
-def _serve(root: Path, env: dict, ports: tuple[int, int], *extra: str) -> tuple[subprocess.Popen, list[str]]:
-    """`gdro serve` on ``ports``, once it says "ready"; its output lines so far and to come."""
-    proc = subprocess.Popen([BIN / "gdro", "serve", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
-                             *extra], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.strip() == "ready":
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + STARTUP_S
-    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        ready.wait(1.0)
-    if not ready.is_set():
-        proc.kill()
-        raise AssertionError("gdro serve did not get ready:\n" + "".join(lines[-60:]))
-    return proc, lines
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -67,7 +43,7 @@ def test_sigterm_to_serve_during_a_deployment_run_leaves_no_run_running(tmp_path
 
     params = {**TINY, "pretrain": {**TINY["pretrain"], "steps": 400, "checkpoint_every": 5, "log_every": 1}}
     env = _project(tmp_path, params)
-    proc, lines = _serve(tmp_path, env, (free_port(), free_port()))
+    proc, lines = start_serve(tmp_path, env, (free_port(), free_port()))
     api = json.loads((tmp_path / ".prefect" / "serve.json").read_text())["prefect_api_url"]
     with temporary_settings({PREFECT_API_URL: api}):
         run = run_deployment("pipeline/gdro", timeout=0, as_subflow=False)
@@ -95,14 +71,14 @@ def test_sigterm_to_serve_during_a_deployment_run_leaves_no_run_running(tmp_path
 def test_the_next_serve_stops_what_a_killed_serve_left_and_names_a_foreign_port_holder(tmp_path):
     env = _project(tmp_path, TINY)
     ports = (free_port(), free_port())
-    first, _ = _serve(tmp_path, env, ports, "--no-deployments")
+    first, _ = start_serve(tmp_path, env, ports, "--no-deployments")
     left = psutil.Process(first.pid).children(recursive=True)
     assert left
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert (tmp_path / ".prefect" / "serve.json").is_file() and all(_alive(p) for p in left)
 
-    second, lines = _serve(tmp_path, env, ports, "--no-deployments")  # the same ports: freed, not "in use"
+    second, lines = start_serve(tmp_path, env, ports, "--no-deployments")  # the same ports: freed, not "in use"
     try:
         out = "".join(lines)
         for p in left:

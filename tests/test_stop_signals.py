@@ -56,6 +56,41 @@ def gone_within(proc: psutil.Process, seconds: float) -> None:
         time.sleep(0.1)
 
 
+def sigterm_when(stage: str, root: Path, env: dict, ready, what: str) -> tuple[int, Path, int]:
+    """`gdro <stage>` in ``root``, sent SIGTERM once ``ready()``; its exit code (it must be gone within
+    :data:`STOP_WITHIN`), its log and its pid."""
+    log = root / f"{stage}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([BIN / "gdro", stage], cwd=root, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
+        wait_for(ready, what)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=STOP_WITHIN), log, proc.pid
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"gdro {stage} still ran {STOP_WITHIN:.0f} s after SIGTERM") from None
+
+
+def run_logs(call) -> list[str]:
+    """``call()`` in this process; what its flow and task run loggers said, whatever Prefect's logging config
+    propagates."""
+    heard = logging.handlers.BufferingHandler(10_000)
+    said = {name: logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")}
+    levels = {name: logger.level for name, logger in said.items()}
+    for logger in said.values():
+        logger.addHandler(heard)
+        logger.setLevel(logging.INFO)
+    try:
+        call()
+    finally:
+        for name, logger in said.items():
+            logger.removeHandler(heard)
+            logger.setLevel(levels[name])
+    return [r.getMessage() for r in heard.buffer]
+
+
 def stage_runs(root: Path, stage: str):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`gdro.stage` = '{stage}'",
@@ -120,36 +155,17 @@ def test_sigterm_stops_training_marks_the_run_killed_and_the_rerun_resumes(score
               "evaluate": {**TINY["evaluate"], "checkpoint_every": 0}}
     tmp_path = tmp_path / "project"
     env = scored_copy(scored, tmp_path, params)
-    log = tmp_path / "train.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([BIN / "gdro", "train"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                                stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: any((tmp_path / "checkpoints" / "train").glob("*/step-*")), "the first training checkpoint")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=STOP_WITHIN)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError(f"gdro train still ran {STOP_WITHIN:.0f} s after SIGTERM") from None
+    checkpoints = tmp_path / "checkpoints" / "train"
+    code, log, _ = sigterm_when("train", tmp_path, env, lambda: any(checkpoints.glob("*/step-*")),
+                                "the first training checkpoint")
     assert code != 0, log.read_text()[-3000:]  # never an exit 0 that DVC or a scheduler would take as done
     assert runs(tmp_path, "train") == ["KILLED"], why(tmp_path, log)
-    kept = sorted((tmp_path / "checkpoints" / "train").glob("*/step-*"))
+    kept = sorted(checkpoints.glob("*/step-*"))
     last = int(kept[-1].name.split("-")[1])
     rerun_ms = time.time() * 1000
-    heard = logging.handlers.BufferingHandler(10_000)  # the run loggers, whatever Prefect's logging config propagates
-    said = {name: logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")}
-    levels = {name: logger.level for name, logger in said.items()}
-    for logger in said.values():
-        logger.addHandler(heard)
-        logger.setLevel(logging.INFO)
-    try:
-        in_project(tmp_path, train_flow)  # the rerun, in this process: it continues the killed run in MLflow
-    finally:
-        for name, logger in said.items():
-            logger.removeHandler(heard)
-            logger.setLevel(levels[name])
-    assert any(f"resuming from {kept[-1].name}" in r.getMessage() for r in heard.buffer)  # said before its first step
+    # the rerun, in this process: it continues the killed run in MLflow
+    said = run_logs(lambda: in_project(tmp_path, train_flow))
+    assert any(f"resuming from {kept[-1].name}" in m for m in said)  # said before its first step
     assert runs(tmp_path, "train")[-1] == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(run_ids(tmp_path, "train")[-1], "train/loss")
     steps = [m.step for m in sorted(history, key=lambda m: m.timestamp) if m.timestamp >= rerun_ms]
@@ -167,18 +183,8 @@ def test_sigterm_stops_rollout_keeps_finished_shards_and_the_rerun_reuses_them(t
     tiny_project(tmp_path, params)  # prompts and a small random base, made in this process
     env = gdro_env(tmp_path)
     records = tmp_path / "data" / "rollouts" / "records"
-    log = tmp_path / "rollout.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([BIN / "gdro", "rollout"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                                stdout=out, stderr=subprocess.STDOUT)
-        wait_for((records / "shard-0001.json").is_file, "the second rollout shard")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=STOP_WITHIN)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError(f"gdro rollout still ran {STOP_WITHIN:.0f} s after SIGTERM") from None
+    code, log, pid = sigterm_when("rollout", tmp_path, env, (records / "shard-0001.json").is_file,
+                                  "the second rollout shard")
     assert code != 0, log.read_text()[-3000:]
     assert runs(tmp_path, "rollout") == ["KILLED"], why(tmp_path, log)
     assert not (tmp_path / "data" / "rollouts" / "manifest.json").exists()
@@ -186,12 +192,15 @@ def test_sigterm_stops_rollout_keeps_finished_shards_and_the_rerun_reuses_them(t
     assert "shard-0000.json" in kept and len(kept) < 16, sorted(kept)
     with get_client(sync_client=True) as client:
         stopped = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"gdro.pid:{proc.pid}"])),
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"gdro.pid:{pid}"])),
             sort=FlowRunSort.ID_DESC, limit=10)
     assert [r.state.type.value for r in stopped] in (["CRASHED"], ["CANCELLED"]), [r.state for r in stopped]
 
-    in_project(tmp_path, rollout_flow)  # the rerun, in this process
+    said = run_logs(lambda: in_project(tmp_path, rollout_flow))  # the rerun, in this process
     assert runs(tmp_path, "rollout") == ["KILLED", "FINISHED"]
+    left = 16 - len(kept)  # its progress counts the shards it samples, not the ones it reuses
+    progress = [m for m in said if m.startswith("rollout shard")]
+    assert progress == [f"rollout shard {i}/{left}" for i in range(1, left + 1)], progress
     assert {n: (records / n).stat().st_mtime_ns for n in kept} == kept  # the kept shards were reused, not redone
     assert len(list(records.glob("shard-*.json"))) == 16
 
