@@ -39,7 +39,7 @@ def import_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | No
             rows = len(read_json(lay.rollout_dir / MANIFEST)["rows"])
             logger.info("%s is imported already (%d images in %s)", lay.import_manifest, rows, lay.rollout_dir)
         else:
-            result = import_manifest(lay.import_manifest, p, load_model(p, lay.base_dir), lay.rollout_dir,
+            result = import_manifest(lay.import_manifest, p, lambda: load_model(p, lay.base_dir), lay.rollout_dir,
                                      lay.rewards, fp, base, log=logger.warning, words=caption_words(p))
             rows = result.rows
             logger.info("%s", result.summary())

@@ -187,7 +187,19 @@ def warnings(params: Params) -> list[str]:
     return []
 
 
+def import_manifest(params: Params, root: Path) -> list[str]:
+    """``data.manifest`` under ``data.source: import``: the file the import stage reads in place of rollout and score
+    (its rows are checked by the stage itself)."""
+    if params.data.source != "import":
+        return []
+    path = _resolve(params.data.manifest, root)
+    if path.is_file():
+        return []
+    return [f"data.manifest: no manifest at {path}: write your images' manifest there (`gdro export` writes one of the "
+            "project's own) or point data.manifest at yours (docs/import-export.md)"]
+
+
 def problems(params: Params, root: Path) -> list[str]:
     """Every path problem of these params, one line each (empty: all there)."""
     return [*model_source(params, root), *prompt_files(params, root), *judge(params, root), *detector(params, root),
-            *rewards(params, root), *world_text_fits(params)]
+            *rewards(params, root), *world_text_fits(params), *import_manifest(params, root)]

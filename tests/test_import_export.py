@@ -54,7 +54,7 @@ def project(tmp_path_factory, prefect_server, one_thread):
 
 
 def do_import(p, model, base, manifest: Path, out: Path):
-    return import_manifest(manifest, p, model, out / "rollouts", out / "rewards.parquet", "imported", base,
+    return import_manifest(manifest, p, lambda: model, out / "rollouts", out / "rewards.parquet", "imported", base,
                            log=lambda line: None)
 
 
@@ -149,6 +149,26 @@ def test_bad_rows_are_refused_by_file_and_line_and_nothing_is_written(project, o
                    out, small_groups="refuse")
     assert_refused(project, folder, [{**rows[0], "image": "../x.png"}], rf"{m}:1: image '../x.png' must be", out)
     assert_refused(project, folder, [{**rows[0], "image": "C:\\data\\x.png"}], rf"{m}:1: image 'C:.*' must be", out)
+
+
+def test_a_missing_or_bad_manifest_is_named_before_the_model_loads(project, own, tmp_path, monkeypatch):
+    """A missing manifest or a bad row is named at once, not after the base checkpoint (minutes for a real one) and
+    a temporary server have loaded."""
+    import flows.import_manifest as stage
+
+    root, p, _, _, base = project
+    folder, rows = own
+
+    def never(*args):
+        raise AssertionError("the model was loaded before the manifest was read")
+
+    monkeypatch.setattr(stage, "load_model", never)
+    monkeypatch.setenv("GDRO_ROOT", str(root))
+    with pytest.raises(ManifestError, match=f"no manifest at {tmp_path / 'nope.jsonl'}"):
+        stage.import_flow(overrides={"data.manifest": str(tmp_path / "nope.jsonl")})
+    bad = write_rows(folder, [*rows[:2], {**rows[2], "reward": "high"}])
+    with pytest.raises(ManifestError, match=":3: reward"):
+        import_manifest(bad, p, never, tmp_path / "rollouts", tmp_path / "rewards.parquet", "fp", base)
 
 
 def test_a_manifest_written_on_windows_names_its_images_with_backslashes(project, own, tmp_path):

@@ -76,6 +76,16 @@ def test_judge_detector_and_prompt_files_are_checked_when_configured(tmp_path):
     assert out and out[0].startswith("prompts.source: no directory")
 
 
+def test_a_missing_import_manifest_is_named_before_any_stage_runs_and_only_when_imported(tmp_path):
+    imported = params(data={"source": "import", "manifest": "mine/manifest.csv"})
+    (out,) = preflight.problems(imported, tmp_path)
+    assert out.startswith(f"data.manifest: no manifest at {tmp_path / 'mine' / 'manifest.csv'}: ") and "gdro export" in out
+    assert preflight.problems(params(data={"manifest": "mine/manifest.csv"}), tmp_path) == []  # data.source: rollout
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "manifest.csv").write_text("prompt,image,reward\n")
+    assert preflight.problems(imported, tmp_path) == []  # its rows are the import stage's to check
+
+
 def test_a_real_checkpoint_with_the_pixel_judge_is_warned_about(sd35):
     assert preflight.warnings(params()) == []
     assert "pixel judge" in preflight.warnings(params(model={"source": str(sd35)}))[0]

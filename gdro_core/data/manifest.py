@@ -367,12 +367,13 @@ def _tmp_dir(path: Path) -> Path:
 
 
 def import_manifest(
-    manifest: Path, params, model, rollout_dir: Path, rewards: Path, fp: str, base_fingerprint: str,
-    log: Log = print, words: Sequence[str] = (),
+    manifest: Path, params, load_model: Callable[[], Any], rollout_dir: Path, rewards: Path, fp: str,
+    base_fingerprint: str, log: Log = print, words: Sequence[str] = (),
 ) -> ImportResult:
     """Read, check and encode ``manifest``; write the rollout store at ``rollout_dir`` (fingerprint ``fp``: see
     :func:`gdro_core.cache_keys.import_fingerprint`) and the reward table at ``rewards`` tied to it. Nothing is
-    moved into place before every row has passed."""
+    moved into place before every row has passed. The model (``load_model()``) is loaded only once every row has
+    read well, so a missing file or a bad row is named at once, not after a checkpoint's load."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -381,6 +382,7 @@ def import_manifest(
     folder = manifest.parent
     weights = dict(params.rewards.weights)
     rows = read_manifest(manifest, weights)
+    model = load_model()
     check_prompt = prompt_checker(params, model, words)
     for r in rows:
         try:
