@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from gdro_core import preflight
@@ -234,6 +235,38 @@ def test_editing_a_local_reward_changes_the_scoring_stages_code_key_only(user_re
     assert all(after[s] != before[s] for s in ("score", "train", "evaluate"))
 
 
+def test_an_edit_to_a_module_the_reward_imports_reruns_scoring_and_dvc_tracks_it(tmp_path, monkeypatch):
+    """A reward file that imports the project's own helpers (at the top, inside a function, relatively) scores with
+    them: editing one changes the scoring stages' code key and is a dep of dvc.yaml's check stage, as the file is."""
+    from gdro_core.dvc_files import render_dvc_yaml
+    from gdro_core.rewards.registry import local_reward_files
+
+    (tmp_path / "my_helpers.py").write_text("SCALE = 127.5\n")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "__init__.py").write_text("")
+    (tmp_path / "lib" / "ink.py").write_text("from .norms import clip\n")
+    (tmp_path / "lib" / "norms.py").write_text("def clip(x):\n    return min(x, 1.0)\n")
+    (tmp_path / "unused.py").write_text("")
+    (tmp_path / "my_rewards.py").write_text(
+        "import numpy as np\nimport my_helpers\n\nclass Contrast:\n    name, needs_world = 'contrast', False\n\n"
+        "    def score(self, images, records, progress=None):\n        from lib.ink import clip\n"
+        "        return [clip(np.asarray(im.convert('L')).std() / my_helpers.SCALE) for im in images]\n")
+    monkeypatch.chdir(tmp_path)
+    p = parse_params({"rewards": {"weights": {"ocr": 1.0, "my_rewards.py:Contrast": 1.0}}})
+    files = ["my_rewards.py", "lib/__init__.py", "lib/ink.py", "lib/norms.py", "my_helpers.py"]
+    assert sorted(local_reward_files(p, tmp_path)) == sorted(files)  # numpy, gdro and unused.py are not its code
+    deps = yaml.safe_load(render_dvc_yaml(p, tuple(local_reward_files(p, tmp_path))))["stages"]["check"]["deps"]
+    assert set(files) <= set(deps)
+    for helper in ("my_helpers.py", "lib/norms.py"):
+        before = {s: code_record(s, p)["sha256"] for s in ("rollout", "score")}
+        (tmp_path / helper).write_text((tmp_path / helper).read_text() + "# edited\n")
+        after = {s: code_record(s, p)["sha256"] for s in ("rollout", "score")}
+        assert after["rollout"] == before["rollout"] and after["score"] != before["score"], helper
+    before = code_record("score", p)["sha256"]
+    (tmp_path / "unused.py").write_text("# edited\n")
+    assert code_record("score", p)["sha256"] == before
+
+
 def test_params_refuse_rewards_that_cannot_apply():
     with pytest.raises(ParamsError, match="reward 'geneval' .* needs task geneval"):
         parse_params({"rewards": {"weights": {"geneval": 1.0}}})
@@ -292,7 +325,6 @@ def readme_blocks() -> dict[str, str]:
 def test_the_readme_reward_example_runs_beside_the_ocr_reward(tmp_path, prefect_server):
     import subprocess
 
-    import yaml
     from conftest import ROOT, TINY, gdro_env, in_project, tiny_project
     from flows.rollout import rollout_flow
 

@@ -12,6 +12,7 @@ Nothing here imports a reward until it is made, so naming rewards costs no model
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -163,6 +164,58 @@ def configured(params: Params) -> dict[str, float]:
     return dict(params.rewards.weights) or {params.task: 1.0}
 
 
+OWN_PACKAGES = ("gdro_core", "flows")
+"""gdro's own packages: a reward's imports of them are hashed with the stage's own code, not as the reward's."""
+
+
+def _local_module(name: str, root: Path) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def local_imports(path: Path, root: Path) -> list[Path]:
+    """The project's files that a reward file imports, directly or through each other (imports inside functions
+    count), found where the reward's ``import`` finds them: under ``root``, or beside the importing file for a relative
+    import. An edit to such a helper changes the rewards as much as one to the reward file itself. gdro's own
+    packages and installed ones are left out."""
+    root = Path(root).resolve()
+    todo, seen = [Path(path).resolve()], set()
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"), str(f))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue  # importing it fails with its own message; what it would import is unknown
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    package = f.parents[node.level - 1] if node.level <= len(f.parents) else None
+                    if package is None or not package.is_relative_to(root):
+                        continue
+                    base = ".".join([*package.relative_to(root).parts, *filter(None, [node.module])])
+                else:
+                    base = node.module or ""
+                names = [base, *(f"{base}.{a.name}" if base else a.name for a in node.names)]
+            else:
+                continue
+            parents = {".".join(n.split(".")[:i]) for n in filter(None, names) for i in range(1, n.count(".") + 1)}
+            for name in sorted(parents | set(filter(None, names))):  # a package's __init__ runs on the way
+                if name.split(".")[0] in OWN_PACKAGES:
+                    continue
+                target = _local_module(name, root)
+                if target is not None and ".venv" not in target.relative_to(root).parts:
+                    todo.append(target)
+    return sorted(seen - {Path(path).resolve()})
+
+
 def reward_sources(params: Params, root: Path = Path(".")) -> tuple[list[str], list[dict[str, str]]]:
     """What the configured rewards run, for the code key of the stages that score: the project modules (their
     import closure is added by :mod:`gdro_core.code_closure`) and, for rewards outside the project, each one's
@@ -180,21 +233,30 @@ def reward_sources(params: Params, root: Path = Path(".")) -> tuple[list[str], l
             external.append({"reward": name, "entry_point": spec,
                              "version": f"{dist.name}=={dist.version}" if dist else "unknown"})
         else:
-            path = _module_file(module, Path(root).resolve())
+            root_dir = Path(root).resolve()
+            path = _module_file(module, root_dir)
             digest = hashlib.sha256(path.read_bytes()).hexdigest() if path else "missing"
-            external.append({"reward": name, "module": module, "sha256": digest})
+            record: dict[str, Any] = {"reward": name, "module": module, "sha256": digest}
+            helpers = local_imports(path, root_dir) if path and path.is_relative_to(root_dir) else []
+            if helpers:
+                record["imports"] = {h.relative_to(root_dir).as_posix(): hashlib.sha256(h.read_bytes()).hexdigest()
+                                     for h in helpers}
+            external.append(record)
     return modules, external
 
 
 def local_reward_files(params: Params, root: Path) -> list[str]:
     """The project's own reward files that ``rewards.weights`` names (``module:Class`` or ``file.py:Class`` under
-    ``root``), relative to it: what the ``check`` stage of dvc.yaml must depend on for an edit to rerun ``score``."""
+    ``root``) and the project files they import (:func:`local_imports`), relative to it: what the ``check`` stage of
+    dvc.yaml must depend on for an edit to rerun ``score``."""
     root = Path(root).resolve()
-    out = []
+    out: list[str] = []
     for name in sorted(params.rewards.weights):
         if not _is_spec(name):
             continue
         path = _module_file(name.rpartition(":")[0], root)
         if path is not None and path.is_relative_to(root) and ".venv" not in path.relative_to(root).parts:
-            out.append(path.relative_to(root).as_posix())
+            for f in (path, *local_imports(path, root)):
+                if f.relative_to(root).as_posix() not in out:
+                    out.append(f.relative_to(root).as_posix())
     return out
