@@ -130,7 +130,8 @@ def test_values_that_are_not_finite_numbers_are_scored_0_and_named_in_full():
     table = WeightedReward([("odd", 1.0, odd)]).score(images, records)
     assert list(table["reward"]) == [0.0, 0.5, 0.0, 0.0]
     assert list(table["error"]) == ["odd: reward nan is not a finite number", "",
-                                    "odd: reward inf is not a finite number", "odd: reward 'high' is not a finite number"]
+                                    "odd: reward inf is not a finite number",
+                                    "odd: reward 'high' is text, not a number: score must return numbers"]
     odd = Returns("odd", pd.DataFrame({"reward": [0.5, float("nan")], "error": [None, "blurred"]}))
     table = WeightedReward([("odd", 1.0, odd)]).score(images[:2], records[:2])
     assert list(table["error"]) == ["", "odd: blurred"]
@@ -152,8 +153,36 @@ def test_a_reward_may_return_its_rewards_as_a_sequence_and_a_failing_one_is_name
         def score(self, images, records, progress=None):
             raise KeyError("no such layer")
 
-    with pytest.raises(RewardError, match=r"'broken' failed on a batch of 2 images \(KeyError: 'no such layer'\)"):
+    line = Broken.score.__code__.co_firstlineno + 1
+    with pytest.raises(RewardError, match=rf"'broken' failed on a batch of 2 images \(KeyError: 'no such layer'\) at "
+                                          rf"test_rewards.py:{line};"):  # where in the user's code to look
         WeightedReward([("broken", 1.0, Broken())]).score(images, records)
+
+
+def test_a_score_method_without_the_progress_argument_is_called_without_it():
+    """The README's prose says `score(images, records)`: a user's method of that shape works, as does one that takes
+    the progress callback by name, positionally or through *args."""
+    seen = []
+
+    class Plain:
+        name, needs_world = "plain", False
+
+        def score(self, images, records):
+            return [0.5] * len(images)
+
+    class Keyword(Plain):
+        def score(self, images, records, *, progress=None):
+            seen.append(progress)
+            return [0.25] * len(images)
+
+    class Star(Plain):
+        def score(self, *args):
+            seen.append(len(args))
+            return [1.0] * len(args[0])
+
+    parts = [("plain", 1.0, Plain()), ("keyword", 1.0, Keyword()), ("star", 1.0, Star())]
+    table = WeightedReward(parts).score([grey(0)] * 2, [None] * 2, progress=lambda done, n: None)
+    assert list(table["reward"]) == [1.75, 1.75] and callable(seen[0]) and seen[1] == 3
 
 
 def test_unknown_and_broken_rewards_say_what_to_do(user_rewards):

@@ -45,6 +45,35 @@ class Reward(Protocol):
         ...
 
 
+def call_score(score: Callable, images, records, progress: Progress | None):
+    """``score(images, records, progress)`` as the reward's method takes it: the protocol's third argument
+    positionally, by name where it is keyword-only, and not at all for a user's ``score(self, images, records)``."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(score).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: call it as the protocol says
+        return score(images, records, progress)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params):
+        return score(images, records, progress)
+    if any(p.kind == p.VAR_KEYWORD or (p.kind == p.KEYWORD_ONLY and p.name == "progress") for p in params):
+        return score(images, records, progress=progress)
+    return score(images, records)
+
+
+def where_it_failed(err: BaseException) -> str:
+    """`` at file.py:line`` of the innermost frame of the raising code that is not an installed package or Python
+    itself: where in a user's reward to look ('' when every frame is library code)."""
+    import sys
+    import traceback
+
+    library = (sys.base_prefix, sys.prefix)
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "site-packages" not in f.filename and not f.filename.startswith(library)]
+    return f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+
+
 class RewardError(ValueError):
     """A reward that cannot be built or run as configured; the message names the reward and the fix."""
 

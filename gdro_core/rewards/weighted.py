@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from gdro_core.rewards.base import Progress, Reward, RewardError, RewardRecord
+from gdro_core.rewards.base import Progress, Reward, RewardError, RewardRecord, call_score, where_it_failed
 
 
 class WeightedReward:
@@ -34,12 +34,13 @@ class WeightedReward:
         for i, (name, weight, reward) in enumerate(self.parts):
             step = (lambda done, n, i=i: progress(i * n + done, len(self.parts) * n)) if progress else None
             try:
-                table = as_table(reward.score(images, records, step), name)
+                table = as_table(call_score(reward.score, images, records, step), name)
             except RewardError:
                 raise
             except Exception as err:
                 raise RewardError(f"reward {name!r} failed on a batch of {len(images)} images ({type(err).__name__}: "
-                                  f"{err}); a failure of one image belongs in its 'error' column") from err
+                                  f"{err}){where_it_failed(err)}; a failure of one image belongs in its 'error' column"
+                                  ) from err
             if "reward" not in table:
                 raise RewardError(f"reward {name!r} returned a table without a 'reward' column (columns: "
                                   f"{list(table.columns)}): it must return one row per image with 'reward'")
@@ -51,7 +52,9 @@ class WeightedReward:
                       else np.full(len(images), "", dtype=object))
             bad = ~np.isfinite(values)
             for j in np.flatnonzero(bad & (failed == "")):
-                failed[j] = f"reward {table['reward'].iloc[j]!r} is not a finite number"
+                got = table["reward"].iloc[j]
+                failed[j] = (f"reward {got!r} is text, not a number: score must return numbers" if isinstance(got, str)
+                             else f"reward {got!r} is not a finite number")
             values = np.where(bad, 0.0, values)
             for j, text in enumerate(failed):
                 if text:
