@@ -8,6 +8,8 @@ fix. Nothing here loads weights: it reads directory listings and small JSON file
 
 from __future__ import annotations
 
+import inspect
+
 import json
 from pathlib import Path
 
@@ -145,6 +147,15 @@ def rewards(params: Params, root: Path) -> list[str]:
         except RewardError as err:
             out.append(" ".join(str(err).split()))
             continue
+        if not hasattr(cls, "from_params"):  # built as Class(**options): a mismatch fails here, not after DVC has
+            try:  # deleted the old reward table
+                inspect.signature(cls).bind(**options)
+            except TypeError as err:
+                out.append(f"reward {name!r}: {cls.__name__} does not take these options ({err}); set "
+                           f"rewards.options['{name}'] to what its __init__ takes")
+                continue
+            except ValueError:  # no signature to read (a C type): building it will tell
+                pass
         check = getattr(cls, "preflight", None)
         if callable(check):
             out += [f"rewards.options.{name}: {line}" for line in check(options, root)]

@@ -236,6 +236,27 @@ def test_options_are_validated_by_the_rewards_own_model(user_rewards):
     assert line.startswith("unknown reward 'pickscor'")
 
 
+def test_options_a_rewards_init_does_not_take_are_refused_by_check_before_any_stage(user_rewards):
+    """Built as ``Class(**options)``: a misspelt or missing option fails in `gdro check`, not in `score` after DVC has
+    deleted the old reward table."""
+    name = "my_rewards.py:Brightness"
+    for options, said in (({"scael": 2.0}, "unexpected keyword argument 'scael'"), ({}, None)):
+        p = parse_params({"rewards": {"weights": {name: 1.0}, "options": {name: options} if options else {}}})
+        problems = preflight.problems(p, user_rewards)
+        if said is None:
+            assert problems == []  # scale has a default
+            continue
+        [line] = problems
+        assert line.startswith(f"reward '{name}': Brightness does not take these options (") and said in line
+        assert line.endswith(f"set rewards.options['{name}'] to what its __init__ takes")
+        with pytest.raises(RewardError, match=said):  # what `score` would have said, later
+            make_reward(name, p)
+    (user_rewards / "needs.py").write_text(USER_REWARDS.replace("scale=1.0", "scale"))
+    p = parse_params({"rewards": {"weights": {"needs.py:Brightness": 1.0}}})
+    [line] = preflight.problems(p, user_rewards)
+    assert "missing a required argument: 'scale'" in line
+
+
 def test_an_installed_package_adds_rewards_through_the_entry_point(tmp_path, monkeypatch):
     pkg = tmp_path / "site"
     (pkg / "acme_rewards").mkdir(parents=True)

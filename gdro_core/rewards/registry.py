@@ -137,7 +137,7 @@ def make_reward(name: str, params: Params, root: Path = Path(".")) -> Reward:
         raise
     except TypeError as err:
         raise RewardError(f"reward {name!r}: {cls.__name__} does not take these options ({err}); set "
-                          f"rewards.options.{name} to what it takes") from None
+                          f"rewards.options['{name}'] to what its __init__ takes") from None
     if not callable(getattr(reward, "score", None)):
         raise RewardError(f"reward {name!r}: {cls.__name__} has no score(images, records) method; see "
                           "gdro_core/rewards/base.py for the protocol")
