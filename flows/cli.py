@@ -141,10 +141,12 @@ def run_server_command(args: argparse.Namespace) -> int:
 
             return run_dvc_experiments(args.params, overrides, parse_grid(args.grid) or None, args.name)
         else:
-            from flows.sweep import sweep_flow
+            from flows.sweep import check_sweep, sweep_flow
 
-            sweep_flow(params_path=args.params, overrides=overrides, grid=parse_grid(args.grid) or None,
-                       name=args.name, max_workers=args.max_workers)
+            grid = parse_grid(args.grid) or None
+            check_sweep(args.params, overrides, grid, args.name, args.max_workers)
+            sweep_flow(params_path=args.params, overrides=overrides, grid=grid, name=args.name,
+                       max_workers=args.max_workers)
     except (ParamsError, ServeError, SweepError, ValueError, FileNotFoundError) as err:
         print(f"gdro {args.command}: {err}", file=sys.stderr)
         return 2

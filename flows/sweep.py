@@ -110,6 +110,14 @@ def run_config(
             "adapter_dir": overrides["paths.adapter_dir"], "reports_dir": overrides["paths.reports_dir"]}
 
 
+def check_sweep(params_path: str, overrides: dict[str, Any] | None, grid: dict[str, list[Any]] | None,
+                name: str | None, max_workers: int | None) -> None:
+    """The sweep's configs validated before its flow (and a Prefect server) starts, so that a misspelt key or a bad
+    value is one line, not a flow run's traceback; the flow checks them again for a run started from the UI."""
+    params = load_params(project_root() / params_path, overrides)
+    check_configs(params, sweep_configs(resolve_sweep(params.sweep, grid, None, name, max_workers)))
+
+
 @flow(name="sweep")
 def sweep_flow(
     params_path: str = "params.yaml",

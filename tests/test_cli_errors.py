@@ -85,3 +85,16 @@ def test_targets_too_long_for_the_world_image_are_refused_before_anything_runs(t
     assert "world.max_len 5: a target of 5 characters is up to 59 px wide" in out.stderr
     assert "raise world.width to at least 61" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "reports" / "params_check.json").exists()
+
+
+def test_a_bad_sweep_grid_is_one_line_before_any_flow_or_server_starts(tmp_path):
+    """A misspelt or mistyped sweep key is named by config and key, without the flow run's traceback (and without
+    the temporary Prefect server it would start: no PREFECT_API_URL here)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(GDRO_ROOT=str(tmp_path), PREFECT_HOME=str(tmp_path / ".prefect"))
+    for grid, said in (("train.bta=1,2", "sweep config 'bta1'"), ("train.beta=a,b", "'train.beta'")):
+        out = subprocess.run([BIN / "gdro", "sweep", "--grid", grid, "--name", "t"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.startswith("gdro sweep: ") and said in out.stderr, out.stderr
+        assert "Traceback" not in out.stdout + out.stderr and "Starting temporary server" not in out.stdout + out.stderr
