@@ -262,8 +262,11 @@ def test_named_rewards_are_summed_with_their_weights(tmp_path):
     read = read_manifest(path, {"ocr": 0.7, "clip": 0.3})
     assert [r.reward for r in read] == [0.7, 0.3] and read[0].parts == {"ocr": 1.0, "clip": 0.0}
     path = write_rows(tmp_path, [{**rows[1], "reward": 0.9}])
-    with pytest.raises(ManifestError, match=r":1: reward 0.9 is not the rewards.weights sum"):
+    with pytest.raises(ManifestError, match=r":1: reward 0.9 is not the rewards.weights sum .*drop the columns ocr, "
+                                            r"clip .* drop the reward column"):  # both ways out, the user's reward kept
         read_manifest(path, {"ocr": 0.7, "clip": 0.3})
+    alone = write_rows(tmp_path, [{"prompt": "a", "image": "y.png", "reward": 0.9}])  # a rescored export, parts dropped
+    assert [r.reward for r in read_manifest(alone, {"ocr": 0.7, "clip": 0.3})] == [0.9]
     with pytest.raises(ManifestError, match=r":1: no reward \(or ocr, clip"):
         read_manifest(write_rows(tmp_path, [{"prompt": "a", "image": "x.png", "ocr": 1}]), {"ocr": 0.7, "clip": 0.3})
 

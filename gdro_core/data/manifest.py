@@ -180,7 +180,8 @@ def read_manifest(path: Path, weights: dict[str, float]) -> list[Row]:
             if "reward" in rec and not math.isclose(_number(rec["reward"], where, "reward"), total, abs_tol=1e-6):
                 raise ManifestError(
                     f"{where}: reward {rec['reward']} is not the rewards.weights sum of {', '.join(parts)} ({total:g}): "
-                    "drop the reward column to have it computed, or fix it")
+                    f"to train on your reward column as it is, drop the columns {', '.join(parts)} (`gdro export` "
+                    "writes them); to have it computed from them, drop the reward column")
             reward = total
         else:
             reward = _number(rec["reward"], where, "reward")
