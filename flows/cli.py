@@ -15,17 +15,23 @@ import yaml
 from gdro_core.stages import CHECK_FILE, ROUND_STAGES, STAGE_NAMES, stage
 
 
+def usage_error(message: str) -> SystemExit:
+    """A malformed command line: one line on stderr and exit 2, as argparse and every stage's bad params exit."""
+    print(f"gdro: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``--set train.beta=6`` pairs; values are read as YAML (numbers, booleans, lists)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE (e.g. train.beta=6), got {pair!r}")
+            raise usage_error(f"--set expects KEY=VALUE (e.g. train.beta=6), got {pair!r}")
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise SystemExit(f"--set {key}: {value!r} is not a YAML value ({getattr(err, 'problem', err)}); quote "
+            raise usage_error(f"--set {key}: {value!r} is not a YAML value ({getattr(err, 'problem', err)}); quote "
                              "strings and close brackets, e.g. --set train.beta=6 or --set 'sweep.grid={train.beta: [6, 12]}'")
     return out
 
@@ -83,8 +89,12 @@ def parse_grid(pairs: list[str]) -> dict[str, list[Any]]:
     for pair in pairs:
         key, sep, values = pair.partition("=")
         if not sep or not key or not values:
-            raise SystemExit(f"--grid expects KEY=V1,V2,... (e.g. train.beta=6,12), got {pair!r}")
-        out[key] = [yaml.safe_load(v) for v in values.split(",")]
+            raise usage_error(f"--grid expects KEY=V1,V2,... (e.g. train.beta=6,12), got {pair!r}")
+        try:
+            out[key] = [yaml.safe_load(v) for v in values.split(",")]
+        except yaml.YAMLError as err:
+            raise usage_error(f"--grid {key}: {values!r} holds a value that is not YAML "
+                              f"({getattr(err, 'problem', err)}): quote strings and close brackets") from None
     return out
 
 
@@ -225,6 +235,10 @@ def stages_command(args: argparse.Namespace) -> int:
         if args.write:  # dvc.yaml's data stages follow data.source; its check stage tracks your reward files
             for path in write_dvc_files(root, params):
                 print(f"wrote {path}")
+            from gdro_core import preflight
+
+            for line in preflight.rewards(params, root):  # e.g. a reward file not there yet: nothing to track
+                print(f"gdro stages: {line}", file=sys.stderr)
             return 0
         files = {name: stage_files(name, params) for name in [*STAGE_NAMES, IMPORT]}
     except (ParamsError, RewardError) as err:

@@ -149,6 +149,7 @@ def write_dvc_files(root: Path, params: Params | None = None) -> list[Path]:
     for rel, text in ((DVC_FILE, render_dvc_yaml(params, files)), (ROUNDS_FILE, render_rounds_yaml())):
         path = root / rel
         if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             changed.append(path)
     return changed

@@ -50,7 +50,10 @@ def test_a_bad_set_value_is_named_as_given_with_set_and_shows_no_whole_section(t
     out = check(tmp_path, "--set", "train.steps=abc")
     assert out.returncode == 2 and "'train.steps' (given with --set)" in out.stderr and "with --set" in out.stderr
     out = check(tmp_path, "--set", "train.beta=[1,")
-    assert out.returncode != 0 and "--set train.beta" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("gdro: --set train.beta") and "Traceback" not in out.stderr
+    for bad in (["--set", "train.steps"], ["--set", "=3"]):  # no KEY=VALUE: the usage error's exit code, 2
+        out = check(tmp_path, *bad)
+        assert out.returncode == 2 and out.stderr.startswith("gdro: --set expects KEY=VALUE"), out.stderr
     out = check(tmp_path, "--set", "train.group_size=9")  # a rule over two sections: one line, not the whole mapping
     assert out.returncode == 2 and "exceeds rollout.images_per_prompt" in out.stderr
     assert len(out.stderr) < 600, out.stderr
@@ -98,3 +101,12 @@ def test_a_bad_sweep_grid_is_one_line_before_any_flow_or_server_starts(tmp_path)
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.startswith("gdro sweep: ") and said in out.stderr, out.stderr
         assert "Traceback" not in out.stdout + out.stderr and "Starting temporary server" not in out.stdout + out.stderr
+
+
+def test_stages_write_says_which_named_reward_file_it_could_not_track(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "rewards": {"weights": {"ocr": 1.0,
+                                                                                          "mine.py:Ink": 1.0}}}))
+    out = subprocess.run([BIN / "gdro", "stages", "--write"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "GDRO_ROOT": str(tmp_path)})
+    assert out.returncode == 0 and (tmp_path / "dvc.yaml").is_file()
+    assert "gdro stages: reward 'mine.py:Ink': no file mine.py" in out.stderr, out.stderr
