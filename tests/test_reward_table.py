@@ -18,7 +18,7 @@ def test_the_table_is_read_only_beside_the_rollouts_it_scored(tmp_path):
 def test_a_table_without_its_rollout_stamp_is_refused(tmp_path):
     path = tmp_path / "rewards.parquet"
     pd.DataFrame({"reward": [1.0]}).to_parquet(path)
-    with pytest.raises(RewardTableError, match=r"\(unknown\)"):
+    with pytest.raises(RewardTableError, match=r"does not say which rollouts it scored \(written by hand.*gdro import"):
         read_table(path, "a" * 64)
     with pytest.raises(RewardTableError, match="no reward table"):
         read_table(tmp_path / "missing.parquet", "a" * 64)

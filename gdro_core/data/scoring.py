@@ -111,9 +111,14 @@ def read_table(path: Path, rollout_fingerprint: str) -> pd.DataFrame:
         raise RewardTableError(f"no reward table at {path}: run `gdro score` first")
     arrow = pq.read_table(path)
     scored = (arrow.schema.metadata or {}).get(ROLLOUT_KEY, b"").decode()
+    if not scored:
+        raise RewardTableError(
+            f"{path} does not say which rollouts it scored (written by hand, e.g. pandas' to_parquet, which drops the "
+            "stamp `gdro score` writes): run `gdro score` (or `dvc repro score`) to score them, or bring your own "
+            "rewards with `gdro import` (README \"Your own images\")")
     if scored != rollout_fingerprint:
         raise RewardTableError(
-            f"{path} scored other rollouts ({scored[:12] or 'unknown'}) than the ones now in the rollout directory "
+            f"{path} scored other rollouts ({scored[:12]}) than the ones now in the rollout directory "
             f"({rollout_fingerprint[:12]}): run `gdro score` (or `dvc repro score`) to score them"
         )
     return arrow.to_pandas()
