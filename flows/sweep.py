@@ -214,6 +214,7 @@ def run_dvc_experiments(
         code = subprocess.run([*tool("dvc"), *cmd[1:]], cwd=root, env=env, check=False).returncode
         if code:
             return code
-    print(f"{len(todo)} DVC experiments done: `dvc exp show` lists them; the workspace holds the last one, "
-          f"`dvc exp apply {spec.name}-<config>` brings back another", flush=True)
+    print(f"{len(todo)} DVC experiments done: `dvc exp show` lists them; the workspace holds the last one (DVC "
+          f"rewrote params.yaml with its values, in its own YAML style), `dvc exp apply {spec.name}-<config>` brings "
+          "back another, and `git checkout params.yaml dvc.lock && dvc checkout` the committed one", flush=True)
     return 0
