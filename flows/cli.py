@@ -189,7 +189,7 @@ def check_params(args: argparse.Namespace) -> int:
     for line in problems:
         print(f"gdro check: {line}", file=sys.stderr)
     if problems:
-        print("gdro check: nothing ran and no output was deleted; fix the paths above and run it again",
+        print("gdro check: nothing ran and no output was deleted; fix what the lines above name and run it again",
               file=sys.stderr)
         return 2
     for line in preflight.warnings(params):
