@@ -9,7 +9,6 @@ fix. Nothing here loads weights: it reads directory listings and small JSON file
 from __future__ import annotations
 
 import inspect
-
 import json
 from pathlib import Path
 
